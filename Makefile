@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh clone: `make bench` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUNS := runs
+
+.PHONY: install bench test test-fast chromium clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A default sweep of every available backend on presets that finish in about five minutes
+# on a 2-core machine, then the Markdown and HTML reports of that run.
+bench: $(STAMP)
+	$(BIN)/bench run --config sweeps/default.toml
+	$(BIN)/bench report --format both --out $(RUNS)/report
+
+# The headless-browser test of the HTML report needs Debian's chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium for the HTML report test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
+	mkdir -p $(RUNS)
+	$(BIN)/python -m pytest tests --benchmark-json=$(RUNS)/pytest-benchmark.json
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -x -q --benchmark-disable
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache

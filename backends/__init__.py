@@ -1,0 +1,1 @@
+"""Backend adapters behind one interface (``backends.base``), found through ``backends.registry``."""

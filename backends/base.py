@@ -1,0 +1,218 @@
+"""The backend interface: one model, many ways to run it.
+
+A backend adapts a built ``model.gpt.GPT`` to some runtime. The harness drives every
+backend through the same few verbs:
+
+    probe()                       -> Probe: available, or why not and how to fix it
+    load(model)                   export / compile / quantise (timed apart by the harness)
+    prefill(ids, pos, mask)       -> (logits (B, vocab) float32 on the CPU, cache)
+    decode(ids, cache, pos, mask) -> (logits (B, vocab) float32 on the CPU, cache)
+    synchronize()                 wait for queued device work before a timer is read
+    memory()                      device bytes in use and at peak, or None on the CPU
+    close()                       free everything; also runs on leaving a ``with`` block
+
+The cache is opaque to callers: only the backend that made it reads it, reorders it
+(``reorder_cache``, for beam search) or measures it (``cache_bytes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BackendError(Exception):
+    """A backend cannot do what was asked; the message says why."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run on this machine (library missing, no device, version mismatch)."""
+
+
+class UnsupportedPrecision(BackendError, ValueError):
+    """The backend does not implement the requested precision."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a backend can run here. ``reason`` and ``fix`` are set when it cannot."""
+
+    available: bool
+    reason: str = ""
+    fix: str = ""
+    devices: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(available=self.available, reason=self.reason, fix=self.fix,
+                    devices=list(self.devices), versions=dict(self.versions))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Probe:
+        return cls(available=bool(d["available"]), reason=d.get("reason", ""), fix=d.get("fix", ""),
+                   devices=tuple(d.get("devices", ())), versions=dict(d.get("versions", {})))
+
+
+def cache_dir() -> Path:
+    """Where exported and compiled models are kept (``BENCH_CACHE_DIR`` overrides)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-backend-bench"
+    return Path(os.environ.get("BENCH_CACHE_DIR", default))
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of a model's config and every weight: the key for cached exports."""
+    h = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                 if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Backend(ABC):
+    """A way to run the model. Subclasses set the class attributes and implement the verbs."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    default_precision: ClassVar[str] = "fp32"
+    description: ClassVar[str] = ""
+
+    def __init__(self, precision: str | None = None, threads: int | None = None,
+                 device: str | None = None, **options: Any):
+        self.precision = self.check_precision(precision)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads={threads} must be at least 1")
+        self.threads = threads
+        self.device = device or self.default_device()
+        self.options = options
+
+    # -- what the backend is -------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Probe:
+        """Can this backend run here? Never raises: a failure is a Probe with its reason."""
+
+    @classmethod
+    def check_precision(cls, precision: str | None) -> str:
+        precision = precision or cls.default_precision
+        if precision not in cls.precisions:
+            raise UnsupportedPrecision(
+                f"backend {cls.name!r} does not support precision {precision!r}; "
+                f"it supports {', '.join(cls.precisions)}")
+        return precision
+
+    @classmethod
+    def default_device(cls) -> str:
+        return "cpu"
+
+    @classmethod
+    def thread_environment(cls, threads: int | None) -> dict[str, str]:
+        """Environment to set before torch or any runtime is imported (so in a fresh process)."""
+        if threads is None:
+            return {}
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def info(self) -> dict:
+        """What this instance really runs with, recorded beside every result."""
+        return dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads)
+
+    # -- the verbs -----------------------------------------------------------------------
+    @abstractmethod
+    def load(self, model: torch.nn.Module) -> None:
+        """Prepare ``model`` (export, compile, quantise). Keep no reference to it unless it runs it."""
+
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
+        """Run the prompt ``ids`` (B, T); return the last position's logits (B, vocab) and the cache."""
+        return self._forward(ids, pos, mask, None)
+
+    def decode(self, ids: torch.Tensor, cache, pos: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None):
+        """Run one new token per sequence, ``ids`` (B, 1), after ``cache``."""
+        return self._forward(ids, pos, mask, cache)
+
+    @abstractmethod
+    def _forward(self, ids, pos, mask, cache):
+        """The shared body of prefill (cache None) and decode."""
+
+    def cache_length(self, cache) -> int:
+        return int(cache[0][0].shape[2])
+
+    def cache_bytes(self, cache) -> int:
+        return sum(t.numel() * t.element_size() for layer in cache for t in layer)
+
+    def reorder_cache(self, cache, index: torch.Tensor):
+        """Select sequences of the cache along the batch axis (beam search)."""
+        return tuple((k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
+                     for k, v in cache)
+
+    def weight_bytes(self) -> int | None:
+        """Bytes of the weights as this backend holds them, where it can tell."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for queued device work. Nothing to wait for on the CPU."""
+
+    def memory(self) -> dict[str, int] | None:
+        """Device memory, ``{"allocated": bytes, "peak": bytes}``, or None without a device."""
+        return None
+
+    def close(self) -> None:
+        """Release the model and runtime state."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class TorchBackend(Backend):
+    """Shared body for backends that run the PyTorch module itself (eager, mkl, ipex, cuda, int8)."""
+
+    def load(self, model: torch.nn.Module) -> None:
+        self.model = self.prepare(model.eval())
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Turn the fp32 CPU model into what this backend runs. The default runs it as it is."""
+        return model
+
+    def autocast(self):
+        """A context for the forward pass; none by default."""
+        import contextlib
+        return contextlib.nullcontext()
+
+    def _forward(self, ids, pos, mask, cache):
+        if getattr(self, "model", None) is None:
+            raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
+        dev = self.device
+        with torch.inference_mode(), self.autocast():
+            logits, present = self.model(
+                ids.to(dev), None if pos is None else pos.to(dev), cache,
+                None if mask is None else mask.to(dev), last_only=True)
+        return logits[:, -1, :].float().cpu(), present
+
+    def weight_bytes(self) -> int | None:
+        model = getattr(self, "model", None)
+        if model is None:
+            return None
+        seen, total = set(), 0
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,73 @@
+"""Proof against the reference: does a backend give the same answers as ``eager`` in fp32?
+
+Both backends see the same weights and prompt. The reference decodes greedily; the backend
+under test is fed the reference's tokens (teacher forcing), so every step compares the two
+on identical inputs and one early disagreement cannot snowball into a meaningless tail.
+
+Two numbers come out: the largest absolute logit difference over every step, and the share
+of (step, sequence) pairs whose top-1 token agrees. The tolerances below are per precision:
+fp32 must agree tightly; reduced precisions are judged by top-1 agreement, because their
+logit error is expected and only a changed answer matters to a user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from backends.base import Backend
+
+# precision -> (largest allowed |logit difference| or None, smallest allowed top-1 agreement)
+TOLERANCES: dict[str, tuple[float | None, float]] = {
+    "fp32": (1e-3, 1.0),
+    "bf16": (None, 0.90),
+    "fp16": (None, 0.90),
+    "int8": (None, 0.85),
+}
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    max_abs_logit_diff: float
+    token_agreement: float
+    steps: int
+    precision: str
+    tolerance: dict
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_run(reference: Backend, ids: torch.Tensor, steps: int):
+    """Greedy decode with the reference: the logits of every step and the tokens it chose."""
+    logits, cache = reference.prefill(ids)
+    all_logits, tokens = [logits], []
+    for _ in range(steps - 1):
+        nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+        tokens.append(nxt)
+        logits, cache = reference.decode(nxt, cache)
+        all_logits.append(logits)
+    return all_logits, tokens
+
+
+def check_parity(backend: Backend, reference: Backend, ids: torch.Tensor, steps: int = 8,
+                 reference_result=None) -> ParityResult:
+    """Compare ``backend`` with ``reference`` over a prefill and ``steps - 1`` decode steps."""
+    ref_logits, tokens = reference_result or reference_run(reference, ids, steps)
+    logits, cache = backend.prefill(ids)
+    got = [logits]
+    for tok in tokens:
+        logits, cache = backend.decode(tok, cache)
+        got.append(logits)
+    ref = torch.stack(ref_logits)  # (steps, B, vocab)
+    out = torch.stack(got).float()  # (steps, B, vocab)
+    max_diff = float((ref - out).abs().max())
+    agreement = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
+    max_allowed, min_agreement = TOLERANCES[backend.precision]
+    passed = agreement >= min_agreement and (max_allowed is None or max_diff <= max_allowed)
+    if not torch.isfinite(out).all():
+        passed = False
+    return ParityResult(max_diff, agreement, len(got), backend.precision,
+                        dict(max_abs_logit_diff=max_allowed, min_token_agreement=min_agreement), passed)

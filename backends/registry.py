@@ -1,0 +1,89 @@
+"""Backend names and where they live. A backend's module is imported only when it is chosen,
+so a missing optional library never breaks the others.
+
+Probes that import native libraries run in a child process (``probe_isolated``): a crash or
+an abort inside a native library then costs that probe, not ``bench``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from backends.base import Backend, Probe
+
+BACKENDS: dict[str, str] = {
+    "eager": "backends.eager:EagerBackend",
+    "mkl": "backends.mkl:MKLBackend",
+    "ipex": "backends.ipex:IPEXBackend",
+    "cuda": "backends.cuda:CUDABackend",
+    "onnxruntime": "backends.onnxruntime:ONNXRuntimeBackend",
+    "openvino": "backends.openvino:OpenVINOBackend",
+    "int8": "backends.int8:Int8Backend",
+}
+
+
+class UnknownBackend(ValueError):
+    pass
+
+
+def names() -> list[str]:
+    return list(BACKENDS)
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create(name: str, **kwargs) -> Backend:
+    return get_backend_class(name)(**kwargs)
+
+
+def probe(name: str) -> Probe:
+    """Probe in this process. A backend whose module fails to import is reported, not raised."""
+    try:
+        cls = get_backend_class(name)
+    except UnknownBackend:
+        raise
+    except Exception as e:  # an adapter that cannot even be imported is unavailable, with the reason
+        return Probe(False, reason=f"cannot import the adapter: {type(e).__name__}: {e}")
+    try:
+        return cls.probe()
+    except Exception as e:
+        return Probe(False, reason=f"probe raised {type(e).__name__}: {e}")
+
+
+def probe_isolated(name: str, timeout: float = 180.0) -> Probe:
+    """Probe in a child process, so a native crash is a reason rather than the end of ``bench``."""
+    if name not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    cmd = [sys.executable, "-m", "backends.registry", name]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Probe(False, reason=f"probe did not finish within {timeout:.0f} s")
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+        return Probe(False, reason=f"probe process died ({how}): {tail}")
+    try:
+        return Probe.from_dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, KeyError) as e:
+        return Probe(False, reason=f"probe printed no result ({e})")
+
+
+def probe_all(isolated: bool = True) -> dict[str, Probe]:
+    """Every registered backend's probe, run side by side."""
+    fn = probe_isolated if isolated else probe
+    with ThreadPoolExecutor(max_workers=len(BACKENDS)) as pool:
+        return dict(zip(BACKENDS, pool.map(fn, BACKENDS)))
+
+
+if __name__ == "__main__":  # the child side of probe_isolated
+    print(json.dumps(probe(sys.argv[1]).to_dict()))

@@ -1,0 +1,62 @@
+"""The cell record: the one shape every stored, exported and rendered result has.
+
+A *run* is one invocation of ``bench run``: its environment fingerprint and its sweep.
+A *cell* is one point of the sweep (model x backend x precision x batch x threads x lengths),
+run in its own process. Records are plain dicts (JSON-ready); the fields are listed here
+and documented in the README. Statistics are dicts with the keys of ``STAT_KEYS``.
+"""
+
+from __future__ import annotations
+
+STATUSES = ("ok", "skipped", "failed", "timeout", "oom")
+
+# The identity of a cell: two cells with equal identity measure the same thing.
+IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads", "prompt_len", "gen_len")
+
+STAT_KEYS = ("median", "p90", "p99", "mean", "stdev", "cv", "ci95_low", "ci95_high", "n")
+
+CELL_FIELDS = {
+    # identity
+    "backend": "backend name (eager, mkl, ipex, cuda, onnxruntime, openvino, int8)",
+    "precision": "precision actually used: fp32, bf16, fp16 or int8",
+    "device": "device the model ran on (cpu, cuda, xpu, ...)",
+    "model": "preset name, or the checkpoint directory",
+    "n_params": "parameter count of the model",
+    "batch": "sequences generated together",
+    "threads": "intra-op threads given to the backend (null: the library's default)",
+    "prompt_len": "prompt tokens per sequence",
+    "gen_len": "new tokens per sequence",
+    "status": "ok, skipped, failed, timeout or oom",
+    "reason": "why a cell is not ok (empty when ok)",
+    # cost of getting ready
+    "load_s": "seconds to load, export, compile or quantise the model",
+    "first_call_ms": "the first (cold) prefill, in milliseconds",
+    # latency, each a statistics dict (STAT_KEYS)
+    "ttft_ms": "time to first token: the prefill of the whole batch, ms",
+    "tpot_ms": "time per output token: one decode step of the whole batch, ms",
+    # throughput, tokens of all sequences
+    "prefill_tok_s": "batch * prompt_len / median ttft",
+    "decode_tok_s": "batch / median tpot",
+    "e2e_tok_s": "batch * gen_len / median end-to-end generation time",
+    # memory
+    "peak_rss_mb": "peak resident memory of the cell process, MiB",
+    "model_mb": "resident memory added by building and loading the model, MiB",
+    "weights_mb": "bytes of the weights as the backend holds them, MiB",
+    "kv_cache_mb": "bytes of the KV cache at the end of generation, MiB",
+    "device_peak_mb": "peak device memory where there is a device, MiB",
+    # the physical limit
+    "roofline_decode_tok_s": "decode tokens/s if a step ran at the memory-bandwidth or compute bound",
+    "roofline_fraction": "decode_tok_s / roofline_decode_tok_s",
+    "roofline_bound": "which bound applies: memory or compute",
+    # proof against eager fp32
+    "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed",
+    # the rest
+    "samples": "raw samples: dict of lists (ttft_ms, tpot_ms, e2e_ms), every repetition",
+    "backend_info": "what the backend reports of itself (runtime options, providers, versions)",
+    "wall_s": "seconds the whole cell took, process start to result",
+}
+
+
+def cell_key(cell: dict) -> tuple:
+    """The identity of a cell, for matching across runs and for --resume."""
+    return tuple(cell.get(f) for f in IDENTITY_FIELDS)
