@@ -1,0 +1,181 @@
+"""Saving and loading weights: our own format, and local Hugging Face GPT-2 directories.
+
+Our format is a directory with ``model.safetensors`` and ``config.json``; the JSON holds the
+``GPTConfig`` under ``"config"`` beside a ``"format"`` marker, so it is never mistaken for
+another library's file. A Hugging Face GPT-2 directory (``config.json`` with
+``model_type: "gpt2"`` plus ``model.safetensors`` or ``pytorch_model.bin``) loads too: the
+parameter names are the same, but GPT-2's ``Conv1D`` stores weights (in, out) where our
+``nn.Linear`` wants (out, in), so those four matrices are transposed.
+
+Nothing is ever downloaded: the directory must already be on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from model.gpt import GPT, GPTConfig
+
+FORMAT = "llm-backend-bench/gpt"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+
+# GPT-2's Conv1D layers, stored (in, out).
+_CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# Tensors a GPT-2 file may hold that are not weights of ours: attention-mask buffers, a tied head.
+_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight")
+# Activations Hugging Face computes as the tanh approximation of GELU, which our MLP uses.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be loaded; the message names the file and the tensor."""
+
+
+def save_checkpoint(model: GPT, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]  # the same tensor as transformer.wte.weight
+    save_file(state, str(directory / SAFETENSORS_FILE), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> GPT:
+    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing; a checkpoint directory needs {CONFIG_FILE}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
+
+    if meta.get("format") == FORMAT:
+        config, conv1d = _our_config(meta, config_path), False
+    elif meta.get("model_type") == "gpt2":
+        config, conv1d = _hf_gpt2_config(meta, config_path), True
+    else:
+        raise CheckpointError(
+            f"{config_path}: not a recognised checkpoint: no \"format\": {FORMAT!r} marker and "
+            f"model_type={meta.get('model_type')!r} is not 'gpt2'")
+
+    weights_path, state = _read_weights(directory)
+    model_state = _match_state(state, config, conv1d, weights_path)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(model_state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign=True gave lm_head its own Parameter; share wte's again
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
+def _our_config(meta: dict, path: Path) -> GPTConfig:
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version={version!r}; this code reads {FORMAT_VERSION}")
+    fields = meta.get("config")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: \"config\" must be an object of GPTConfig fields")
+    try:
+        return GPTConfig(**fields)
+    except TypeError as e:  # an unknown field
+        raise CheckpointError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+
+
+def _hf_gpt2_config(meta: dict, path: Path) -> GPTConfig:
+    """Our config for a Hugging Face ``GPT2Config``; options our model does not compute are refused."""
+    activation = meta.get("activation_function", "gelu_new")
+    if activation not in _TANH_GELUS:
+        raise CheckpointError(f"{path}: activation_function={activation!r} is not supported; "
+                              f"the model computes the tanh GELU ({', '.join(_TANH_GELUS)})")
+    n_embd = meta.get("n_embd", 768)
+    if meta.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(f"{path}: n_inner={meta['n_inner']} is not supported; the MLP is 4 * n_embd")
+    if not meta.get("scale_attn_weights", True) or meta.get("scale_attn_by_inverse_layer_idx", False):
+        raise CheckpointError(f"{path}: only GPT-2's default 1/sqrt(head_dim) attention scaling is supported")
+    try:
+        return GPTConfig(
+            n_layer=meta.get("n_layer", 12), n_head=meta.get("n_head", 12), n_embd=n_embd,
+            vocab_size=meta.get("vocab_size", 50257), block_size=meta.get("n_positions", 1024),
+            layer_norm_epsilon=meta.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=meta.get("tie_word_embeddings", True),
+            dropout=0.0,  # loaded for inference
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The first weights file present, read on the CPU: safetensors first, then a torch pickle."""
+    path = directory / SAFETENSORS_FILE
+    if path.is_file():
+        from safetensors.torch import load_file
+        try:
+            return path, load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    path = directory / TORCH_FILE
+    if path.is_file():
+        try:
+            # weights_only refuses arbitrary pickled code: a checkpoint is data, never a program.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read torch file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+        return path, state
+    sharded = [p.name for p in directory.glob("*.index.json")]
+    hint = f"; sharded checkpoints ({', '.join(sharded)}) are not supported" if sharded else ""
+    raise CheckpointError(f"{directory}: no weights file: expected {SAFETENSORS_FILE} or {TORCH_FILE}{hint}")
+
+
+def _match_state(state: dict[str, torch.Tensor], config: GPTConfig, conv1d: bool,
+                 path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors under our names and layouts, fp32, every shape checked."""
+    # Hugging Face names start "transformer." inside GPT2LMHeadModel but not in a bare GPT2Model.
+    state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+             for k, v in state.items()}
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    out = {}
+    for name, want in expected.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # filled from transformer.wte.weight below
+        if name not in state:
+            raise CheckpointError(f"{path}: missing tensor {name!r}")
+        tensor = state[name]
+        transpose = conv1d and _CONV1D.fullmatch(name) is not None
+        file_shape = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
+        if tuple(tensor.shape) != file_shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {file_shape}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+        out[name] = (tensor.t() if transpose else tensor).to(torch.float32).contiguous()
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    for name in state:
+        # Hugging Face stores the causal mask as buffers, and a tied head may be saved anyway.
+        if name not in out and not _IGNORED.fullmatch(name):
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}: not part of this model")
+    return out

@@ -1,0 +1,104 @@
+"""Text to token ids and back.
+
+A checkpoint directory that ships a tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json``
+with ``merges.txt``) gets it, through Hugging Face ``tokenizers``. Anything else, the
+random-weight presets in particular, gets ``ByteTokenizer``: UTF-8 bytes are ids 0..255.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, and id 256 as end-of-text when the vocabulary has room.
+
+    A random-weight model emits ids above 255 too; they decode as ``<|id|>`` so nothing a
+    model produced is hidden. Bytes that are not valid UTF-8 decode as U+FFFD.
+    """
+
+    def __init__(self, vocab_size: int = 512):
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size={vocab_size} is too small for a byte tokenizer (needs >= 256)")
+        self.vocab_size = vocab_size
+        self.eos_token_id: int | None = 256 if vocab_size > 256 else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        parts: list[str] = []
+        run = bytearray()  # consecutive bytes decode together: one character may span several
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            if i < 256:
+                run.append(i)
+                continue
+            parts.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            parts.append(EOS_TEXT if i == self.eos_token_id else f"<|{i}|>")
+        parts.append(run.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` behind the same three names."""
+
+    def __init__(self, tokenizer, eos_token_id: int | None):
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def load_tokenizer(checkpoint_dir: str | Path | None, vocab_size: int) -> ByteTokenizer | HFTokenizer:
+    """The checkpoint's own tokenizer if it ships one, else ``ByteTokenizer(vocab_size)``.
+
+    A tokenizer whose ids would not fit the model's ``vocab_size`` is refused.
+    """
+    if checkpoint_dir is None:
+        return ByteTokenizer(vocab_size)
+    directory = Path(checkpoint_dir)
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFRaw
+        tok = HFRaw.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        from tokenizers import ByteLevelBPETokenizer  # GPT-2's byte-level BPE
+        tok = ByteLevelBPETokenizer.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    else:
+        return ByteTokenizer(vocab_size)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {tok.get_vocab_size()} tokens but the model's "
+                         f"vocab_size={vocab_size}")
+    return HFTokenizer(tok, _eos_id(directory, tok))
+
+
+def _eos_id(directory: Path, tok) -> int | None:
+    """The model's declared EOS id (config.json), else the id of GPT-2's end-of-text token."""
+    config = directory / "config.json"
+    if config.is_file():
+        try:
+            eos = json.loads(config.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            eos = None
+        if isinstance(eos, int) and 0 <= eos < tok.get_vocab_size():
+            return eos
+    return tok.token_to_id(EOS_TEXT)
