@@ -1,0 +1,325 @@
+"""The result store: one SQLite file of runs and their cells.
+
+Two tables. ``runs`` holds one row per ``bench run``: its fingerprint, its sweep and a
+status. ``cells`` holds one row per finished cell, its record (``bench.schema``) as JSON,
+raw samples included. Each cell is committed the moment it is added, in WAL mode, so a
+run killed half-way keeps every cell that had finished; ``--resume`` picks up from there.
+
+Resume keeps cells that are ``ok`` or ``skipped`` and retries ``failed``, ``timeout`` and
+``oom`` ones (a transient failure, a too-tight timeout or a neighbour's memory use should
+not be frozen into the results). A retried cell adds a new row; the old attempt stays in
+the table, and ``get_run`` returns the latest attempt of each cell.
+
+The store is written by one process (the harness's parent); cell processes report to it.
+The schema version is SQLite's ``user_version``, for future migrations.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import secrets
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+from bench.machine import fingerprint_id as compute_fingerprint_id
+from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES, cell_key
+
+DEFAULT_STORE = Path("runs") / "bench.sqlite"
+SCHEMA_VERSION = 1
+
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+RETRY_ON_RESUME = ("failed", "timeout", "oom")
+
+# Record fields that hold a statistics dict (STAT_KEYS) and the keys of the parity dict:
+# fixed here so CSV columns do not depend on which cells happen to be in a run.
+STATS_FIELDS = ("ttft_ms", "tpot_ms")
+PARITY_KEYS = ("max_abs_logit_diff", "token_agreement", "steps", "precision", "passed",
+               "tolerance.max_abs_logit_diff", "tolerance.min_token_agreement")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    name TEXT,
+    fingerprint_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    sweep TEXT NOT NULL,
+    sweep_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS cells (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cells_run ON cells(run_id, key);
+CREATE INDEX IF NOT EXISTS runs_resume ON runs(sweep_key, fingerprint_id);
+"""
+
+# The latest attempt of each cell of a run.
+_LATEST_CELLS = "SELECT * FROM cells WHERE id IN (SELECT max(id) FROM cells WHERE run_id = ? GROUP BY key) ORDER BY id"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or does not hold what was asked for."""
+
+
+class UnknownRun(StoreError, LookupError):
+    """No run has the requested id."""
+
+
+def _now() -> datetime:
+    return datetime.now().astimezone()
+
+
+def sweep_key(sweep: dict) -> str:
+    """A short hash of a sweep definition: runs with equal keys swept the same cells."""
+    canonical = json.dumps(sweep, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _key_text(cell: dict) -> str:
+    return json.dumps(list(cell_key(cell)))
+
+
+class Store:
+    """Runs and cells in one SQLite file (``DEFAULT_STORE`` unless told otherwise)."""
+
+    def __init__(self, path: str | Path = DEFAULT_STORE):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a bench store file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path)
+        except sqlite3.Error as e:  # unwritable directory and the like
+            raise StoreError(f"cannot open the bench store {self.path}: {e}") from None
+        self.db.row_factory = sqlite3.Row
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as e:  # "file is not a database" and kin
+            self.db.close()
+            raise StoreError(f"{self.path} is not a readable bench store (SQLite said: {e})") from None
+        except StoreError:
+            self.db.close()
+            raise
+
+    def _init_schema(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema version {version}; this bench reads up to "
+                             f"{SCHEMA_VERSION}: upgrade bench or use another --store")
+        if version == 0:
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            foreign = tables - {"runs", "cells", "sqlite_sequence"}
+            if foreign:
+                raise StoreError(f"{self.path} is an SQLite file of something else "
+                                 f"(tables {', '.join(sorted(foreign))}), not a bench store")
+        self.db.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        self.db.execute("PRAGMA foreign_keys = ON")
+        with self.db:
+            self.db.executescript(_SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    # -- writing ---------------------------------------------------------------------------
+    def create_run(self, fingerprint: dict, sweep: dict, name: str | None = None) -> str:
+        """Start a run; its id reads as its local start time plus a random suffix.
+
+        The run's sweep key (what ``find_resumable`` matches) is ``sweep["sweep_key"]`` when
+        the caller put one there, else ``sweep_key(sweep)``.
+        """
+        now = _now()
+        key = sweep.get("sweep_key") or sweep_key(sweep)
+        for _ in range(16):
+            run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            try:
+                with self.db:
+                    self.db.execute(
+                        "INSERT INTO runs (run_id, created_at, name, fingerprint_id, fingerprint, sweep,"
+                        " sweep_key, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+                        (run_id, now.isoformat(timespec="seconds"), name, compute_fingerprint_id(fingerprint),
+                         json.dumps(fingerprint), json.dumps(sweep), key))
+                return run_id
+            except sqlite3.IntegrityError:  # the same second and suffix: draw again
+                continue
+        raise StoreError(f"could not find a free run id for {now:%Y%m%d-%H%M%S} in {self.path}")
+
+    def add_cell(self, run_id: str, cell: dict) -> int:
+        """Store one finished cell and commit at once; returns its row id."""
+        status = cell.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"cell status {status!r} is not one of {', '.join(STATUSES)}")
+        self._require_run(run_id)
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO cells (run_id, key, status, created_at, record) VALUES (?, ?, ?, ?, ?)",
+                (run_id, _key_text(cell), status, _now().isoformat(timespec="seconds"), json.dumps(cell)))
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: str, status: str = "finished") -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        self._require_run(run_id)
+        with self.db:
+            self.db.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
+                            (status, _now().isoformat(timespec="seconds"), run_id))
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run as running again (``--resume``)."""
+        self._require_run(run_id)
+        with self.db:
+            self.db.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", (run_id,))
+
+    # -- reading ---------------------------------------------------------------------------
+    def latest_run_id(self) -> str | None:
+        row = self.db.execute("SELECT run_id FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1").fetchone()
+        return None if row is None else row["run_id"]
+
+    def resolve(self, run_id: str) -> str:
+        """``run_id`` itself if it exists, or the newest run for "latest"; UnknownRun otherwise."""
+        if run_id == "latest":
+            latest = self.latest_run_id()
+            if latest is None:
+                raise UnknownRun(f"no runs in {self.path} yet: 'latest' names nothing")
+            return latest
+        self._require_run(run_id)
+        return run_id
+
+    def _require_run(self, run_id: str) -> None:
+        if self.db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None:
+            return
+        ids = [r["run_id"] for r in self.db.execute("SELECT run_id FROM runs ORDER BY created_at DESC")]
+        if not ids:
+            raise UnknownRun(f"unknown run id {run_id!r}: {self.path} holds no runs yet")
+        nearby = difflib.get_close_matches(run_id, ids, n=5, cutoff=0.5) or ids[:5]
+        raise UnknownRun(f"unknown run id {run_id!r} in {self.path}; nearby runs: {', '.join(nearby)}")
+
+    def list_runs(self) -> list[dict]:
+        """Every run, newest first, with counts of its (latest) cells."""
+        rows = self.db.execute("""
+            SELECT r.run_id, r.created_at, r.name, r.fingerprint_id, r.status,
+                   count(c.id) AS n_cells, coalesce(sum(c.status = 'ok'), 0) AS n_ok
+            FROM runs r LEFT JOIN cells c ON c.run_id = r.run_id
+                 AND c.id IN (SELECT max(id) FROM cells GROUP BY run_id, key)
+            GROUP BY r.run_id ORDER BY r.created_at DESC, r.rowid DESC""").fetchall()
+        return [dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], n_cells=r["n_cells"],
+                     n_ok=r["n_ok"], fingerprint_id=r["fingerprint_id"], status=r["status"]) for r in rows]
+
+    def get_run(self, run_id: str) -> dict:
+        """The run and the latest attempt of each of its cells, in the order they finished."""
+        run_id = self.resolve(run_id)
+        r = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        cells = [json.loads(c["record"]) for c in self.db.execute(_LATEST_CELLS, (run_id,))]
+        return dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], status=r["status"],
+                    finished_at=r["finished_at"], fingerprint_id=r["fingerprint_id"],
+                    fingerprint=json.loads(r["fingerprint"]), sweep=json.loads(r["sweep"]),
+                    sweep_key=r["sweep_key"], cells=cells)
+
+    def find_resumable(self, sweep_key: str, fingerprint_id: str) -> str | None:
+        """The newest run of the same sweep on the same fingerprint, finished or not."""
+        row = self.db.execute(
+            "SELECT run_id FROM runs WHERE sweep_key = ? AND fingerprint_id = ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT 1", (sweep_key, fingerprint_id)).fetchone()
+        return None if row is None else row["run_id"]
+
+    def done_keys(self, run_id: str, retry: Iterable[str] = RETRY_ON_RESUME) -> set[tuple]:
+        """Keys (``bench.schema.cell_key``) of the cells a resume skips: those whose latest
+        attempt has a status not in ``retry``."""
+        run_id = self.resolve(run_id)
+        retry = set(retry)
+        unknown = retry - set(STATUSES)
+        if unknown:
+            raise ValueError(f"retry statuses {sorted(unknown)} are not among {', '.join(STATUSES)}")
+        return {tuple(json.loads(c["key"])) for c in self.db.execute(_LATEST_CELLS, (run_id,))
+                if c["status"] not in retry}
+
+
+# -- export ------------------------------------------------------------------------------------
+def _finite(value):
+    """JSON has no NaN or infinity: write null for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def export_json(run: dict) -> str:
+    """The whole run (``Store.get_run``), raw samples included, as strict JSON."""
+    return json.dumps(_finite(run), indent=2, allow_nan=False) + "\n"
+
+
+def csv_columns(run: dict) -> list[str]:
+    """The CSV header: run id, then ``CELL_FIELDS`` in order with statistics and parity
+    flattened; fields not in the schema follow, sorted. Raw samples are left out."""
+    columns = ["run_id", "fingerprint_id"]
+    for field in CELL_FIELDS:
+        if field == "samples":
+            continue
+        if field in STATS_FIELDS:
+            columns += [f"{field}_{k}" for k in STAT_KEYS]
+        elif field == "parity":
+            columns += [f"parity_{k.replace('.', '_')}" for k in PARITY_KEYS]
+        else:
+            columns.append(field)
+    extra = sorted({k for cell in run.get("cells", []) for k in cell} - set(CELL_FIELDS))
+    return columns + extra
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):  # backend_info and the like: one JSON cell
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _cell_row(run: dict, cell: dict) -> dict:
+    row = {"run_id": run.get("run_id"), "fingerprint_id": run.get("fingerprint_id")}
+    for field, value in cell.items():
+        if field == "samples":
+            continue
+        if field in STATS_FIELDS and isinstance(value, dict):
+            row.update({f"{field}_{k}": value.get(k) for k in STAT_KEYS})
+        elif field == "parity" and isinstance(value, dict):
+            for k in PARITY_KEYS:
+                outer, _, inner = k.partition(".")
+                v = value.get(outer)
+                row[f"parity_{k.replace('.', '_')}"] = v.get(inner) if inner and isinstance(v, dict) else v
+        else:
+            row[field] = value
+    return {k: _csv_value(v) for k, v in row.items()}
+
+
+def export_csv(run: dict) -> str:
+    """One row per cell; see ``csv_columns`` for the columns."""
+    columns = csv_columns(run)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for cell in run.get("cells", []):
+        writer.writerow(_cell_row(run, cell))
+    return buf.getvalue()
