@@ -1,0 +1,14 @@
+"""Renderers: stored run records in, text out. Pure functions; they never run a model.
+
+    render_markdown(runs) -> str        GitHub-flavoured Markdown, for an issue
+    render_html(runs) -> str            one self-contained page with inline SVG charts
+    compare_runs(base, new) -> Comparison, with compare_markdown / compare_table to show it
+
+The content both reports share (sections, tables, number formatting) is in ``reports.format``.
+"""
+
+from reports.compare import Comparison, compare_markdown, compare_runs, compare_table
+from reports.html import render_html
+from reports.markdown import render_markdown
+
+__all__ = ["Comparison", "compare_markdown", "compare_runs", "compare_table", "render_html", "render_markdown"]

@@ -1,0 +1,517 @@
+"""What a report says, apart from how it is drawn: number formatting and the report's tables.
+
+Both renderers (``markdown.py``, ``html.py``) walk the same ``Section`` list built here, so the
+Markdown and the HTML report always show the same numbers. Everything is a pure function of the
+run records; nothing here measures, imports torch or touches the store.
+
+Runs that share a ``fingerprint_id`` (same machine, libraries and code) are merged into one
+``Machine``; when two of them hold the same cell (``bench.schema.cell_key``), the later run's
+cell wins, as after ``--resume``. Cells from different fingerprints are never put in one table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from bench.schema import cell_key
+
+DASH = "—"
+
+HOW_TO_READ = (
+    "Decode rate is tokens/s summed over the batch, median over repetitions, with its 95% interval "
+    "in brackets (from the interval of the median time per output token). Each table cell shows "
+    "the fastest thread count (\"thr\"); the thread-scaling table shows them all. TTFT is the median "
+    "time to first token (the prefill of the whole batch); memory is the peak resident memory of "
+    "the cell's process; \"roof\" is the share of the decode rate the memory-bandwidth or compute "
+    "bound allows; parity ✓/✗ is the check against eager fp32 with its top-1 token agreement "
+    "(— where not checked: eager fp32 is the reference). The best configuration is the fastest "
+    "decode among cells whose parity check passed."
+)
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def num(x: float | None) -> str:
+    """About three significant figures, thousands separated: 1,236 / 81.2 / 8.12 / 0.812."""
+    if not _finite(x):
+        return DASH
+    a = abs(x)
+    if a >= 100:
+        return f"{x:,.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return "0" if a == 0 else f"{x:.3g}"
+
+
+def interval(value: float | None, low: float | None, high: float | None) -> str:
+    """'812 (795–830)'; the value alone when the interval is unknown."""
+    if not _finite(value):
+        return DASH
+    if not (_finite(low) and _finite(high)):
+        return num(value)
+    return f"{num(value)} ({num(low)}–{num(high)})"
+
+
+def pct(fraction: float | None, digits: int = 0) -> str:
+    return f"{100 * fraction:.{digits}f}%" if _finite(fraction) else DASH
+
+
+def signed_pct(fraction: float | None) -> str:
+    """A relative change: +4.2% / −12.3% (a real minus sign, so columns line up)."""
+    if not _finite(fraction):
+        return DASH
+    return f"{100 * fraction:+.1f}%".replace("-", "−")
+
+
+def ms(x: float | None) -> str:
+    return f"{num(x)} ms" if _finite(x) else DASH
+
+
+def mib(x: float | None) -> str:
+    return f"{num(x)} MiB" if _finite(x) else DASH
+
+
+def params(n: int | None) -> str:
+    if not _finite(n):
+        return "? parameters"
+    return f"{n / 1e9:.2f} B parameters" if n >= 1e9 else f"{n / 1e6:.2f} M parameters"
+
+
+# --- reading cells -----------------------------------------------------------------------------
+
+def is_ok(cell: dict) -> bool:
+    return cell.get("status") == "ok"
+
+
+def label(cell: dict) -> str:
+    return f"{cell.get('backend')} · {cell.get('precision')}"
+
+
+def threads_label(threads: int | None) -> str:
+    return "default" if threads is None else str(threads)
+
+
+def median(cell: dict, metric: str) -> float | None:
+    stat = cell.get(metric)
+    return stat.get("median") if isinstance(stat, dict) else None
+
+
+def decode_interval(cell: dict) -> tuple[float | None, float | None]:
+    """The 95% interval of decode tokens/s, from the interval of the median time per token.
+
+    decode_tok_s = batch * 1000 / tpot_ms, so the slow end of tpot gives the low end of the rate.
+    """
+    tpot = cell.get("tpot_ms") if isinstance(cell.get("tpot_ms"), dict) else {}
+    lo, hi, batch = tpot.get("ci95_low"), tpot.get("ci95_high"), cell.get("batch")
+    if not (_finite(lo) and _finite(hi) and _finite(batch)) or lo <= 0:
+        return None, None
+    return batch * 1000 / hi, batch * 1000 / lo
+
+
+def decode_text(cell: dict) -> str:
+    return interval(cell.get("decode_tok_s"), *decode_interval(cell))
+
+
+def parity_text(cell: dict) -> str:
+    p = cell.get("parity")
+    if not isinstance(p, dict):
+        return DASH
+    return f"{'✓' if p.get('passed') else '✗'} {pct(p.get('token_agreement'))}"
+
+
+def parity_passed(cell: dict) -> bool:
+    p = cell.get("parity")
+    return isinstance(p, dict) and bool(p.get("passed"))
+
+
+def _none_last(x):
+    return (x is None, x if x is not None else 0)
+
+
+def sort_key(cell: dict) -> tuple:
+    """Deterministic order: model size, backend, precision, batch, threads, lengths."""
+    return (_none_last(cell.get("n_params")), str(cell.get("model")), str(cell.get("backend")),
+            str(cell.get("precision")), _none_last(cell.get("batch")), _none_last(cell.get("threads")),
+            _none_last(cell.get("prompt_len")), _none_last(cell.get("gen_len")))
+
+
+def models(cells: list[dict]) -> list[str]:
+    """Model names, smallest first."""
+    size = {c.get("model"): c.get("n_params") for c in cells if c.get("n_params") is not None}
+    return sorted({c.get("model") for c in cells}, key=lambda m: (_none_last(size.get(m)), str(m)))
+
+
+def rows(cells: list[dict]) -> list[tuple[str, str]]:
+    return sorted({(str(c.get("backend")), str(c.get("precision"))) for c in cells})
+
+
+def best_by_threads(cells: list[dict]) -> dict[tuple, dict]:
+    """(model, backend, precision, batch) -> the ok cell with the fastest decode over thread counts."""
+    best: dict[tuple, dict] = {}
+    for c in sorted(cells, key=sort_key):
+        if not is_ok(c) or not _finite(c.get("decode_tok_s")):
+            continue
+        k = (c.get("model"), c.get("backend"), c.get("precision"), c.get("batch"))
+        if k not in best or c["decode_tok_s"] > best[k]["decode_tok_s"]:
+            best[k] = c
+    return best
+
+
+def thread_counts(cells: list[dict]) -> list:
+    return sorted({c.get("threads") for c in cells}, key=_none_last)
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Machine:
+    """The runs of one fingerprint, their cells merged."""
+
+    fingerprint_id: str
+    fingerprint: dict
+    runs: tuple[dict, ...]  # the run records without their cells, oldest first
+    cells: tuple[dict, ...]  # sorted by sort_key
+
+
+def group_runs(runs: list[dict]) -> list[Machine]:
+    """Merge runs by fingerprint; a later run's cell replaces an earlier one with the same key."""
+    if not runs:
+        raise ValueError("no runs to render: pass at least one run record")
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict) or not isinstance(r.get("cells"), list):
+            name = r.get("run_id", f"#{i}") if isinstance(r, dict) else f"#{i}"
+            raise ValueError(f"run {name!r} has no 'cells' list; is it a run record?")
+    by_fp: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (str(r.get("created_at")), str(r.get("run_id")))):
+        by_fp[str(r.get("fingerprint_id"))].append(r)
+    machines = []
+    for fp_id, group in by_fp.items():
+        merged: dict[tuple, dict] = {}
+        for r in group:
+            for c in r["cells"]:
+                merged[cell_key(c)] = c
+        machines.append(Machine(fp_id, group[-1].get("fingerprint") or {},
+                                tuple({k: v for k, v in r.items() if k != "cells"} for r in group),
+                                tuple(sorted(merged.values(), key=sort_key))))
+    return sorted(machines, key=lambda m: str(m.runs[0].get("created_at")))
+
+
+def environment(machine: Machine) -> list[tuple[str, str]]:
+    """(field, value) lines describing where and with what the cells ran."""
+    fp = machine.fingerprint
+    cpu = fp.get("cpu") or {}
+    isa = cpu.get("isa") or {}
+    roof = fp.get("roofline") or {}
+    peaks = roof.get("peak_gflops") or {}
+    versions = fp.get("versions") or {}
+    thread_env = {k: v for k, v in (fp.get("thread_env") or {}).items() if v is not None}
+    gpus = fp.get("gpus") or []
+    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells}, key=str)
+    lines = [
+        ("CPU", f"{cpu.get('brand', '?')} ({cpu.get('arch', '?')}), {cpu.get('cores_physical', '?')} "
+                f"physical / {cpu.get('cores_logical', '?')} logical cores"),
+        ("ISA", ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in isa.items()) or DASH),
+        ("Memory", f"{num(fp.get('memory_gb'))} GB"),
+        ("GPUs", ", ".join(str(g.get("name", g)) if isinstance(g, dict) else str(g) for g in gpus)
+         or "none"),
+        ("OS", str(fp.get("os", "?"))),
+        ("Python", str(fp.get("python", "?"))),
+        ("Libraries", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or DASH),
+        ("Measured", f"memory bandwidth {num(roof.get('bandwidth_gb_s'))} GB/s; peak "
+                     + (", ".join(f"{k} {num(v)}" for k, v in sorted(peaks.items())) or DASH)
+                     + " GFLOP/s"),
+        ("Thread environment", ", ".join(f"{k}={v}" for k, v in sorted(thread_env.items()))
+         or "nothing set (library defaults)"),
+        ("Lengths", "; ".join(f"{p} prompt + {g} generated tokens" for p, g in lengths) or DASH),
+        ("Git commit", str(fp.get("git_commit") or "?")),
+        ("Fingerprint", machine.fingerprint_id),
+        ("Runs", ", ".join(f"{r.get('run_id')} ({r.get('created_at')})" for r in machine.runs)),
+    ]
+    return lines
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: lines of text (from the store, so renderers must escape them) and a sort key."""
+
+    lines: tuple[str, ...]
+    sort: float | str | None = None
+    strong: bool = False  # the first line is the headline number
+    tone: str = ""  # "", "good", "bad" or "muted": a hint for the HTML renderer
+
+
+def text(s: str, sort=None, tone: str = "") -> Cell:
+    return Cell((s,), s if sort is None else sort, tone=tone)
+
+
+def number(x: float | None, shown: str | None = None, tone: str = "") -> Cell:
+    return Cell((num(x) if shown is None else shown,), x if _finite(x) else None, tone=tone)
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    numeric: tuple[bool, ...]  # right-align these columns
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str  # also keys the HTML charts that belong here
+    title: str
+    text: str
+    tables: tuple[Table, ...]
+    collapsed: bool = False  # long detail: folded away in Markdown
+
+
+def model_table(machine: Machine, model: str) -> Table:
+    """Backend x precision rows, batch columns: decode rate, TTFT, memory, roofline, parity."""
+    cells = [c for c in machine.cells if c.get("model") == model]
+    batches = sorted({c.get("batch") for c in cells}, key=_none_last)
+    several_threads = len(thread_counts(machine.cells)) > 1
+    best = best_by_threads(cells)
+    out = []
+    for backend, precision in rows(cells):
+        row = [text(f"{backend} · {precision}")]
+        for b in batches:
+            group = [c for c in cells if (c.get("backend"), c.get("precision"), c.get("batch"))
+                     == (backend, precision, b)]
+            c = best.get((model, backend, precision, b))
+            not_ok = [g for g in group if not is_ok(g)]
+            if c is None:
+                statuses = sorted({str(g.get("status")) for g in group}) or ["not run"]
+                row.append(Cell((", ".join(statuses),), None, tone="muted"))
+                continue
+            thr = f" · {threads_label(c.get('threads'))} thr" if several_threads else ""
+            lines = [decode_text(c),
+                     f"TTFT {ms(median(c, 'ttft_ms'))} · {mib(c.get('peak_rss_mb'))}",
+                     f"roof {pct(c.get('roofline_fraction'))} · {parity_text(c)}{thr}"]
+            lines += [f"{threads_label(g.get('threads'))} thr: {g.get('status')}" for g in not_ok]
+            tone = "bad" if isinstance(c.get("parity"), dict) and not parity_passed(c) else ""
+            row.append(Cell(tuple(lines), c["decode_tok_s"], strong=True, tone=tone))
+        out.append(tuple(row))
+    return Table(f"model-{model}", ("backend · precision", *(f"batch {b}" for b in batches)),
+                 tuple(out), (False, *([True] * len(batches))),
+                 caption=f"Decode tokens/s (95% interval), {model}")
+
+
+def scaling_rows(cells: list[dict]) -> list[dict]:
+    """Per model/backend/precision/batch: decode rate per thread count, and the speed-up of each
+    thread count over the smallest one, with its efficiency (speed-up / thread ratio)."""
+    numeric = [t for t in thread_counts(cells) if t is not None]
+    out = []
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for c in cells:
+        if c.get("threads") is not None:
+            groups[(c.get("model"), c.get("backend"), c.get("precision"), c.get("batch"))][c["threads"]] = c
+    order = {m: i for i, m in enumerate(models(cells))}
+    for k in sorted(groups, key=lambda k: (order[k[0]], str(k[1]), str(k[2]), _none_last(k[3]))):
+        by_t = groups[k]
+        rates = {t: by_t[t].get("decode_tok_s") if t in by_t and is_ok(by_t[t]) else None
+                 for t in numeric}
+        base_t = numeric[0]
+        base = rates[base_t]
+        speedup = {t: rates[t] / base if _finite(base) and _finite(rates[t]) and base > 0 else None
+                   for t in numeric[1:]}
+        out.append(dict(model=k[0], backend=k[1], precision=k[2], batch=k[3], rates=rates,
+                        speedup=speedup,
+                        efficiency={t: s / (t / base_t) if s is not None else None
+                                    for t, s in speedup.items()}))
+    return out
+
+
+def scaling_table(machine: Machine) -> Table | None:
+    numeric = [t for t in thread_counts(machine.cells) if t is not None]
+    if len(numeric) < 2 or numeric[0] <= 0:
+        return None
+    out = []
+    for r in scaling_rows(list(machine.cells)):
+        if not any(_finite(v) for v in r["rates"].values()):
+            continue  # nothing ran: the cells are listed under "did not pass"
+        row = [text(str(r["model"])), text(f"{r['backend']} · {r['precision']}"),
+               number(r["batch"], str(r["batch"]))]
+        row += [number(r["rates"][t]) for t in numeric]
+        for t in numeric[1:]:
+            s, e = r["speedup"][t], r["efficiency"][t]
+            shown = f"×{s:.2f} · {pct(e)}" if s is not None else DASH
+            row.append(Cell((shown,), s, tone="" if s is None or s >= 1 else "bad"))
+        out.append(tuple(row))
+    columns = ("model", "backend · precision", "batch",
+               *(f"{t} thr tok/s" for t in numeric),
+               *(f"speed-up {t} vs {numeric[0]} thr" for t in numeric[1:]))
+    return Table("thread-scaling", columns, tuple(out), (False, False, True) + (True,) * (len(columns) - 3),
+                 caption="Decode tokens/s per thread count; speed-up × and efficiency "
+                         "(speed-up ÷ thread ratio)")
+
+
+def best_table(machine: Machine) -> Table:
+    best = best_by_threads(list(machine.cells))
+    out = []
+    for model in models(list(machine.cells)):
+        batches = sorted({k[3] for k in best if k[0] == model}, key=_none_last)
+        for b in batches:
+            candidates = [c for k, c in best.items() if k[0] == model and k[3] == b]
+            passed = [c for c in candidates if parity_passed(c)]
+            reference = best.get((model, "eager", "fp32", b))
+            if not passed:
+                out.append((text(str(model)), number(b, str(b)),
+                            Cell(("no cell passed its parity check",), None, tone="muted"),
+                            *(text(DASH) for _ in range(5))))
+                continue
+            c = max(passed, key=lambda c: (c["decode_tok_s"], label(c)))
+            vs = c["decode_tok_s"] / reference["decode_tok_s"] if reference else None
+            out.append((text(str(model)), number(b, str(b)), text(label(c), tone="good"),
+                        text(threads_label(c.get("threads"))),
+                        Cell((decode_text(c),), c["decode_tok_s"], strong=True),
+                        number(vs, f"×{vs:.2f}" if vs is not None else DASH),
+                        number(median(c, "ttft_ms"), ms(median(c, "ttft_ms"))),
+                        number(c.get("peak_rss_mb"), mib(c.get("peak_rss_mb")))))
+    return Table("best", ("model", "batch", "best backend · precision", "threads", "decode tok/s",
+                          "vs eager fp32", "TTFT", "peak memory"), tuple(out),
+                 (False, True, False, True, True, True, True, True),
+                 caption="Fastest decode per model and batch among cells whose parity passed")
+
+
+def memory_table(machine: Machine) -> Table:
+    """Peak memory against model size, at the smallest batch and its fastest thread count."""
+    cells = list(machine.cells)
+    names = models(cells)
+    best = best_by_threads(cells)
+    out = []
+    for backend, precision in rows(cells):
+        if not any(k[1:3] == (backend, precision) for k in best):
+            continue  # nothing ran: listed under "did not pass"
+        row = [text(f"{backend} · {precision}")]
+        for m in names:
+            batches = sorted({k[3] for k in best if k[:3] == (m, backend, precision)}, key=_none_last)
+            c = best.get((m, backend, precision, batches[0])) if batches else None
+            if c is None:
+                row.append(Cell((DASH,), None, tone="muted"))
+                continue
+            row.append(Cell((mib(c.get("peak_rss_mb")), f"weights {mib(c.get('weights_mb'))}"),
+                            c.get("peak_rss_mb"), strong=True))
+        out.append(tuple(row))
+    size = {c.get("model"): c.get("n_params") for c in cells}
+    return Table("memory", ("backend · precision",
+                            *(f"{m} ({params(size.get(m))})" for m in names)),
+                 tuple(out), (False, *([True] * len(names))),
+                 caption="Peak resident memory of the cell process, smallest batch")
+
+
+def _cells_summary(group: list[dict]) -> str:
+    """'12: tiny, small × batch 1, 2, 4 × 1, 2 thr' for a full product, else each cell."""
+    ms_ = models(group)
+    bs = sorted({c.get("batch") for c in group}, key=_none_last)
+    ts = thread_counts(group)
+    if len(group) == len(ms_) * len(bs) * len(ts) and len(group) > 1:
+        return (f"{len(group)}: {', '.join(map(str, ms_))} × batch {', '.join(map(str, bs))} "
+                f"× {', '.join(threads_label(t) for t in ts)} thr")
+    return ", ".join(f"{c.get('model')} b{c.get('batch')} {threads_label(c.get('threads'))} thr"
+                     for c in sorted(group, key=sort_key))
+
+
+def problems_table(machine: Machine) -> Table | None:
+    """Cells that are not ok, grouped by backend, precision, status and reason."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in machine.cells:
+        if not is_ok(c):
+            groups[(str(c.get("backend")), str(c.get("precision")), str(c.get("status")),
+                    str(c.get("reason") or "no reason recorded"))].append(c)
+    if not groups:
+        return None
+    out = [(text(f"{b} · {p}"), text(s, tone="muted" if s == "skipped" else "bad"),
+            text(_cells_summary(g)), text(r)) for (b, p, s, r), g in sorted(groups.items())]
+    return Table("not-ok", ("backend · precision", "status", "cells", "reason"), tuple(out),
+                 (False, False, False, False), caption="Cells that did not run to the end")
+
+
+def parity_table(machine: Machine) -> Table | None:
+    failed = [c for c in machine.cells if is_ok(c) and isinstance(c.get("parity"), dict)
+              and not c["parity"].get("passed")]
+    if not failed:
+        return None
+    out = []
+    for c in failed:
+        p, tol = c["parity"], c["parity"].get("tolerance") or {}
+        limits = []
+        if tol.get("max_abs_logit_diff") is not None:
+            limits.append(f"|Δlogit| ≤ {num(tol['max_abs_logit_diff'])}")
+        if tol.get("min_token_agreement") is not None:
+            limits.append(f"agreement ≥ {pct(tol['min_token_agreement'])}")
+        out.append((text(str(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+                    text(threads_label(c.get("threads"))), number(p.get("max_abs_logit_diff")),
+                    number(p.get("token_agreement"), pct(p.get("token_agreement"), 1), tone="bad"),
+                    text(", ".join(limits) or DASH)))
+    return Table("parity-failures", ("model", "backend · precision", "batch", "threads",
+                                     "max |Δlogit|", "top-1 agreement", "tolerance"), tuple(out),
+                 (False, False, True, True, True, True, False),
+                 caption="Cells that ran but disagree with eager fp32 beyond the tolerance")
+
+
+def all_cells_table(machine: Machine) -> Table:
+    out = []
+    for c in machine.cells:
+        tpot = c.get("tpot_ms") if isinstance(c.get("tpot_ms"), dict) else {}
+        ok = is_ok(c)
+        out.append((text(str(c.get("model"))), text(str(c.get("backend"))), text(str(c.get("precision"))),
+                    number(c.get("batch"), str(c.get("batch"))),
+                    text(threads_label(c.get("threads")), sort=c.get("threads")),
+                    text(str(c.get("status")), tone="" if ok else "bad"),
+                    Cell((decode_text(c),), c.get("decode_tok_s")),
+                    number(median(c, "ttft_ms")), number(tpot.get("median")),
+                    number(tpot.get("cv"), pct(tpot.get("cv"), 1)),
+                    number(c.get("peak_rss_mb")), number(c.get("load_s")),
+                    number(c.get("roofline_fraction"), pct(c.get("roofline_fraction"))),
+                    text(parity_text(c), tone="bad" if isinstance(c.get("parity"), dict)
+                         and not parity_passed(c) else "")))
+    return Table("cells", ("model", "backend", "precision", "batch", "threads", "status", "decode tok/s",
+                           "TTFT ms", "TPOT ms", "TPOT cv", "peak MiB", "load s", "roof", "parity"),
+                 tuple(out), (False,) * 3 + (True,) * 2 + (False,) + (True,) * 7 + (False,),
+                 caption="Every cell; medians, with the coefficient of variation of the time per token")
+
+
+def sections(machine: Machine) -> list[Section]:
+    """The report of one machine, in reading order."""
+    names = models(list(machine.cells))
+    size = {c.get("model"): c.get("n_params") for c in machine.cells}
+    nothing = "No cell ran to the end, so there is nothing to show here."
+    best = best_table(machine)
+    out = [Section("best", "Best configuration",
+                   "Per model size and batch, the fastest decode among cells whose parity check "
+                   "passed, with its speed-up over eager fp32 at its own best thread count."
+                   if best.rows else nothing, (best,) if best.rows else ())]
+    for m in names:
+        out.append(Section(f"model-{m}", f"Model {m} ({params(size.get(m))})",
+                           "Rows are backend and precision, columns batch sizes.",
+                           (model_table(machine, m),)))
+    scaling = scaling_table(machine)
+    if scaling is not None:
+        out.append(Section("thread-scaling", "Thread scaling",
+                           "Decode tokens/s at each thread count, and the speed-up over the smallest "
+                           "thread count; efficiency 100% is perfect linear scaling.", (scaling,)))
+    memory = memory_table(machine)
+    out.append(Section("memory", "Memory against model size",
+                       "Peak resident memory of the cell process (the runtime itself included) and "
+                       "the bytes of the weights as the backend holds them." if memory.rows else nothing,
+                       (memory,) if memory.rows else ()))
+    problems = [t for t in (parity_table(machine), problems_table(machine)) if t is not None]
+    out.append(Section("did-not-pass", "Cells that did not pass",
+                       "Parity failures ran to the end but gave different answers from eager fp32; "
+                       "skipped, failed, timed-out and out-of-memory cells give the reason recorded."
+                       if problems else "Every cell ran and passed its parity check.",
+                       tuple(problems)))
+    out.append(Section("cells", f"All {len(machine.cells)} cells", "", (all_cells_table(machine),),
+                       collapsed=True))
+    return out
