@@ -53,9 +53,13 @@ def save_checkpoint(model: GPT, directory: str | Path) -> Path:
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> GPT:
-    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
-    directory = Path(directory)
+def read_config(directory: str | Path) -> GPTConfig:
+    """The config of a checkpoint directory (ours or Hugging Face GPT-2), without its weights."""
+    return _read_config(Path(directory))[0]
+
+
+def _read_config(directory: Path) -> tuple[GPTConfig, bool]:
+    """(config, whether the weights are GPT-2 Conv1D-shaped)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     config_path = directory / CONFIG_FILE
@@ -69,14 +73,18 @@ def load_checkpoint(directory: str | Path) -> GPT:
         raise CheckpointError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
 
     if meta.get("format") == FORMAT:
-        config, conv1d = _our_config(meta, config_path), False
-    elif meta.get("model_type") == "gpt2":
-        config, conv1d = _hf_gpt2_config(meta, config_path), True
-    else:
-        raise CheckpointError(
-            f"{config_path}: not a recognised checkpoint: no \"format\": {FORMAT!r} marker and "
-            f"model_type={meta.get('model_type')!r} is not 'gpt2'")
+        return _our_config(meta, config_path), False
+    if meta.get("model_type") == "gpt2":
+        return _hf_gpt2_config(meta, config_path), True
+    raise CheckpointError(
+        f"{config_path}: not a recognised checkpoint: no \"format\": {FORMAT!r} marker and "
+        f"model_type={meta.get('model_type')!r} is not 'gpt2'")
 
+
+def load_checkpoint(directory: str | Path) -> GPT:
+    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
+    directory = Path(directory)
+    config, conv1d = _read_config(directory)
     weights_path, state = _read_weights(directory)
     model_state = _match_state(state, config, conv1d, weights_path)
     with torch.device("meta"):

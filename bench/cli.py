@@ -1,0 +1,549 @@
+"""The ``bench`` command: info, run, generate, runs, export, report, compare.
+
+Bad input is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def out_console() -> Console:
+    """Standard output; wide enough when piped that tables are not cut."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _threads(text: str) -> list:
+    from bench.sweep import parse_list
+
+    if text in ("default", "auto"):
+        return [None]
+    return parse_list(text, "threads", integer=True)
+
+
+# -- bench info ------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    from backends import registry
+    from bench.machine import fingerprint
+
+    fp = fingerprint()
+    probes = registry.probe_all()
+    torch_build = _torch_build()
+    roofline = None if args.no_roofline else _roofline(args.threads)
+    if args.json:
+        print(json.dumps(dict(fingerprint=fp, torch_build=torch_build, roofline=roofline,
+                              backends={n: p.to_dict() for n, p in probes.items()}), indent=2))
+        return 0
+    out = out_console()
+    cpu = fp["cpu"]
+    machine = Table(title="Machine", show_header=False, title_justify="left")
+    machine.add_row("CPU", f"{cpu['brand']} ({cpu['arch']})")
+    machine.add_row("Cores", f"{cpu['cores_physical']} physical, {cpu['cores_logical']} logical")
+    machine.add_row("ISA", "  ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["isa"].items()))
+    machine.add_row("Memory", f"{fp['memory_gb']:.1f} GB")
+    machine.add_row("OS", f"{fp['os']}, Python {fp['python']}")
+    gpus = fp.get("gpus") or []
+    machine.add_row("GPUs", ", ".join(g["name"] for g in gpus) if gpus else "none found")
+    if roofline:
+        peaks = ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in roofline["peak_gflops"].items())
+        machine.add_row("Measured", f"memory bandwidth {roofline['bandwidth_gb_s']:.1f} GB/s; matmul {peaks} "
+                                    f"({roofline['threads']} threads)")
+    machine.add_row("torch build", ", ".join(f"{k} {v}" for k, v in torch_build.items()))
+    out.print(machine)
+    versions = Table(title="Libraries", title_justify="left")
+    versions.add_column("library")
+    versions.add_column("version")
+    for name, version in fp["versions"].items():
+        versions.add_row(name, version or "not installed")
+    out.print(versions)
+    table = Table(title="Backends", title_justify="left")
+    for col in ("backend", "status", "devices", "reason / fix"):
+        table.add_column(col)
+    for name, p in probes.items():
+        status = "[green]available[/]" if p.available else "[red]unavailable[/]"
+        why = p.reason + (f" — fix: {p.fix}" if p.fix else "")
+        table.add_row(name, status, ", ".join(p.devices), why)
+    out.print(table)
+    return 0
+
+
+def _torch_build() -> dict:
+    try:
+        from backends.mkl import torch_build_info
+    except ImportError:
+        return {}
+    return torch_build_info()
+
+
+def _roofline(threads: int | None, store: str | None = None) -> dict | None:
+    """The machine's bandwidth and matmul peaks, measured once and cached beside the store."""
+    from bench.roofline import measure_roofline
+
+    cache = Path(store).parent / "roofline.json" if store else None
+    err.print("[dim]memory bandwidth and matmul peak: measured once per machine and thread count, then cached[/]")
+    return measure_roofline(threads=threads, cache=cache)
+
+
+# -- bench run -------------------------------------------------------------------------------
+
+
+def build_sweep(args):
+    from bench.sweep import Sweep, SweepError, load_toml, parse_list
+
+    values = load_toml(args.config) if args.config else {}
+    cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
+               batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
+               timeout=args.timeout, budget=args.budget, target_ci=args.target_ci)
+    values.update({k: v for k, v in cli.items() if v is not None})
+    if args.no_parity:
+        values["parity"] = False
+
+    sweep = Sweep()
+    if values.get("checkpoint"):
+        if values.get("model") and args.model is not None:
+            raise SweepError("give --model or --checkpoint, not both")
+        dirs = parse_list(values["checkpoint"], "checkpoint") if not isinstance(values["checkpoint"], bool) \
+            else parse_list(values["model"], "model")
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise SweepError(f"checkpoint directory {d!r} does not exist")
+        sweep.models, sweep.checkpoint = [str(Path(d).resolve()) for d in dirs], True
+    elif "model" in values:
+        from model.gpt import get_config
+
+        sweep.models = parse_list(values["model"], "model")
+        for m in sweep.models:
+            get_config(m)  # unknown presets fail here, with the valid names
+    if "backend" in values:
+        sweep.backends = parse_list(values["backend"], "backend")
+    if "precision" in values:
+        from backends.base import PRECISIONS
+
+        sweep.precisions = parse_list(values["precision"], "precision")
+        for p in sweep.precisions:
+            if p not in PRECISIONS:
+                raise SweepError(f"--precision: unknown precision {p!r}; valid: {', '.join(PRECISIONS)}")
+    if "batch" in values:
+        sweep.batches = parse_list(values["batch"], "batch", integer=True)
+    if "threads" in values:
+        t = values["threads"]
+        sweep.threads = _threads(t) if isinstance(t, str) else parse_list(t, "threads", integer=True)
+    for key, attr in (("prompt_len", "prompt_len"), ("gen_len", "gen_len")):
+        if key in values:
+            v = values[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SweepError(f"--{key.replace('_', '-')}: {v!r} must be a positive integer")
+            setattr(sweep, attr, v)
+    for key, attr in (("timeout", "timeout_s"), ("budget", "budget_s"), ("target_ci", "target_ci")):
+        if key in values:
+            v = values[key]
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise SweepError(f"--{key.replace('_', '-')}: {v!r} must be a positive number")
+            setattr(sweep, attr, float(v))
+    if "parity" in values:
+        sweep.parity = bool(values["parity"])
+    if "seed" in values:
+        sweep.seed = int(values["seed"])
+    return sweep
+
+
+def cmd_run(args) -> int:
+    from backends import registry
+    from bench.machine import fingerprint, fingerprint_id
+    from bench.store import Store
+    from bench.sweep import execute, plan
+
+    sweep = build_sweep(args)
+    if sweep.backends == ["all"]:
+        probes = registry.probe_all()
+        sweep.backends = [n for n, p in probes.items() if p.available]
+        for n, p in probes.items():
+            if not p.available:
+                err.print(f"[yellow]not run:[/] {n}: {p.reason}")
+    else:
+        for b in sweep.backends:
+            registry.get_backend_class(b)  # unknown names fail here, with the valid names
+        probes = {b: registry.probe_isolated(b) for b in sweep.backends}
+
+    fp = fingerprint()
+    roofline = _roofline(max((t for t in sweep.threads if t), default=None), args.store)
+    fp["roofline"] = roofline
+    cells = plan(sweep, probes, roofline)
+    store = Store(args.store)
+    run_id, done = None, set()
+    if args.resume:
+        run_id = store.find_resumable(sweep.key(), fingerprint_id(fp))
+        if run_id:
+            done = store.done_keys(run_id)
+            err.print(f"resuming run {run_id}: {len(done)} of {len(cells)} cells already done")
+    if run_id is None:
+        run_id = store.create_run(fp, dict(sweep.to_dict(), sweep_key=sweep.key()), name=args.name)
+    err.print(f"run {run_id}: {len(cells)} cells -> {store.path}")
+
+    records = _execute_with_progress(cells, store, run_id, sweep, done, quiet=args.json)
+    store.finish_run(run_id, "finished")
+    if args.json:
+        print(json.dumps(store.get_run(run_id)["cells"], indent=1, default=str))
+    else:
+        out_console().print(summary_table(store.get_run(run_id)["cells"]))
+    failed = [r for r in records if r["status"] in ("failed", "timeout", "oom")]
+    return EXIT_FAILURE if failed and len(failed) == len(records) else 0
+
+
+def _execute_with_progress(cells, store, run_id, sweep, done, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from bench.sweep import execute
+
+    todo = [c for c in cells if c.key not in done]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False, disable=quiet and not err.is_terminal) as progress:
+        task = progress.add_task("starting", total=len(todo))
+
+        def on_start(cell):
+            progress.update(task, description=f"[bold]{cell.label()}[/]")
+
+        def on_done(cell, record):
+            progress.advance(task)
+            status = record["status"]
+            if status == "ok":
+                line = f"[green]ok[/]      {cell.label()}: {_fmt(record.get('decode_tok_s'))} tok/s decode"
+            else:
+                line = f"[yellow]{status:<8}[/]{cell.label()}: {record.get('reason', '')}"
+            progress.console.print(line)
+
+        return execute(todo, store, run_id, sweep.timeout_s, done, on_start, on_done)
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def summary_table(cells: list[dict]) -> Table:
+    table = Table(title="Results", title_justify="left")
+    for col, justify in (("model", "left"), ("backend", "left"), ("prec", "left"), ("batch", "right"),
+                         ("threads", "right"), ("status", "left"), ("decode tok/s", "right"),
+                         ("95% CI", "right"), ("TPOT ms p50/p90", "right"), ("TTFT ms p50", "right"),
+                         ("peak RSS MB", "right"), ("roofline", "right"), ("parity", "left")):
+        table.add_column(col, justify=justify)
+    for c in cells:
+        tpot = c.get("tpot_ms") or {}
+        ttft = c.get("ttft_ms") or {}
+        ci = "-"
+        if tpot.get("ci95_low"):
+            ci = f"{c['batch'] * 1e3 / tpot['ci95_high']:,.1f}–{c['batch'] * 1e3 / tpot['ci95_low']:,.1f}"
+        parity = c.get("parity")
+        p = "-"
+        if parity:
+            mark = "[green]✓[/]" if parity["passed"] else "[red]✗[/]"
+            p = f"{mark} {parity['token_agreement']:.0%} Δ{parity['max_abs_logit_diff']:.1e}"
+        status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]"
+        tpot_txt = f"{_fmt(tpot.get('median'), 2)}/{_fmt(tpot.get('p90'), 2)}" if tpot else "-"
+        frac = c.get("roofline_fraction")
+        table.add_row(Path(c["model"]).name, c["backend"], c["precision"] or "-", str(c["batch"]),
+                      str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
+                      _fmt(ttft.get("median"), 2), _fmt(c.get("peak_rss_mb"), 0),
+                      "-" if frac is None else f"{frac:.0%}", p)
+    return table
+
+
+# -- bench generate --------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from backends import registry
+    from model.checkpoint import load_checkpoint
+    from model.generate import generate
+    from model.gpt import build_model, get_config
+    from model.tokenizer import load_tokenizer
+
+    if (args.model is None) == (args.checkpoint is None):
+        raise UsageError("bench generate: give exactly one of --model PRESET or --checkpoint DIR")
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise UsageError("bench generate: give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"bench generate: --max-new-tokens {args.max_new_tokens} must not be negative")
+    registry.get_backend_class(args.backend)
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).is_dir():
+            raise UsageError(f"bench generate: checkpoint directory {args.checkpoint!r} does not exist")
+        model = load_checkpoint(args.checkpoint)
+    else:
+        model = build_model(get_config(args.model), seed=args.weights_seed)
+    tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"bench generate: --prompt-ids {args.prompt_ids!r} is not a comma list of integers")
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UsageError("bench generate: the prompt is empty")
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise UsageError(f"bench generate: token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.greedy and sampling:
+        raise UsageError("bench generate: --greedy cannot be combined with --temperature, --top-k or --top-p")
+    greedy = not sampling
+    with registry.create(args.backend, precision=args.precision, threads=args.threads) as backend:
+        probe = backend.probe()
+        if not probe.available:
+            raise UsageError(f"bench generate: backend {args.backend!r} is unavailable: {probe.reason}"
+                             + (f" (fix: {probe.fix})" if probe.fix else ""))
+        backend.load(model)
+        new = generate(backend, [ids], args.max_new_tokens, greedy=greedy,
+                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                       seed=args.seed, eos_token_id=tokenizer.eos_token_id,
+                       max_length=model.config.block_size)[0]
+        precision = backend.precision
+    if args.json:
+        print(json.dumps(dict(backend=args.backend, precision=precision, prompt_ids=ids, token_ids=new,
+                              text=tokenizer.decode(new))))
+    else:
+        print(tokenizer.decode(ids) + tokenizer.decode(new))
+    return 0
+
+
+# -- stored runs -----------------------------------------------------------------------------
+
+
+def cmd_runs(args) -> int:
+    from bench.store import Store
+
+    runs = Store(args.store).list_runs()
+    table = Table(title=f"Runs in {args.store}", title_justify="left")
+    for col in ("run", "created", "name", "cells", "ok", "fingerprint", "status"):
+        table.add_column(col)
+    for r in runs:
+        table.add_row(r["run_id"], r["created_at"][:19], r.get("name") or "", str(r["n_cells"]), str(r["n_ok"]),
+                      r["fingerprint_id"], r.get("status") or "")
+    out_console().print(table if runs else "no runs stored yet: try `bench run`")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from bench.store import Store, export_csv, export_json
+
+    run = Store(args.store).get_run(args.run)
+    text = export_json(run) if args.format == "json" else export_csv(run)
+    if args.out:
+        Path(args.out).write_text(text)
+        err.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bench.store import Store
+
+    store = Store(args.store)
+    runs = [store.get_run(r) for r in (args.runs or ["latest"])]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from reports.html import render_html  # the renderers take stored records only
+    from reports.markdown import render_markdown
+
+    written = []
+    if args.format in ("md", "both"):
+        (out / "report.md").write_text(render_markdown(runs), encoding="utf-8")
+        written.append(out / "report.md")
+    if args.format in ("html", "both"):
+        (out / "report.html").write_text(render_html(runs), encoding="utf-8")
+        written.append(out / "report.html")
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bench.store import Store
+    from reports.compare import compare_markdown, compare_runs, compare_table
+
+    store = Store(args.store)
+    result = compare_runs(store.get_run(args.base), store.get_run(args.new))
+    if not result.environments_match:
+        for line in result.fingerprint_diff:
+            err.print(f"[yellow]warning: environments differ:[/] {line}")
+    if args.format == "md":
+        print(compare_markdown(result))
+    else:
+        out_console().print(compare_table(result))
+    if args.fail_above is not None:
+        worse = result.regressions(args.fail_above)
+        if worse:
+            err.print(f"[red]{len(worse)} cell(s) regressed by more than {args.fail_above}%[/]")
+            return EXIT_FAILURE
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _percent(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from bench.store import DEFAULT_STORE
+
+    p = OneLineParser(prog="bench", description="Benchmark one GPT model across hardware backends.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    info = sub.add_parser("info", help="this machine, library versions and every backend's availability")
+    info.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    info.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul peak")
+    info.add_argument("--threads", type=_positive_int, default=None, help="threads for the roofline measurement")
+    info.set_defaults(fn=cmd_info)
+
+    run = sub.add_parser("run", help="run a sweep of benchmark cells, each in its own process")
+    run.add_argument("--config", help="a TOML sweep file; command-line options override it")
+    run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
+    run.add_argument("--checkpoint", help="checkpoint directories, comma-separated (instead of --model)")
+    run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
+    run.add_argument("--precision", help="fp32, bf16, fp16, int8, comma-separated (default: each backend's own)")
+    run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
+    run.add_argument("--threads", help="thread counts: 1,2 or 1-4, or 'default'")
+    run.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per sequence (default 32)")
+    run.add_argument("--gen-len", type=_positive_int, help="new tokens per sequence (default 16)")
+    run.add_argument("--timeout", type=float, help="seconds before a cell is killed (default 600)")
+    run.add_argument("--budget", type=float, help="seconds of measured repetitions per cell (default 20)")
+    run.add_argument("--target-ci", type=float, help="stop repeating when the 95%% CI of the median "
+                                                     "time per token is this narrow, relative (default 0.05)")
+    run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
+    run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
+    run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")
+    run.add_argument("--name", help="a name to remember the run by")
+    run.add_argument("--json", action="store_true", help="print the run's cells as a JSON list")
+    run.set_defaults(fn=cmd_run)
+
+    gen = sub.add_parser("generate", help="generate text with one backend")
+    gen.add_argument("--backend", default="eager")
+    gen.add_argument("--precision", default=None)
+    gen.add_argument("--model", help="a preset (random weights from --seed)")
+    gen.add_argument("--checkpoint", help="a checkpoint directory")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding (the default without sampling options)")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=_positive_int, default=1)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (a seed reproduces a sample)")
+    gen.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    gen.add_argument("--threads", type=_positive_int, default=None)
+    gen.add_argument("--json", action="store_true", help="print a JSON object with token_ids")
+    gen.set_defaults(fn=cmd_generate)
+
+    runs = sub.add_parser("runs", help="list stored runs")
+    runs.add_argument("--store", default=DEFAULT_STORE)
+    runs.set_defaults(fn=cmd_runs)
+
+    export = sub.add_parser("export", help="write a run's cells as JSON or CSV")
+    export.add_argument("run", help="a run id, or 'latest'")
+    export.add_argument("--format", choices=("json", "csv"), default="json")
+    export.add_argument("--out", help="a file (default: standard output)")
+    export.add_argument("--store", default=DEFAULT_STORE)
+    export.set_defaults(fn=cmd_export)
+
+    report = sub.add_parser("report", help="render runs as Markdown and/or self-contained HTML")
+    report.add_argument("runs", nargs="*", help="run ids (default: the latest run)")
+    report.add_argument("--format", choices=("md", "html", "both"), default="both")
+    report.add_argument("--out", default="runs/report", help="output directory (default runs/report)")
+    report.add_argument("--store", default=DEFAULT_STORE)
+    report.set_defaults(fn=cmd_report)
+
+    compare = sub.add_parser("compare", help="compare two runs cell by cell")
+    compare.add_argument("base")
+    compare.add_argument("new")
+    compare.add_argument("--fail-above", type=_percent, default=None,
+                         help="exit 1 when any cell's decode rate regresses by more than this percent")
+    compare.add_argument("--format", choices=("table", "md"), default="table")
+    compare.add_argument("--store", default=DEFAULT_STORE)
+    compare.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        args = make_parser().parse_args(argv)
+        return args.fn(args)
+    except UsageError as e:
+        err.print(f"error: {e}", markup=False)
+        return EXIT_USAGE
+    except (ValueError, LookupError, OSError) as e:
+        # Config, preset, backend, precision, checkpoint and sweep errors: one line, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        err.print(f"error: {msg}", markup=False)
+        return EXIT_USAGE
+    except Exception as e:
+        from backends.base import BackendError
+        from bench.store import StoreError
+
+        if isinstance(e, StoreError):
+            err.print(f"error: {e}", markup=False)
+            return EXIT_USAGE
+        if isinstance(e, BackendError):
+            err.print(f"error: {e}", markup=False)
+            return EXIT_FAILURE
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted: finished cells are already stored (bench run --resume continues)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The `bench` command: each command once for real, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import main
+
+
+def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `bench` as a user would: a separate process, its exit code and output."""
+    done = subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--backend", "nope", "--model", "tiny"], "unknown backend 'nope'; valid backends: eager"),
+    (["run", "--model", "gpt5"], "unknown model preset 'gpt5'; valid presets: tiny"),
+    (["run", "--model", "tiny", "--batch", "0"], "--batch: 0 must be at least 1"),
+    (["run", "--model", "tiny", "--batch", "-2"], "--batch"),
+    (["run", "--model", "tiny", "--precision", "fp8"], "unknown precision 'fp8'"),
+    (["run", "--checkpoint", "/no/such/dir"], "checkpoint directory '/no/such/dir' does not exist"),
+    (["run", "--config", "/no/such.toml"], "does not exist"),
+    (["generate", "--model", "tiny", "--prompt", "hi", "--backend", "nope"], "unknown backend 'nope'"),
+    (["generate", "--checkpoint", "/no/such/dir", "--prompt", "hi"], "does not exist"),
+    (["generate", "--model", "tiny"], "exactly one of --prompt"),
+    (["generate", "--model", "tiny", "--prompt-ids", "1,x"], "not a comma list of integers"),
+    (["generate", "--model", "tiny", "--prompt-ids", "99999"], "outside the vocabulary"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, captured.err
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_width_not_divisible_by_heads_in_a_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="gpt2", n_layer=1, n_head=12, n_embd=100, vocab_size=64, n_positions=32)))
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "n_embd=100 is not divisible by n_head=12" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_from_a_real_process_has_no_traceback():
+    done = bench("run", "--backend", "nope", "--model", "tiny", check=False)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "unknown backend" in done.stderr
+
+
+def test_info_lists_machine_and_every_backend():
+    from backends.registry import names
+
+    info = json.loads(bench("info", "--json", "--no-roofline").stdout)
+    assert info["fingerprint"]["cpu"]["cores_logical"] >= 1
+    assert set(info["backends"]) == set(names())
+    assert info["backends"]["eager"]["available"] is True
+    for probe in info["backends"].values():
+        assert probe["available"] or probe["reason"]  # unavailable always says why
+
+
+def test_generate_json_matches_the_library_greedy_tokens():
+    import torch
+
+    from backends.eager import EagerBackend
+    from model.generate import generate
+    from model.gpt import build_model, get_config
+
+    out = json.loads(bench("generate", "--model", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
+                           "--json").stdout)
+    assert len(out["token_ids"]) == 6
+    backend = EagerBackend()
+    backend.load(build_model(get_config("tiny"), seed=0))
+    with torch.no_grad():
+        expected = generate(backend, [[1, 2, 3]], 6, greedy=True)[0]
+    assert out["token_ids"] == expected
+
+
+def test_generate_sampling_is_reproducible_with_a_seed():
+    args = ("generate", "--model", "tiny", "--prompt", "hello", "--max-new-tokens", "8", "--temperature",
+            "1.5", "--top-k", "50", "--seed", "7", "--json")
+    assert json.loads(bench(*args).stdout)["token_ids"] == json.loads(bench(*args).stdout)["token_ids"]
+
+
+def test_run_stores_cells_then_runs_export_and_resume(tmp_path):
+    store = str(tmp_path / "bench.sqlite")
+    sweep = ("run", "--model", "tiny", "--backend", "eager", "--precision", "fp32,int8", "--batch", "1,2",
+             "--threads", "1", "--prompt-len", "8", "--gen-len", "4", "--budget", "1", "--store", store)
+    cells = json.loads(bench(*sweep, "--json").stdout)
+    by = {(c["precision"], c["batch"]): c for c in cells}
+    assert by[("fp32", 1)]["status"] == by[("fp32", 2)]["status"] == "ok"
+    assert by[("int8", 1)]["status"] == "skipped" and "does not support" in by[("int8", 1)]["reason"]
+    assert by[("fp32", 2)]["decode_tok_s"] > 0 and by[("fp32", 2)]["parity"]["passed"]
+
+    exported = json.loads(bench("export", "latest", "--format", "json", "--store", store).stdout)
+    assert exported["run_id"] in bench("runs", "--store", store).stdout
+    exported_cells = exported["cells"]
+    assert len(exported_cells) == 4
+    csv_text = bench("export", "latest", "--format", "csv", "--store", store).stdout
+    assert csv_text.splitlines()[0].count(",") > 10 and len(csv_text.splitlines()) == 5
+
+    resumed = bench(*sweep, "--resume", "--json")
+    assert "4 of 4 cells already done" in resumed.stderr
+    assert len(json.loads(resumed.stdout)) == 4  # nothing ran twice
+
+
+def test_export_of_an_unknown_run_is_one_line(tmp_path, capsys):
+    assert main(["export", "nope", "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -1,0 +1,134 @@
+"""The sweep harness: planning, isolated cells, failure containment, and a timing cross-check."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from backends.base import Probe
+from bench.cell import _died, run_cell
+from bench.measure import CellSpec, measure_cell, prompt_ids
+from bench.sweep import Sweep, SweepError, estimate_peak_bytes, parse_list, plan
+from model.gpt import get_config
+
+AVAILABLE = Probe(True)
+
+
+def test_parse_list_lists_and_ranges():
+    assert parse_list("1,2,4", "batch", integer=True) == [1, 2, 4]
+    assert parse_list("1-4", "batch", integer=True) == [1, 2, 3, 4]
+    assert parse_list("2-8:2", "batch", integer=True) == [2, 4, 6, 8]
+    assert parse_list("1-16:x2", "batch", integer=True) == [1, 2, 4, 8, 16]
+    assert parse_list("tiny,small", "model") == ["tiny", "small"]
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1,,2", "a", "1-x", "1-8:x1"])
+def test_parse_list_rejects_bad_items_naming_them(text):
+    with pytest.raises(SweepError, match="--batch"):
+        parse_list(text, "batch", integer=True)
+
+
+def test_plan_marks_unsupported_precision_and_unavailable_backend_as_skipped():
+    sweep = Sweep(models=["tiny"], backends=["eager", "int8"], precisions=["fp32", "int8"], batches=[1])
+    probes = {"eager": AVAILABLE, "int8": Probe(False, reason="no quantized engine", fix="install X")}
+    cells = {(c.spec["backend"], c.spec["precision"]): c.skip_reason for c in plan(sweep, probes, None)}
+    assert cells[("eager", "fp32")] == ""
+    assert "does not support precision 'int8'" in cells[("eager", "int8")]
+    assert "no quantized engine" in cells[("int8", "int8")] and "install X" in cells[("int8", "int8")]
+
+
+def test_memory_guard_skips_cells_that_would_not_fit():
+    sweep = Sweep(models=["tiny", "gpt2"], backends=["eager"], batches=[1])
+    config = get_config("gpt2")
+    need = estimate_peak_bytes(config, "eager", "fp32", 1, sweep.prompt_len + sweep.gen_len,
+                               sweep.prompt_len, True)
+    assert need > 2 * config.weight_bytes("fp32")  # the model and the parity reference at least
+    cells = plan(sweep, {"eager": AVAILABLE}, None, available_bytes=int(need * 0.9))
+    reasons = {c.spec["model"]: c.skip_reason for c in cells}
+    assert reasons["tiny"] == ""
+    assert "estimated peak memory" in reasons["gpt2"]
+
+
+def test_plan_rejects_sequences_longer_than_the_context():
+    with pytest.raises(SweepError, match="context length"):
+        plan(Sweep(models=["tiny"], prompt_len=250, gen_len=16), {"eager": AVAILABLE}, None)
+
+
+def _spec(**kw) -> dict:
+    base = dict(model="tiny", backend="eager", precision="fp32", batch=1, threads=1, prompt_len=8,
+                gen_len=4, min_reps=2, max_reps=3, budget_s=2.0, parity_steps=4)
+    base.update(kw)
+    return CellSpec(**base).to_dict()
+
+
+def test_cell_runs_in_its_own_process_and_reports_every_field():
+    record = run_cell(_spec(), timeout=300)
+    assert record["status"] == "ok", record.get("reason")
+    for key in ("load_s", "first_call_ms", "ttft_ms", "tpot_ms", "prefill_tok_s", "decode_tok_s",
+                "e2e_tok_s", "peak_rss_mb", "model_mb", "weights_mb", "kv_cache_mb", "parity", "samples"):
+        assert record[key] is not None, key
+    assert record["tpot_ms"]["n"] == len(record["samples"]["tpot_ms"]) == 3 * len(record["samples"]["e2e_ms"])
+    assert record["parity"]["passed"] and record["parity"]["max_abs_logit_diff"] == 0.0
+    assert record["backend_info"]["threads"] == 1
+    config = get_config("tiny")
+    assert record["kv_cache_mb"] * 2**20 == config.kv_cache_bytes(1, 8 + 3)  # prompt + decoded tokens
+    assert record["weights_mb"] * 2**20 == config.weight_bytes("fp32")
+
+
+def test_a_failing_cell_is_a_record_not_an_exception(tmp_path):
+    record = run_cell(_spec(model=str(tmp_path / "missing"), checkpoint=True), timeout=300)
+    assert record["status"] == "failed"
+    assert "missing" in record["reason"]
+
+
+def test_a_cell_that_dies_without_a_result_is_recorded_as_failed():
+    record = run_cell({"not_a_field": 1, "backend": "eager"}, timeout=300)
+    assert record["status"] == "failed"
+    assert "without a result" in record["reason"]
+
+
+def test_a_cell_past_its_timeout_is_killed_and_recorded():
+    record = run_cell(_spec(), timeout=0.2)
+    assert record["status"] == "timeout"
+    assert "0 s" in record["reason"] or "within" in record["reason"]
+
+
+def test_killed_and_crashed_cells_are_told_apart():
+    assert _died(-9, "")["status"] == "oom"
+    crashed = _died(-6, "free(): invalid pointer")
+    assert crashed["status"] == "failed" and "SIGABRT" in crashed["reason"]
+
+
+def test_harness_decode_rate_agrees_with_an_outside_timing():
+    """The harness's decode tokens/s against generate() timed from outside, within 10%.
+
+    Outside: the wall time of generating ``gen_len`` tokens minus that of generating one token
+    (the prefill and its token), over the ``gen_len - 1`` decode steps between them.
+    """
+    from backends.eager import EagerBackend
+    from model.generate import generate
+    from model.gpt import build_model
+
+    torch.set_num_threads(1)
+    spec = CellSpec(model="small", backend="eager", batch=2, threads=1, prompt_len=16, gen_len=24,
+                    min_reps=5, max_reps=15, budget_s=5, parity_steps=0)
+    harness = measure_cell(spec)["decode_tok_s"]
+
+    backend = EagerBackend(threads=1)
+    backend.load(build_model(get_config("small"), seed=0))
+    prompts = prompt_ids(spec, backend.model.config.vocab_size).tolist()
+
+    def wall(n: int) -> float:
+        t = time.perf_counter()
+        generate(backend, prompts, n, greedy=True)
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        wall(spec.gen_len)  # warm-up
+    full = statistics.median(wall(spec.gen_len) for _ in range(9))
+    first = statistics.median(wall(1) for _ in range(9))
+    outside = spec.batch * (spec.gen_len - 1) / (full - first)
+    assert abs(harness - outside) / outside < 0.10, (harness, outside)
