@@ -1,0 +1,231 @@
+"""`onnxruntime`: the exported ONNX graph on ONNX Runtime, fp32 or dynamically quantised int8.
+
+The model is exported once (``backends.export``) and cached; int8 is
+``onnxruntime.quantization.quantize_dynamic`` of that fp32 graph, cached beside it. The KV
+cache stays in ORT's own ``OrtValue``s: I/O binding lets each step's present tensors be
+fed back as the next past without copying them through numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends import export
+from backends.base import Backend, BackendError, BackendUnavailable, Probe, model_fingerprint
+
+INSTALL_HINT = "pip install onnxruntime onnx (onnxruntime-gpu for device='cuda')"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPT_LEVELS = ("disable", "basic", "extended", "all")  # -> GraphOptimizationLevel.ORT_*
+WEIGHT_TYPES = ("qint8", "quint8")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has an 8-bit dot-product instruction (AVX512-VNNI or AVX-VNNI)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+@dataclass
+class ORTCache:
+    """One OrtValue per past key and value, in ``export.input_names`` order, and their length."""
+
+    values: list
+    length: int
+    batch: int
+
+
+class ONNXRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = ("fp32", "int8")
+    default_precision = "fp32"
+    description = "ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation"
+
+    def __init__(self, precision=None, threads=None, device=None, graph_optimization_level: str = "all",
+                 weight_type: str = "qint8", reduce_range: bool | None = None, **options):
+        super().__init__(precision, threads, device, **options)
+        if options:
+            raise ValueError(f"unknown onnxruntime options: {', '.join(sorted(options))}")
+        if self.device not in PROVIDERS:
+            raise BackendUnavailable(
+                f"onnxruntime backend: device {self.device!r} is not supported; use one of {', '.join(PROVIDERS)}")
+        if graph_optimization_level not in OPT_LEVELS:
+            raise ValueError(f"graph_optimization_level={graph_optimization_level!r} is not one of "
+                             f"{', '.join(OPT_LEVELS)}")
+        if weight_type not in WEIGHT_TYPES:
+            raise ValueError(f"weight_type={weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
+        self.graph_optimization_level = graph_optimization_level
+        # int8 weights (QInt8): ORT's dynamic quantisation always makes uint8 activations,
+        # and u8 x s8 is the fast path on x86 (VPMADDUBSW). Without VNNI that instruction
+        # can saturate its 16-bit sums, so ORT's docs say to quantise weights to 7 bits
+        # (reduce_range) on such CPUs; with VNNI the full range is safe.
+        self.weight_type = weight_type
+        self.reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
+        self.session = None
+        self._meta: dict = {}
+
+    @classmethod
+    def probe(cls) -> Probe:
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as e:
+            return Probe(False, reason=f"cannot import {e.name or e}", fix=INSTALL_HINT)
+        providers = ort.get_available_providers()
+        devices = tuple(d for d, p in PROVIDERS.items() if p in providers)
+        if "cpu" not in devices:
+            return Probe(False, reason=f"onnxruntime {ort.__version__} lists no CPUExecutionProvider "
+                         f"(providers: {', '.join(providers)})", fix=INSTALL_HINT)
+        return Probe(True, devices=devices,
+                     versions={"onnxruntime": ort.__version__, "onnx": onnx.__version__,
+                               "torch": torch.__version__, "providers": ",".join(providers)})
+
+    # -- load ------------------------------------------------------------------------------
+    def load(self, model: torch.nn.Module) -> None:
+        import onnxruntime as ort
+        provider = PROVIDERS[self.device]
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} has no {provider} (available: "
+                f"{', '.join(ort.get_available_providers())}); fix: pip install onnxruntime-gpu")
+        self.config = model.config
+        fingerprint = model_fingerprint(model)
+        path, meta, hit = export.onnx_fp32(model, fingerprint)
+        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
+        if self.precision == "int8":
+            path, meta, hit = self._quantized(path, meta)
+            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
+        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
+                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+
+        opts = ort.SessionOptions()
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1  # one graph, run sequentially: no inter-op pool to size
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel,
+            {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+             "all": "ORT_ENABLE_ALL"}[self.graph_optimization_level])
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types; keep the message
+            raise BackendError(f"onnxruntime could not load {path}: {type(e).__name__}: {e}") from e
+        if self.session.get_providers()[0] != provider:  # never run on another provider unasked
+            got = self.session.get_providers()
+            self.session = None
+            raise BackendUnavailable(f"onnxruntime asked for {provider} but the session runs on {got}")
+        self.ort_device = "cuda" if self.device == "cuda" else "cpu"
+        self.in_names = export.input_names(self.config.n_layer)
+        self.out_names = export.output_names(self.config.n_layer)
+
+    def _quantized(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
+        """The cached dynamic-int8 version of the fp32 graph."""
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        parts = dict(fp32_key=fp32_meta["key"], onnxruntime=ort.__version__, weight_type=self.weight_type,
+                     reduce_range=self.reduce_range, per_channel=False, op_types=["MatMul"])
+        key = export.cache_key("onnx-int8", **parts)
+
+        # Protobuf stops at 2 GB: bigger models (gpt2-large up) keep their weights in side files.
+        large = sum(f.stat().st_size for f in fp32_path.parent.iterdir()) > 2**31 - 2**26
+
+        def build(tmp: Path) -> dict:
+            # The quantiser's documented first step: symbolic shape inference and graph
+            # clean-up (constant folding), so it sees every MatMul with a constant weight.
+            # auto_merge: the graph's "past" + "sequence" must be unified with "total",
+            # which symbolic inference refuses to do without it.
+            pre = tmp / "preprocessed.onnx"
+            quant_pre_process(str(fp32_path), str(pre), auto_merge=True, save_as_external_data=large,
+                              all_tensors_to_one_file=True)
+            out = tmp / "model.onnx"
+            quantize_dynamic(
+                pre, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=self.reduce_range,
+                weight_type=QuantType.QInt8 if self.weight_type == "qint8" else QuantType.QUInt8,
+                use_external_data_format=large)
+            for f in tmp.iterdir():  # the pre-processed model and its side file are not needed now
+                if f.name.startswith("preprocessed"):
+                    f.unlink()
+            export.check_onnx(out)
+            return dict(parts, key=key, opset=fp32_meta["opset"], weight_bytes=export.onnx_weight_bytes(out))
+
+        entry, meta, hit = export.cached("onnx-int8", key, build)
+        return entry / "model.onnx", meta, hit
+
+    # -- run -------------------------------------------------------------------------------
+    def _forward(self, ids, pos, mask, cache):
+        if self.session is None:
+            raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
+        B, T = ids.shape
+        past_len = 0 if cache is None else cache.length
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"ids has batch {B} but the cache holds {cache.batch} sequences")
+        if pos is None:  # as GPT.forward: positions follow on from the cache
+            pos = torch.arange(past_len, past_len + T).unsqueeze(0).expand(B, T)
+        if mask is None:  # the graph always takes a mask; all ones means no padding
+            mask = torch.ones(B, past_len + T, dtype=torch.int64)
+        if tuple(mask.shape) != (B, past_len + T):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
+                             f"(batch, past + new tokens)")
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", _int64(ids))
+        binding.bind_cpu_input("position_ids", _int64(pos))
+        binding.bind_cpu_input("attention_mask", _int64(mask))
+        if cache is None:
+            for name, empty in zip(self.in_names[3:], export.empty_past(self.config, B)):
+                binding.bind_cpu_input(name, empty)
+        else:
+            for name, value in zip(self.in_names[3:], cache.values):
+                binding.bind_ortvalue_input(name, value)  # the last step's output, no copy
+        binding.bind_output("logits", "cpu")
+        for name in self.out_names[1:]:
+            binding.bind_output(name, self.ort_device)  # ORT allocates; the OrtValue is ours to keep
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = torch.from_numpy(outputs[0].numpy())[:, -1, :]  # (B, vocab)
+        return logits, ORTCache(list(outputs[1:]), past_len + T, B)
+
+    def cache_length(self, cache: ORTCache) -> int:
+        return cache.length
+
+    def cache_bytes(self, cache: ORTCache) -> int:
+        return sum(int(np.prod(v.shape())) * 4 for v in cache.values)  # float32
+
+    def reorder_cache(self, cache: ORTCache, index: torch.Tensor) -> ORTCache:
+        import onnxruntime as ort
+        idx = index.cpu().numpy()
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[idx]), self.ort_device, 0)
+                  for v in cache.values]
+        return ORTCache(values, cache.length, len(idx))
+
+    def weight_bytes(self) -> int | None:
+        return self._meta.get("weight_bytes")
+
+    def info(self) -> dict:
+        info = super().info()
+        info.update(self._meta)
+        if self.session is not None:
+            import onnxruntime as ort
+            opts = self.session.get_session_options()
+            info.update(
+                onnxruntime=ort.__version__, providers=self.session.get_providers(),
+                intra_op_num_threads=opts.intra_op_num_threads, inter_op_num_threads=opts.inter_op_num_threads,
+                execution_mode=str(opts.execution_mode), graph_optimization_level=str(opts.graph_optimization_level))
+        if self.precision == "int8":
+            info.update(weight_type=self.weight_type, reduce_range=self.reduce_range, per_channel=False)
+        return info
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _int64(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.int64)

@@ -1,0 +1,248 @@
+"""`openvino`: the model converted to OpenVINO IR and compiled for CPU (or GPU/NPU when present).
+
+``openvino.convert_model`` traces the same cache-in, cache-out forward as the ONNX export
+(``backends.export.KVCacheGraph``) through OpenVINO's PyTorch frontend, straight from the
+module, so no ONNX round trip sits between the model and the IR. The IR is saved in full
+fp32 (``compress_to_fp16=False``) and cached; int8 is NNCF weight compression of that IR,
+cached too, and still computes with f32 activations.
+
+Precision is asked for explicitly and read back: the CPU plugin quietly runs f32 when bf16
+is requested on a CPU without native bf16 (no AVX-512 BF16 or AMX), so a bf16 request that
+compiles to f32 is refused rather than recorded as bf16.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends import export
+from backends.base import Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision, model_fingerprint
+
+INSTALL_HINT = "pip install openvino nncf"
+INT8_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT8_ASYM / INT8_SYM
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 weights, f32 activations
+
+
+@dataclass
+class OVCache:
+    """One numpy array per past key and value, in ``export.input_names`` order, and their length."""
+
+    arrays: list[np.ndarray]
+    length: int
+    batch: int
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    precisions = ("fp32", "bf16", "int8")
+    default_precision = "fp32"
+    description = "OpenVINO IR from the PyTorch frontend; int8 by NNCF weight compression"
+
+    def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", **options):
+        super().__init__(precision, threads, device, **options)
+        if options:
+            raise ValueError(f"unknown openvino options: {', '.join(sorted(options))}")
+        if int8_mode not in INT8_MODES:
+            raise ValueError(f"int8_mode={int8_mode!r} is not one of {', '.join(INT8_MODES)}")
+        self.int8_mode = int8_mode
+        self.ov_device = self.device.upper()  # "cpu" -> "CPU", "gpu.1" -> "GPU.1"
+        self.request = None
+        self._meta: dict = {}
+
+    @classmethod
+    def probe(cls) -> Probe:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            return Probe(False, reason=f"cannot import {e.name or e}", fix=INSTALL_HINT)
+        try:
+            core = ov.Core()
+            devices = tuple(core.available_devices)
+            caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") if "CPU" in devices else []
+        except RuntimeError as e:
+            return Probe(False, reason=f"openvino {ov.get_version()} cannot list devices: {e}", fix=INSTALL_HINT)
+        versions = {"openvino": ov.get_version(), "torch": torch.__version__,
+                    "cpu_capabilities": ",".join(caps)}
+        try:
+            import nncf
+            versions["nncf"] = nncf.__version__
+        except ImportError:  # int8 alone needs nncf; load() says so
+            versions["nncf"] = "missing"
+        if not devices:
+            return Probe(False, reason="openvino lists no devices", fix=INSTALL_HINT, versions=versions)
+        return Probe(True, devices=tuple(d.lower() for d in devices), versions=versions)
+
+    # -- load ------------------------------------------------------------------------------
+    def load(self, model: torch.nn.Module) -> None:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+        core = ov.Core()
+        available = core.available_devices
+        if self.ov_device not in available and not any(d.startswith(self.ov_device + ".") for d in available):
+            raise BackendUnavailable(f"openvino has no device {self.ov_device!r} here "
+                                     f"(available: {', '.join(available)})")
+        self.config = model.config
+        path, meta, hit = self._fp32_ir(model, model_fingerprint(model))
+        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
+        if self.precision == "int8":
+            path, meta, hit = self._int8_ir(path, meta)
+            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
+        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"],
+                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+
+        requested = OV_PRECISION[self.precision]
+        config = {
+            hints.performance_mode: hints.PerformanceMode.LATENCY,
+            hints.inference_precision: getattr(ov.Type, requested),
+            props.cache_dir: str(export.cache_dir() / "openvino-blobs"),  # compiled-blob cache
+        }
+        if self.threads is not None:
+            config[props.inference_num_threads] = self.threads
+        if self.precision == "int8" and self.ov_device == "CPU":
+            # The CPU plugin may quantise activations on the fly for compressed weights;
+            # int8 here means int8 weights with f32 activations, so turn that off.
+            config[hints.dynamic_quantization_group_size] = 0
+        try:
+            compiled = core.compile_model(core.read_model(path), self.ov_device, config)
+        except RuntimeError as e:
+            raise BackendError(f"openvino could not compile {path} for {self.ov_device}: {e}") from e
+
+        got = compiled.get_property(hints.inference_precision).get_type_name()
+        if got != requested:  # the plugin substituted a precision: refuse rather than mislabel
+            caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") if self.ov_device == "CPU" else []
+            raise UnsupportedPrecision(
+                f"openvino on {self.ov_device} was asked for {requested} but compiled {got}"
+                + (f" (CPU capabilities: {', '.join(caps)}; bf16 needs AVX-512 BF16 or AMX)" if caps else ""))
+        self.compiled_properties = {
+            "inference_precision": got,
+            "performance_hint": str(compiled.get_property(hints.performance_mode)),
+            "execution_devices": list(compiled.get_property(props.execution_devices)),
+        }
+        if self.ov_device == "CPU":
+            self.compiled_properties["inference_num_threads"] = compiled.get_property(props.inference_num_threads)
+            self.compiled_properties["dynamic_quantization_group_size"] = compiled.get_property(
+                hints.dynamic_quantization_group_size)
+        self.request = compiled.create_infer_request()
+        self.n_outputs = len(compiled.outputs)
+
+    def _fp32_ir(self, model: torch.nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
+        import openvino as ov
+        parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), torch=torch.__version__,
+                     openvino=ov.get_version(), frontend="pytorch")
+        key = export.cache_key("openvino-fp32", **parts)
+        n_layer = model.config.n_layer
+
+        def build(tmp: Path) -> dict:
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    # As in export_onnx: n_embd becomes a constant, which the config fixes anyway.
+                    warnings.filterwarnings("ignore", "Converting a tensor to a Python integer",
+                                            torch.jit.TracerWarning)
+                    ov_model = ov.convert_model(export.KVCacheGraph(model).eval(),
+                                                example_input=export.example_inputs(model.config))
+            except Exception as e:  # the frontend raises several unrelated types; keep the message
+                raise BackendError(f"openvino.convert_model failed: {type(e).__name__}: {e}") from e
+            # The traced names are the frontend's own ("4", "k.5"); give them the ONNX names.
+            for port, name in zip(ov_model.inputs, export.input_names(n_layer)):
+                port.get_tensor().set_names({name})
+            for port, name in zip(ov_model.outputs, export.output_names(n_layer)):
+                port.get_tensor().set_names({name})
+            ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)
+            return dict(parts, key=key, weight_bytes=ir_weight_bytes(ov_model))
+
+        entry, meta, hit = export.cached("openvino-fp32", key, build)
+        return entry / "model.xml", meta, hit
+
+    def _int8_ir(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
+        import openvino as ov
+        try:
+            import nncf
+        except ImportError as e:
+            raise BackendUnavailable(f"openvino int8 needs nncf, which cannot be imported ({e}); "
+                                     f"fix: pip install nncf") from e
+        parts = dict(fp32_key=fp32_meta["key"], nncf=nncf.__version__, openvino=ov.get_version(),
+                     mode=f"int8_{self.int8_mode}")
+        key = export.cache_key("openvino-int8", **parts)
+
+        def build(tmp: Path) -> dict:
+            mode = nncf.CompressWeightsMode.INT8_ASYM if self.int8_mode == "asym" else nncf.CompressWeightsMode.INT8_SYM
+            # Per-channel int8 of every MatMul and embedding weight, LM head included.
+            compressed = nncf.compress_weights(ov.Core().read_model(fp32_path), mode=mode)
+            ov.save_model(compressed, tmp / "model.xml", compress_to_fp16=False)
+            return dict(parts, key=key, weight_bytes=ir_weight_bytes(compressed))
+
+        entry, meta, hit = export.cached("openvino-int8", key, build)
+        return entry / "model.xml", meta, hit
+
+    # -- run -------------------------------------------------------------------------------
+    def _forward(self, ids, pos, mask, cache):
+        import openvino as ov
+        if self.request is None:
+            raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
+        cfg = self.config
+        B, T = ids.shape
+        past_len = 0 if cache is None else cache.length
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"ids has batch {B} but the cache holds {cache.batch} sequences")
+        if pos is None:  # as GPT.forward: positions follow on from the cache
+            pos = torch.arange(past_len, past_len + T).unsqueeze(0).expand(B, T)
+        if mask is None:  # the graph always takes a mask; all ones means no padding
+            mask = torch.ones(B, past_len + T, dtype=torch.int64)
+        if tuple(mask.shape) != (B, past_len + T):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
+                             f"(batch, past + new tokens)")
+
+        past = export.empty_past(cfg, B) if cache is None else cache.arrays
+        inputs = [_int64(ids), _int64(pos), _int64(mask), *past]
+        for i, array in enumerate(inputs):
+            self.request.set_input_tensor(i, ov.Tensor(array, shared_memory=True))
+        # Fresh output arrays for every step, handed to OpenVINO to write into: the request
+        # reuses its own output buffers on the next call, which would overwrite a cache the
+        # caller still holds; with our own arrays the outputs are written once and never copied.
+        total = past_len + T
+        logits = np.empty((B, 1, cfg.vocab_size), np.float32)
+        present = [np.empty((B, cfg.n_head, total, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
+        for i, array in enumerate([logits, *present]):
+            self.request.set_output_tensor(i, ov.Tensor(array, shared_memory=True))
+        self.request.infer()
+        return torch.from_numpy(logits[:, -1, :]), OVCache(present, total, B)
+
+    def cache_length(self, cache: OVCache) -> int:
+        return cache.length
+
+    def cache_bytes(self, cache: OVCache) -> int:
+        return sum(a.nbytes for a in cache.arrays)
+
+    def reorder_cache(self, cache: OVCache, index: torch.Tensor) -> OVCache:
+        idx = index.cpu().numpy()
+        return OVCache([np.ascontiguousarray(a[idx]) for a in cache.arrays], cache.length, len(idx))
+
+    def weight_bytes(self) -> int | None:
+        return self._meta.get("weight_bytes")
+
+    def info(self) -> dict:
+        import openvino as ov
+        info = super().info()
+        info.update(self._meta, openvino=ov.get_version())
+        info.update(getattr(self, "compiled_properties", {}))
+        if self.precision == "int8":
+            info.update(int8_mode=self.int8_mode, activations="f32")
+        return info
+
+    def close(self) -> None:
+        self.request = None
+
+
+def ir_weight_bytes(ov_model) -> int:
+    """Bytes of every constant in an OpenVINO model, as stored (u8/i8 weights count one byte)."""
+    return sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+
+
+def _int64(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.int64)
