@@ -34,12 +34,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _threads(text: str) -> list:
+def _threads(text) -> list:
+    """Thread counts: '1,2', '1-4', 'default' (the libraries' own choice) or 'all' (every core
+    this process may use), also inside a list ('1,all')."""
     from bench.sweep import parse_list
 
     if text in ("default", "auto"):
         return [None]
-    return parse_list(text, "threads", integer=True)
+    cores = str(len(os.sched_getaffinity(0)))
+    items = text if isinstance(text, list) else str(text).split(",")
+    items = [cores if str(i).strip() == "all" else i for i in items]
+    return parse_list(items if isinstance(text, list) else ",".join(map(str, items)), "threads", integer=True)
 
 
 # -- bench info ------------------------------------------------------------------------------
@@ -149,8 +154,7 @@ def build_sweep(args):
     if "batch" in values:
         sweep.batches = parse_list(values["batch"], "batch", integer=True)
     if "threads" in values:
-        t = values["threads"]
-        sweep.threads = _threads(t) if isinstance(t, str) else parse_list(t, "threads", integer=True)
+        sweep.threads = _threads(values["threads"])
     for key, attr in (("prompt_len", "prompt_len"), ("gen_len", "gen_len")):
         if key in values:
             v = values[key]
@@ -453,7 +457,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
     run.add_argument("--precision", help="fp32, bf16, fp16, int8, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
-    run.add_argument("--threads", help="thread counts: 1,2 or 1-4, or 'default'")
+    run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for every core; 'default' for the libraries' choice")
     run.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per sequence (default 32)")
     run.add_argument("--gen-len", type=_positive_int, help="new tokens per sequence (default 16)")
     run.add_argument("--timeout", type=float, help="seconds before a cell is killed (default 600)")

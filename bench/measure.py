@@ -46,7 +46,7 @@ class CellSpec:
     seed: int = 0
     checkpoint: bool = False  # model is a checkpoint directory
     min_warmup: int = 1
-    max_warmup: int = 8
+    max_warmup: int = 5
     min_reps: int = 3
     max_reps: int = 30
     target_ci: float = 0.05  # stop when the 95% interval of the median tpot is this narrow (relative)
@@ -64,7 +64,19 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's resident high-water mark.
+
+    Read from /proc (VmHWM), not getrusage: Linux carries ru_maxrss across exec, so a cell
+    process would report its parent's peak whenever the parent had been larger.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; bytes on macOS
 
 
 def build(spec: CellSpec):
@@ -142,6 +154,7 @@ def measure_cell(spec: CellSpec) -> dict:
         out["decode_tok_s"] = spec.batch / (out["tpot_ms"]["median"] / 1e3) if out["tpot_ms"] else None
         out["e2e_tok_s"] = spec.batch * spec.gen_len / (e2e["median"] / 1e3)
         out["warmup_reps"] = samples.pop("warmup_reps")
+        out["warmup_settled"] = samples.pop("warmup_settled")
 
         # The KV cache as it stands at the end of a generation of this length.
         _, cache = backend.prefill(ids)
@@ -168,11 +181,21 @@ def measure_cell(spec: CellSpec) -> dict:
 
 
 def _repeat(backend, prompts, spec: CellSpec) -> dict:
-    """Warm up until settled, then repeat until the interval is tight or the budget is spent."""
+    """Warm up until settled, then repeat until the interval is tight or the budget is spent.
+
+    Warm-up ends when two consecutive generations take within 10% of each other (after at
+    least ``min_warmup``), or after ``max_warmup`` generations or half the budget; whether it
+    settled is recorded, so an unsettled cell is visible rather than hidden.
+    """
     warm: list[float] = []
+    settled = False
+    start = time.perf_counter()
     while len(warm) < spec.max_warmup:
         warm.append(one_generation(backend, prompts, spec.gen_len)[2])
-        if len(warm) >= spec.min_warmup + 1 and stats.settled(warm, window=1, tol=0.05):
+        if len(warm) > spec.min_warmup and stats.settled(warm, window=1, tol=0.10):
+            settled = True
+            break
+        if len(warm) >= spec.min_warmup and time.perf_counter() - start > spec.budget_s / 2:
             break
     ttft, tpot, e2e = [], [], []
     start = time.perf_counter()
@@ -186,7 +209,7 @@ def _repeat(backend, prompts, spec: CellSpec) -> dict:
         tight = stats.relative_ci_width(tpot or ttft) <= spec.target_ci
         if tight or time.perf_counter() - start > spec.budget_s:
             break
-    return dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, warmup_reps=len(warm))
+    return dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, warmup_reps=len(warm), warmup_settled=settled)
 
 
 def _parity(backend, spec: CellSpec, ids: torch.Tensor) -> dict:

@@ -29,7 +29,8 @@ CELL_FIELDS = {
     "status": "ok, skipped, failed, timeout or oom",
     "reason": "why a cell is not ok (empty when ok)",
     # cost of getting ready
-    "load_s": "seconds to load, export, compile or quantise the model",
+    "build_s": "seconds to build the fp32 model (random weights) or read the checkpoint",
+    "load_s": "seconds for the backend to load, export, compile or quantise the model (cached exports load fast)",
     "first_call_ms": "the first (cold) prefill, in milliseconds",
     # latency, each a statistics dict (STAT_KEYS)
     "ttft_ms": "time to first token: the prefill of the whole batch, ms",
@@ -50,6 +51,9 @@ CELL_FIELDS = {
     "roofline_bound": "which bound applies: memory or compute",
     # proof against eager fp32
     "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed",
+    # how the numbers were taken
+    "warmup_reps": "whole generations run before measuring",
+    "warmup_settled": "whether two consecutive warm-up generations agreed within 10% (false: the cap ended warm-up)",
     # the rest
     "samples": "raw samples: dict of lists (ttft_ms, tpot_ms, e2e_ms), every repetition",
     "backend_info": "what the backend reports of itself (runtime options, providers, versions)",

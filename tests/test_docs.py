@@ -1,0 +1,20 @@
+"""The README documents what the tool stores, and the default sweep is valid."""
+
+from pathlib import Path
+
+from bench.schema import CELL_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_documents_every_cell_field():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f for f in CELL_FIELDS if f"| `{f}` |" not in readme]
+    assert not missing, f"README's cell-record table lacks {missing}"
+
+
+def test_default_sweep_parses():
+    from bench.sweep import load_toml
+
+    values = load_toml(ROOT / "sweeps" / "default.toml")
+    assert values["backend"] == "all" and values["model"]
