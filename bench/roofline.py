@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BANDWIDTH_MIB = 128  # per array: 4x the 32 MiB L3 here; three arrays keep first-touch cost low
 MATMUL_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (1024, 2048, 4096, 8192)}
 PEAK_BUDGET_S = 1.5  # seconds per precision and method: bf16 on AVX2 is ~1 GFLOP/s, so sizes stop early
-REPEATS = 5
+REPEATS = 8
 
 
 def _sync(device: str) -> None:
@@ -66,7 +66,11 @@ def _best_seconds(op: Callable[[], object], device: str, repeats: int, deadline:
 
 
 def measure_bandwidth(mib: int | None = None, repeats: int = REPEATS, device: str = "cpu") -> dict[str, float]:
-    """GB/s (1e9 bytes) of the read, copy and triad kernels over fp32 arrays of ``mib`` MiB each."""
+    """GB/s (1e9 bytes) of the read, copy, triad and gemv kernels over fp32 arrays of ``mib`` MiB each.
+
+    gemv (a matrix-vector product over an ``mib`` MiB matrix) is a decode step's own access
+    pattern: every weight read once, almost no arithmetic.
+    """
     import torch
 
     mib = mib or BANDWIDTH_MIB
@@ -75,10 +79,14 @@ def measure_bandwidth(mib: int | None = None, repeats: int = REPEATS, device: st
     b = torch.full((n,), 2.0, device=device)
     c = torch.full((n,), 0.5, device=device)
     nbytes = n * 4
+    side = int(n**0.5)
+    m, v = b[: side * side].view(side, side), c[:side]
+    nbytes_mv = side * side * 4
     kernels = {
         "read": (lambda: a.sum(), nbytes),
         "copy": (lambda: a.copy_(b), 2 * nbytes),
         "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 3 * nbytes),  # a = b + 3c, one pass
+        "gemv": (lambda: torch.mv(m, v), nbytes_mv),
     }
     with torch.inference_mode():
         return {name: nb / _best_seconds(op, device, repeats) / 1e9 for name, (op, nb) in kernels.items()}
@@ -222,7 +230,7 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
                 "peak_method": {},
                 "threads": torch.get_num_threads(),
                 "device": device,
-                "method": (f"bandwidth: best of {REPEATS} torch read/copy/triad passes over {BANDWIDTH_MIB} MiB "
+                "method": (f"bandwidth: best of {REPEATS} torch read/copy/triad/gemv passes over {BANDWIDTH_MIB} MiB "
                            f"fp32 arrays, STREAM byte counting; peak: best square matmul rate per precision "
                            f"(see peak_method), 2 FLOPs per multiply-add"),
                 "fingerprint_id": fingerprint_id,

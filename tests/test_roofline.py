@@ -125,7 +125,7 @@ def test_bad_arguments(tmp_path):
 
 def test_small_real_measurement_is_positive_and_finite():
     kernels = measure_bandwidth(mib=4, repeats=2)
-    assert set(kernels) == {"read", "copy", "triad"}
+    assert set(kernels) == {"read", "copy", "triad", "gemv"}
     assert all(v > 0 and math.isfinite(v) for v in kernels.values())
     for precision in ("fp32", "bf16", "int8"):
         rate, how = measure_peak_gflops(precision, sizes=(32, 64), budget_s=0.5)
