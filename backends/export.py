@@ -210,3 +210,20 @@ def onnx_fp32(model: nn.Module, fingerprint: str, opset: int = OPSET) -> tuple[P
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
         raise BackendError(f"ONNX export failed: {type(e).__name__}: {e}") from e
     return entry / "model.onnx", meta, hit
+
+
+def graph_positions_and_mask(ids: torch.Tensor, pos, mask, cache):
+    """What the graph always takes, filled in as ``GPT.forward`` would: positions that follow on
+    from the cache, and an all-ones mask (no padding). ``cache`` has ``length`` and ``batch``."""
+    B, T = ids.shape
+    past_len = 0 if cache is None else cache.length
+    if cache is not None and cache.batch != B:
+        raise ValueError(f"ids has batch {B} but the cache holds {cache.batch} sequences")
+    if pos is None:
+        pos = torch.arange(past_len, past_len + T).unsqueeze(0).expand(B, T)
+    if mask is None:
+        mask = torch.ones(B, past_len + T, dtype=torch.int64)
+    if tuple(mask.shape) != (B, past_len + T):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
+                         f"(batch, past + new tokens)")
+    return pos, mask

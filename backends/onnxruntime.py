@@ -164,16 +164,7 @@ class ONNXRuntimeBackend(Backend):
         if self.session is None:
             raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
         B, T = ids.shape
-        past_len = 0 if cache is None else cache.length
-        if cache is not None and cache.batch != B:
-            raise ValueError(f"ids has batch {B} but the cache holds {cache.batch} sequences")
-        if pos is None:  # as GPT.forward: positions follow on from the cache
-            pos = torch.arange(past_len, past_len + T).unsqueeze(0).expand(B, T)
-        if mask is None:  # the graph always takes a mask; all ones means no padding
-            mask = torch.ones(B, past_len + T, dtype=torch.int64)
-        if tuple(mask.shape) != (B, past_len + T):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
-                             f"(batch, past + new tokens)")
+        pos, mask = export.graph_positions_and_mask(ids, pos, mask, cache)
 
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", _int64(ids))
@@ -191,7 +182,7 @@ class ONNXRuntimeBackend(Backend):
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = torch.from_numpy(outputs[0].numpy())[:, -1, :]  # (B, vocab)
-        return logits, ORTCache(list(outputs[1:]), past_len + T, B)
+        return logits, ORTCache(list(outputs[1:]), mask.shape[1], B)
 
     def cache_length(self, cache: ORTCache) -> int:
         return cache.length

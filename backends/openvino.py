@@ -187,16 +187,7 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
         cfg = self.config
         B, T = ids.shape
-        past_len = 0 if cache is None else cache.length
-        if cache is not None and cache.batch != B:
-            raise ValueError(f"ids has batch {B} but the cache holds {cache.batch} sequences")
-        if pos is None:  # as GPT.forward: positions follow on from the cache
-            pos = torch.arange(past_len, past_len + T).unsqueeze(0).expand(B, T)
-        if mask is None:  # the graph always takes a mask; all ones means no padding
-            mask = torch.ones(B, past_len + T, dtype=torch.int64)
-        if tuple(mask.shape) != (B, past_len + T):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
-                             f"(batch, past + new tokens)")
+        pos, mask = export.graph_positions_and_mask(ids, pos, mask, cache)
 
         past = export.empty_past(cfg, B) if cache is None else cache.arrays
         inputs = [_int64(ids), _int64(pos), _int64(mask), *past]
@@ -205,7 +196,7 @@ class OpenVINOBackend(Backend):
         # Fresh output arrays for every step, handed to OpenVINO to write into: the request
         # reuses its own output buffers on the next call, which would overwrite a cache the
         # caller still holds; with our own arrays the outputs are written once and never copied.
-        total = past_len + T
+        total = mask.shape[1]  # past + new tokens
         logits = np.empty((B, 1, cfg.vocab_size), np.float32)
         present = [np.empty((B, cfg.n_head, total, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
         for i, array in enumerate([logits, *present]):

@@ -26,6 +26,8 @@ from pathlib import Path
 import cpuinfo
 import psutil
 
+from bench.schema import diff_fields
+
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "fma")
 
 # name in the fingerprint -> distributions that provide it, first installed one wins.
@@ -191,20 +193,6 @@ def fingerprint_id(fp: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-_MISSING = object()
-
-
 def diff_fingerprints(a: dict, b: dict, *, all_fields: bool = False) -> list[str]:
     """Lines such as ``versions.torch: 2.8.0 -> 2.9.0``, one per differing field, sorted.
 
@@ -212,19 +200,4 @@ def diff_fingerprints(a: dict, b: dict, *, all_fields: bool = False) -> list[str
     so the lines explain why two ids differ; ``all_fields=True`` adds the commit, clock, etc.
     Lists of names (CPU flags) show what was added and removed instead of both lists.
     """
-    fa, fb = (_flatten(x) for x in ((a, b) if all_fields else (comparable(a), comparable(b))))
-    lines = []
-    for key in sorted(set(fa) | set(fb)):
-        va, vb = fa.get(key, _MISSING), fb.get(key, _MISSING)
-        if va == vb:
-            continue
-        if (isinstance(va, list) and isinstance(vb, list)
-                and all(isinstance(v, str) for v in va + vb)):
-            added = sorted(set(vb) - set(va))
-            removed = sorted(set(va) - set(vb))
-            parts = [f"+{v}" for v in added] + [f"-{v}" for v in removed]
-            lines.append(f"{key}: {' '.join(parts) if parts else 'reordered'}")
-            continue
-        shown = ["<missing>" if v is _MISSING else str(v) for v in (va, vb)]
-        lines.append(f"{key}: {shown[0]} -> {shown[1]}")
-    return lines
+    return diff_fields(*((a, b) if all_fields else (comparable(a), comparable(b))))

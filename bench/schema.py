@@ -64,3 +64,40 @@ CELL_FIELDS = {
 def cell_key(cell: dict) -> tuple:
     """The identity of a cell, for matching across runs and for --resume."""
     return tuple(cell.get(f) for f in IDENTITY_FIELDS)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def diff_fields(a: dict, b: dict, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Lines such as ``versions.torch: 2.8.0 -> 2.9.0``, one per differing field, sorted.
+
+    Lists of names (CPU flags) show what was added and removed instead of both lists.
+    """
+    fa, fb = flatten(a or {}), flatten(b or {})
+    missing = object()
+    lines = []
+    for key in sorted(set(fa) | set(fb)):
+        if key.startswith(skip_prefixes):
+            continue
+        va, vb = fa.get(key, missing), fb.get(key, missing)
+        if va == vb:
+            continue
+        if isinstance(va, list) and isinstance(vb, list) and all(isinstance(v, str) for v in va + vb):
+            added, removed = sorted(set(vb) - set(va)), sorted(set(va) - set(vb))
+            parts = [f"+{v}" for v in added] + [f"-{v}" for v in removed]
+            lines.append(f"{key}: {', '.join(parts) if parts else 'reordered'}")
+            continue
+        shown = ["<missing>" if v is missing else str(v) for v in (va, vb)]
+        lines.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return lines
+

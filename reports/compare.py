@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.schema import cell_key
+from bench.schema import cell_key, diff_fields
 from reports.format import decode_interval, is_ok, label, num, signed_pct, sort_key, threads_label
 from reports.markdown import md_escape
 
@@ -132,39 +132,13 @@ def compare_cell(base: dict, new: dict, noise_floor_pct: float) -> CellChange:
     return CellChange(key, base, new, metrics, verdict, note)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, path + "."))
-        else:
-            out[path] = v
-    return out
-
-
 def fingerprint_diff(base: dict, new: dict) -> list[str]:
     """Every differing field, as 'field: base -> new'; lists as the items added and removed.
 
     The measured roofline (bandwidth, peak rates) is left out: it is a measurement of the
     machine, different in every run, not part of its identity.
     """
-    a, b = _flatten(base or {}), _flatten(new or {})
-    out = []
-    for path in sorted(set(a) | set(b)):
-        if path.startswith("roofline."):
-            continue
-        va, vb = a.get(path, "(absent)"), b.get(path, "(absent)")
-        if va == vb:
-            continue
-        if isinstance(va, list) and isinstance(vb, list):
-            added = sorted(set(map(str, vb)) - set(map(str, va)))
-            removed = sorted(set(map(str, va)) - set(map(str, vb)))
-            out.append(f"{path}: " + ", ".join([f"+{x}" for x in added] + [f"-{x}" for x in removed]
-                                              or ["same items, other order"]))
-        else:
-            out.append(f"{path}: {va} -> {vb}")
-    return out
+    return diff_fields(base, new, skip_prefixes=("roofline.",))
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_diff_of_flags_shows_added_and_removed(fp):
     other["cpu"]["flags"] = sorted(set(fp["cpu"]["flags"]) - {dropped} | {"zz_new_flag"})
     other["gpus"] = [{"name": "NVIDIA H100", "memory_gb": 80.0, "driver": "550.1"}]
     lines = diff_fingerprints(fp, other)
-    assert f"cpu.flags: +zz_new_flag -{dropped}" in lines
+    assert f"cpu.flags: +zz_new_flag, -{dropped}" in lines
     assert any(line.startswith("gpus: [") for line in lines)
     assert fingerprint_id(other) != fingerprint_id(fp)
 

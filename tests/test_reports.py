@@ -482,7 +482,7 @@ def test_compare_fingerprint_differences(run_a, run_b):
     del other["fingerprint"]["versions"]["nncf"]
     other["fingerprint"]["roofline"]["bandwidth_gb_s"] = 11.1  # a measurement, not an identity
     changes = compare_runs(run_a, other).fingerprint_diff
-    assert changes == ("cpu.flags: +avx512f, -avx", "versions.nncf: 2.19.0 -> (absent)",
+    assert changes == ("cpu.flags: +avx512f, -avx", "versions.nncf: 2.19.0 -> <missing>",
                        "versions.onnxruntime: 1.32.0 -> 1.33.0")
     same = compare_runs(run_a, run_a)
     assert same.fingerprint_diff == () and same.environments_match
