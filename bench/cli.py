@@ -121,7 +121,7 @@ def build_sweep(args):
     values = load_toml(args.config) if args.config else {}
     cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
                batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
-               timeout=args.timeout, budget=args.budget, target_ci=args.target_ci)
+               timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches)
     values.update({k: v for k, v in cli.items() if v is not None})
     if args.no_parity:
         values["parity"] = False
@@ -167,6 +167,11 @@ def build_sweep(args):
             if not isinstance(v, (int, float)) or v <= 0:
                 raise SweepError(f"--{key.replace('_', '-')}: {v!r} must be a positive number")
             setattr(sweep, attr, float(v))
+    if "launches" in values:
+        v = values["launches"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SweepError(f"--launches: {v!r} must be a positive integer")
+        sweep.launches = v
     if "parity" in values:
         sweep.parity = bool(values["parity"])
     if "seed" in values:
@@ -241,7 +246,7 @@ def _execute_with_progress(cells, store, run_id, sweep, done, quiet: bool):
                 line = f"[yellow]{status:<8}[/]{cell.label()}: {record.get('reason', '')}"
             progress.console.print(line)
 
-        return execute(todo, store, run_id, sweep.timeout_s, done, on_start, on_done)
+        return execute(todo, store, run_id, sweep.timeout_s, done, on_start, on_done, sweep.launches)
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -464,6 +469,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=float, help="seconds of measured repetitions per cell (default 20)")
     run.add_argument("--target-ci", type=float, help="stop repeating when the 95%% CI of the median "
                                                      "time per token is this narrow, relative (default 0.05)")
+    run.add_argument("--launches", type=_positive_int,
+                     help="fresh processes per cell (default 3); the 95%% interval spans their spread")
     run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
     run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")

@@ -52,7 +52,10 @@ CELL_FIELDS = {
     # proof against eager fp32
     "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed",
     # how the numbers were taken
-    "warmup_reps": "whole generations run before measuring",
+    "launches": "fresh processes the cell ran in; statistics pool them, the interval spans their spread",
+    "launch_medians": "dict: the median ttft_ms and tpot_ms of each launch",
+    "launch_sizes": "dict: how many of the pooled samples each launch took, per sample kind",
+    "warmup_reps": "whole generations run before measuring, all launches",
     "warmup_settled": "whether two consecutive warm-up generations agreed within 10% (false: the cap ended warm-up)",
     # the rest
     "samples": "raw samples: dict of lists (ttft_ms, tpot_ms, e2e_ms), every repetition",

@@ -84,6 +84,7 @@ class Sweep:
     threads: list[int | None] = field(default_factory=lambda: [None])  # None: the library default
     prompt_len: int = 32
     gen_len: int = 16
+    launches: int = 3  # fresh processes per cell; the interval spans their spread
     timeout_s: float = 600.0
     budget_s: float = 20.0
     target_ci: float = 0.05
@@ -102,7 +103,7 @@ class Sweep:
 TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions", "batch": "batches",
              "threads": "threads", "prompt_len": "prompt_len", "gen_len": "gen_len",
              "timeout": "timeout_s", "budget": "budget_s", "target_ci": "target_ci", "parity": "parity",
-             "seed": "seed", "checkpoint": "checkpoint"}
+             "seed": "seed", "checkpoint": "checkpoint", "launches": "launches"}
 
 
 def load_toml(path: str | Path) -> dict:
@@ -240,9 +241,9 @@ def field_names() -> list[str]:
 
 
 def execute(cells: list[Cell], store, run_id: str, timeout_s: float, done_keys: set = frozenset(),
-            on_start=None, on_done=None) -> list[dict]:
-    """Run the cells in order, each in a fresh process; commit every record as it lands."""
-    from bench.cell import run_cell
+            on_start=None, on_done=None, launches: int = 1) -> list[dict]:
+    """Run the cells in order, each ``launches`` times in fresh processes; commit every record as it lands."""
+    from bench.cell import run_launches
 
     records = []
     for cell in cells:
@@ -255,7 +256,7 @@ def execute(cells: list[Cell], store, run_id: str, timeout_s: float, done_keys: 
         if cell.skip_reason:
             record = skipped_record(cell, config.n_params)
         else:
-            record = record_for(cell, run_cell(cell.spec, timeout_s), config.n_params)
+            record = record_for(cell, run_launches(cell.spec, timeout_s, launches), config.n_params)
         record.setdefault("wall_s", time.perf_counter() - t)
         store.add_cell(run_id, record)
         records.append(record)

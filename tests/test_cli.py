@@ -26,6 +26,7 @@ def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     (["run", "--model", "tiny", "--batch", "0"], "--batch: 0 must be at least 1"),
     (["run", "--model", "tiny", "--batch", "-2"], "--batch"),
     (["run", "--model", "tiny", "--precision", "fp8"], "unknown precision 'fp8'"),
+    (["run", "--model", "tiny", "--launches", "0"], "--launches"),
     (["run", "--checkpoint", "/no/such/dir"], "checkpoint directory '/no/such/dir' does not exist"),
     (["run", "--config", "/no/such.toml"], "does not exist"),
     (["generate", "--model", "tiny", "--prompt", "hi", "--backend", "nope"], "unknown backend 'nope'"),
@@ -95,12 +96,13 @@ def test_generate_sampling_is_reproducible_with_a_seed():
 def test_run_stores_cells_then_runs_export_and_resume(tmp_path):
     store = str(tmp_path / "bench.sqlite")
     sweep = ("run", "--model", "tiny", "--backend", "eager", "--precision", "fp32,int8", "--batch", "1,2",
-             "--threads", "1", "--prompt-len", "8", "--gen-len", "4", "--budget", "1", "--store", store)
+             "--threads", "1", "--prompt-len", "8", "--gen-len", "4", "--budget", "1", "--launches", "2", "--store", store)
     cells = json.loads(bench(*sweep, "--json").stdout)
     by = {(c["precision"], c["batch"]): c for c in cells}
     assert by[("fp32", 1)]["status"] == by[("fp32", 2)]["status"] == "ok"
     assert by[("int8", 1)]["status"] == "skipped" and "does not support" in by[("int8", 1)]["reason"]
     assert by[("fp32", 2)]["decode_tok_s"] > 0 and by[("fp32", 2)]["parity"]["passed"]
+    assert by[("fp32", 2)]["launches"] == 2 and len(by[("fp32", 2)]["launch_medians"]["tpot_ms"]) == 2
 
     exported = json.loads(bench("export", "latest", "--format", "json", "--store", store).stdout)
     assert exported["run_id"] in bench("runs", "--store", store).stdout
