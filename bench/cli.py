@@ -57,7 +57,7 @@ def cmd_info(args) -> int:
     fp = fingerprint()
     probes = registry.probe_all()
     torch_build = _torch_build()
-    roofline = None if args.no_roofline else _roofline(args.threads)
+    roofline = None if args.no_roofline else _roofline(args.threads, refresh=args.remeasure)
     if args.json:
         print(json.dumps(dict(fingerprint=fp, torch_build=torch_build, roofline=roofline,
                               backends={n: p.to_dict() for n, p in probes.items()}), indent=2))
@@ -103,13 +103,14 @@ def _torch_build() -> dict:
     return torch_build_info()
 
 
-def _roofline(threads: int | None, store: str | None = None) -> dict | None:
+def _roofline(threads: int | None, store: str | None = None, refresh: bool = False) -> dict | None:
     """The machine's bandwidth and matmul peaks, measured once and cached beside the store."""
     from bench.roofline import measure_roofline
 
     cache = Path(store).parent / "roofline.json" if store else None
-    err.print("[dim]memory bandwidth and matmul peak: measured once per machine and thread count, then cached[/]")
-    return measure_roofline(threads=threads, cache=cache)
+    err.print("[dim]memory bandwidth and matmul peak: measured once per machine and thread count, then cached "
+              "(bench info --remeasure measures again)[/]")
+    return measure_roofline(threads=threads, cache=cache, refresh=refresh)
 
 
 # -- bench run -------------------------------------------------------------------------------
@@ -453,6 +454,8 @@ def make_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul peak")
     info.add_argument("--threads", type=_positive_int, default=None, help="threads for the roofline measurement")
+    info.add_argument("--remeasure", action="store_true",
+                      help="measure bandwidth and matmul peak again instead of using the cached figures")
     info.set_defaults(fn=cmd_info)
 
     run = sub.add_parser("run", help="run a sweep of benchmark cells, each in its own process")
