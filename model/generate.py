@@ -218,12 +218,7 @@ def _beam_search(stepper: Stepper, ids, mask, pos, max_new_tokens: int, K: int,
     scores, tok = torch.topk(logp, K, dim=-1)  # (B, K) each
     scores, tok = scores.reshape(B * K), tok.reshape(B * K)
     index = torch.arange(B).repeat_interleave(K)  # beam row -> prompt row
-    cache = stepper.reorder_cache(cache, index)
-    if mask is not None:
-        mask, pos = mask.index_select(0, index), pos.index_select(0, index)
-    if seen is not None:
-        seen = seen.index_select(0, index)
-        seen[torch.arange(B * K), tok] = True
+    cache, mask, pos, seen = _follow(stepper, index, tok, cache, mask, pos, seen)
     out = tok.unsqueeze(1)  # (B*K, 1)
     done = torch.zeros(B * K, dtype=torch.bool) if eos_token_id is None else tok == eos_token_id
     if on_token is not None:
@@ -244,12 +239,7 @@ def _beam_search(stepper: Stepper, ids, mask, pos, max_new_tokens: int, K: int,
         scores = scores.reshape(B * K)
         parent = base + (flat // V).reshape(B * K)  # (B*K,): the beam row each new beam extends
         tok = (flat % V).reshape(B * K)
-        cache = stepper.reorder_cache(cache, parent)
-        if mask is not None:
-            mask, pos = mask.index_select(0, parent), pos.index_select(0, parent)
-        if seen is not None:
-            seen = seen.index_select(0, parent)
-            seen[torch.arange(B * K), tok] = True
+        cache, mask, pos, seen = _follow(stepper, parent, tok, cache, mask, pos, seen)
         done = done.index_select(0, parent)
         out = torch.cat([out.index_select(0, parent), tok.unsqueeze(1)], dim=1)  # (B*K, step + 1)
         if on_token is not None:
@@ -260,6 +250,17 @@ def _beam_search(stepper: Stepper, ids, mask, pos, max_new_tokens: int, K: int,
     # topk sorts each prompt's beams best first, so the first beam is the answer.
     best = out.view(B, K, -1)[:, 0, :]  # (B, steps)
     return [_until_eos(row.tolist(), eos_token_id) for row in best]
+
+
+def _follow(stepper: Stepper, rows: torch.Tensor, tok: torch.Tensor, cache, mask, pos, seen):
+    """Beam state for new beams that extend ``rows`` with ``tok``: cache, mask, positions, seen tokens."""
+    cache = stepper.reorder_cache(cache, rows)
+    if mask is not None:
+        mask, pos = mask.index_select(0, rows), pos.index_select(0, rows)
+    if seen is not None:
+        seen = seen.index_select(0, rows)
+        seen[torch.arange(rows.numel()), tok] = True
+    return cache, mask, pos, seen
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
