@@ -57,11 +57,13 @@ def run_launches(spec: dict, timeout: float, launches: int) -> dict:
     Samples taken inside one process move together (where its pages and threads landed), so
     the spread between processes is part of the answer: on a 2-core VM the median time per
     token of the same small-model cell varied by 40% from process to process while each
-    process's own interval was +-2%. Parity is checked in the first launch only.
+    process's own interval was +-2%. Parity and the KV-cache size are measured in the first
+    launch only.
     """
     records = []
     for i in range(launches):
-        record = run_cell(spec if i == 0 else dict(spec, parity_steps=0), timeout)
+        # Parity and the KV-cache size are the same in every launch: measured in the first only.
+        record = run_cell(spec if i == 0 else dict(spec, parity_steps=0, measure_kv=False), timeout)
         if record["status"] != "ok":
             if i:
                 record["reason"] = f"launch {i + 1} of {launches}: {record['reason']}"
@@ -79,7 +81,7 @@ def merge_launches(records: list[dict], spec: dict) -> dict:
 
     Statistics are recomputed over the pooled samples with a two-level bootstrap interval
     (launches, then samples); memory is the largest of the launches; load time, first call,
-    parity and backend details are the first launch's (the cold one).
+    parity, KV-cache size and backend details are the first launch's (the cold one).
     """
     from bench import stats
 

@@ -52,6 +52,7 @@ class CellSpec:
     target_ci: float = 0.05  # stop when the 95% interval of the median tpot is this narrow (relative)
     budget_s: float = 20.0  # time for the measured repetitions
     parity_steps: int = 8
+    measure_kv: bool = True  # size the KV cache after a full generation (later launches skip it)
     roofline: dict | None = None  # the machine's bandwidth and peak rates, measured by the parent
     options: dict = field(default_factory=dict)  # backend options
 
@@ -156,12 +157,7 @@ def measure_cell(spec: CellSpec) -> dict:
         out["warmup_reps"] = samples.pop("warmup_reps")
         out["warmup_settled"] = samples.pop("warmup_settled")
 
-        # The KV cache as it stands at the end of a generation of this length.
-        _, cache = backend.prefill(ids)
-        for _ in range(spec.gen_len - 1):
-            _, cache = backend.decode(ids[:, :1], cache)
-        out["kv_cache_mb"] = backend.cache_bytes(cache) / MiB
-        del cache
+        out["kv_cache_mb"] = _kv_cache_mb(backend, ids, spec.gen_len) if spec.measure_kv else None
         mem = backend.memory()
         out["device_peak_mb"] = None if mem is None else mem["peak"] / MiB
         out["peak_rss_mb"] = _peak_rss_mb()  # before the parity reference adds its own weights
@@ -178,6 +174,14 @@ def measure_cell(spec: CellSpec) -> dict:
         out["parity"] = _parity(backend, spec, ids) if spec.parity_steps > 0 else None
         out["backend_info"] = backend.info()
     return out
+
+
+def _kv_cache_mb(backend, ids: torch.Tensor, gen_len: int) -> float:
+    """The KV cache as it stands at the end of a generation of ``gen_len`` tokens."""
+    _, cache = backend.prefill(ids)
+    for _ in range(gen_len - 1):
+        _, cache = backend.decode(ids[:, :1], cache)
+    return backend.cache_bytes(cache) / MiB
 
 
 def _repeat(backend, prompts, spec: CellSpec) -> dict:
