@@ -122,7 +122,8 @@ def build_sweep(args):
     values = load_toml(args.config) if args.config else {}
     cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
                batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
-               timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches)
+               timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches,
+               planted_delay=args.plant_slowdown)
     values.update({k: v for k, v in cli.items() if v is not None})
     if args.no_parity:
         values["parity"] = False
@@ -173,6 +174,11 @@ def build_sweep(args):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise SweepError(f"--launches: {v!r} must be a positive integer")
         sweep.launches = v
+    if "planted_delay" in values:
+        v = values["planted_delay"]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 10:
+            raise SweepError(f"--plant-slowdown: {v!r} must be a fraction between 0 and 10")
+        sweep.planted_delay = float(v)
     if "parity" in values:
         sweep.parity = bool(values["parity"])
     if "seed" in values:
@@ -182,72 +188,94 @@ def build_sweep(args):
 
 def cmd_run(args) -> int:
     from backends import registry
-    from bench.machine import fingerprint, fingerprint_id
+    from bench.machine import fingerprint
+    from bench.roofline import roofline_for
     from bench.store import Store
-    from bench.sweep import execute, plan
+    from bench.sweep import run_sweep
 
     sweep = build_sweep(args)
     if sweep.backends == ["all"]:
+        sweep.backends = registry.names()
         probes = registry.probe_all()
-        sweep.backends = [n for n, p in probes.items() if p.available]
-        for n, p in probes.items():
-            if not p.available:
-                err.print(f"[yellow]not run:[/] {n}: {p.reason}")
     else:
         for b in sweep.backends:
             registry.get_backend_class(b)  # unknown names fail here, with the valid names
         probes = {b: registry.probe_isolated(b) for b in sweep.backends}
+    for n, p in probes.items():
+        if not p.available:
+            err.print(f"[yellow]not run:[/] {n}: {p.reason}", markup=True)
+
+    store = Store(args.store)
+    cache = Path(args.store).parent / "roofline.json"
+    err.print("[dim]memory bandwidth and matmul peaks: measured once per machine, device and thread count, "
+              "then cached (bench info --remeasure measures again)[/]")
+
+    def roofline(device, threads, precisions):
+        return roofline_for(device, threads, precisions, cache=cache)
 
     fp = fingerprint()
-    roofline = _roofline(max((t for t in sweep.threads if t), default=None), args.store)
-    fp["roofline"] = roofline
-    cells = plan(sweep, probes, roofline)
-    store = Store(args.store)
-    run_id, done = None, set()
-    if args.resume:
-        run_id = store.find_resumable(sweep.key(), fingerprint_id(fp))
-        if run_id:
-            done = store.done_keys(run_id)
-            err.print(f"resuming run {run_id}: {len(done)} of {len(cells)} cells already done")
-    if run_id is None:
-        run_id = store.create_run(fp, dict(sweep.to_dict(), sweep_key=sweep.key()), name=args.name)
-    err.print(f"run {run_id}: {len(cells)} cells -> {store.path}")
-
-    records = _execute_with_progress(cells, store, run_id, sweep, done, quiet=args.json)
-    store.finish_run(run_id, "finished")
+    quiet = args.json
+    with _Progress(sweep, quiet) as events:
+        run_id = run_sweep(sweep, store, probes, fp, roofline=roofline, name=args.name, resume=args.resume,
+                           events=events)
+    cells = store.get_run(run_id)["cells"]
     if args.json:
-        print(json.dumps(store.get_run(run_id)["cells"], indent=1, default=str))
+        print(json.dumps(cells, indent=1, default=str))
     else:
-        out_console().print(summary_table(store.get_run(run_id)["cells"]))
-    failed = [r for r in records if r["status"] in ("failed", "timeout", "oom")]
-    return EXIT_FAILURE if failed and len(failed) == len(records) else 0
+        out_console().print(summary_table(cells))
+    ran = [c for c in cells if c["status"] != "skipped"]
+    failed = [c for c in ran if c["status"] in ("failed", "timeout", "oom")]
+    return EXIT_FAILURE if failed and len(failed) == len(ran) else 0
 
 
-def _execute_with_progress(cells, store, run_id, sweep, done, quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+class _Progress:
+    """A rich progress bar over every launch of the sweep, and a line per finished launch."""
 
-    from bench.sweep import execute
+    def __init__(self, sweep, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
 
-    todo = [c for c in cells if c.key not in done]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("left"), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False, disable=quiet and not err.is_terminal) as progress:
-        task = progress.add_task("starting", total=len(todo))
+        from bench.sweep import Events
 
-        def on_start(cell):
-            progress.update(task, description=f"[bold]{cell.label()}[/]")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("left"), TimeRemainingColumn())
+        self.sweep = sweep
+        self.progress = Progress(*columns, console=err, transient=False, disable=quiet and not err.is_terminal)
+        self.task = None
+        self.events = Events(on_round=self.on_round, on_launch_start=self.on_start, on_launch_done=self.on_done)
 
-        def on_done(cell, record):
-            progress.advance(task)
-            status = record["status"]
-            if status == "ok":
-                line = f"[green]ok[/]      {cell.label()}: {_fmt(record.get('decode_tok_s'))} tok/s decode"
-            else:
-                line = f"[yellow]{status:<8}[/]{cell.label()}: {record.get('reason', '')}"
-            progress.console.print(line)
+    def __enter__(self):
+        self.progress.__enter__()
+        return self.events
 
-        return execute(todo, store, run_id, sweep.timeout_s, done, on_start, on_done, sweep.launches)
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def on_round(self, round_, order, reading):
+        if self.task is None:  # every launch left to run: this round's cells times the rounds they need
+            self.task = self.progress.add_task("starting", total=len(order) * self.sweep.launches)
+        line = f"[bold]round {round_ + 1}[/]: {len(order)} cells in a seeded random order"
+        if reading:
+            line += (f"; sentinel: small decode step {reading['decode_ms']:.3f} ms, "
+                     f"gemv {reading['gemv_gb_s']:.1f} GB/s")
+        self.progress.console.print(line)
+
+    def on_start(self, cell, round_, number):
+        self.progress.update(self.task, description=f"[bold]{cell.spec.label()}[/] launch {number}")
+
+    def on_done(self, cell, launch, record):
+        self.progress.advance(self.task)
+        status = launch["status"]
+        if status == "ok" and record["status"] == "ok":
+            tpot = record.get("tpot_ms") or {}
+            ci = ""
+            if tpot.get("ci95_low"):
+                ci = f" ({_fmt(cell.spec.batch * 1e3 / tpot['ci95_high'])}–{_fmt(cell.spec.batch * 1e3 / tpot['ci95_low'])})"
+            line = (f"[green]ok[/]      {cell.spec.label()}: {_fmt(record.get('decode_tok_s'))}{ci} tok/s decode "
+                    f"after {record['launches']} launch{'es' if record['launches'] > 1 else ''}")
+        else:
+            line = f"[yellow]{status:<8}[/]{cell.spec.label()}: {record.get('reason', '')}"
+        self.progress.console.print(line)
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -401,14 +429,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from bench.compare import compare_runs
     from bench.store import Store
-    from reports.compare import compare_markdown, compare_runs, compare_table
+    from reports.compare import compare_markdown, compare_table
 
     store = Store(args.store)
-    result = compare_runs(store.get_run(args.base), store.get_run(args.new))
+    result = compare_runs(store.get_run(args.base), store.get_run(args.new), noise_floor_pct=args.noise_floor)
     if not result.environments_match:
         for line in result.fingerprint_diff:
             err.print(f"[yellow]warning: environments differ:[/] {line}")
+    if result.drift_warning:
+        err.print(f"[yellow]warning:[/] {result.drift_warning}")
     if args.format == "md":
         print(compare_markdown(result))
     else:
@@ -473,7 +504,11 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--target-ci", type=float, help="stop repeating when the 95%% CI of the median "
                                                      "time per token is this narrow, relative (default 0.05)")
     run.add_argument("--launches", type=_positive_int,
-                     help="fresh processes per cell (default 3); the 95%% interval spans their spread")
+                     help="fresh processes per cell, one per round of interleaved launches (default 3); "
+                          "the 95%% interval spans their spread")
+    run.add_argument("--plant-slowdown", type=float, default=None, metavar="FRACTION",
+                     help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "
+                          "that bench compare detects a slowdown of that size on this machine")
     run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
     run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")
@@ -524,6 +559,9 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("new")
     compare.add_argument("--fail-above", type=_percent, default=None,
                          help="exit 1 when any cell's decode rate regresses by more than this percent")
+    compare.add_argument("--noise-floor", type=_percent, default=None,
+                         help="percent a change must exceed to count (default: measured from the two runs' "
+                              "drift sentinels)")
     compare.add_argument("--format", choices=("table", "md"), default="table")
     compare.add_argument("--store", default=DEFAULT_STORE)
     compare.set_defaults(fn=cmd_compare)

@@ -3,12 +3,17 @@
 This runs inside the cell's own subprocess (``bench.cell``), after the thread environment
 was set and before anything else was loaded, so its peak memory is the cell's own.
 
-One *repetition* is a whole greedy generation of ``gen_len`` tokens for the batch, timed
+One *generation* is a whole greedy generation of ``gen_len`` tokens for the batch, timed
 token by token through ``generate``'s per-token callback: the first callback closes the
 time to first token (the prefill), each later one closes one decode step (time per output
-token). Warm-up repeats until the end-to-end time settles; measurement repeats until the 95%
-interval of the median time per output token is narrower than the target or the time budget
-is spent. Every raw sample is kept.
+token). Warm-up repeats until the end-to-end time settles; measurement repeats generations
+until the 95% interval of the median time per output token, resampling whole generations
+(``stats.nested_relative_ci_width``; steps of one generation are not independent), is
+narrower than the target or the time budget is spent. Every raw sample is kept, grouped by
+generation: ``tpot_ms`` is a list of generations, each the list of its decode steps.
+
+This process measures; it derives nothing. Statistics, rates and the roofline fraction are
+computed once, by the parent, after the cell's launches are merged (``bench.records``).
 """
 
 from __future__ import annotations
@@ -16,48 +21,18 @@ from __future__ import annotations
 import gc
 import resource
 import time
-from dataclasses import asdict, dataclass, field
-
 import psutil
 import torch
 
 from backends import registry
 from backends.parity import check_parity
 from bench import stats
+from bench.spec import CellSpec
 from model.generate import generate
 from model.gpt import build_model, get_config
 from model.checkpoint import load_checkpoint
 
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """Everything a cell needs, JSON-ready (it crosses a process boundary)."""
-
-    model: str  # a preset name, or a checkpoint directory
-    backend: str
-    precision: str | None = None  # None: the backend's default
-    batch: int = 1
-    threads: int | None = None
-    prompt_len: int = 32
-    gen_len: int = 16
-    device: str | None = None
-    seed: int = 0
-    checkpoint: bool = False  # model is a checkpoint directory
-    min_warmup: int = 1
-    max_warmup: int = 5
-    min_reps: int = 3
-    max_reps: int = 30
-    target_ci: float = 0.05  # stop when the 95% interval of the median tpot is this narrow (relative)
-    budget_s: float = 20.0  # time for the measured repetitions
-    parity_steps: int = 8
-    measure_kv: bool = True  # size the KV cache after a full generation (later launches skip it)
-    roofline: dict | None = None  # the machine's bandwidth and peak rates, measured by the parent
-    options: dict = field(default_factory=dict)  # backend options
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rss_mb() -> float:
@@ -115,7 +90,7 @@ def one_generation(backend, prompts: list[list[int]], gen_len: int):
 
 
 def measure_cell(spec: CellSpec) -> dict:
-    """Run the cell and return its record fields (identity fields are added by the caller)."""
+    """Run one launch of the cell and return its raw measurements (the launch record's fields)."""
     if spec.threads:
         torch.set_num_threads(spec.threads)  # the same way for every backend, before any work
     rss0 = _rss_mb()
@@ -146,34 +121,50 @@ def measure_cell(spec: CellSpec) -> dict:
         out["first_call_ms"] = (time.perf_counter() - t) * 1e3
         del cache
 
-        samples = _repeat(backend, prompts, spec)
-        out["samples"] = samples
-        out["ttft_ms"] = stats.summarize(samples["ttft_ms"])
-        out["tpot_ms"] = stats.summarize(samples["tpot_ms"]) if samples["tpot_ms"] else None
-        e2e = stats.summarize(samples["e2e_ms"])
-        out["prefill_tok_s"] = spec.batch * spec.prompt_len / (out["ttft_ms"]["median"] / 1e3)
-        out["decode_tok_s"] = spec.batch / (out["tpot_ms"]["median"] / 1e3) if out["tpot_ms"] else None
-        out["e2e_tok_s"] = spec.batch * spec.gen_len / (e2e["median"] / 1e3)
+        timed = PlantedDelay(backend, spec.planted_delay) if spec.planted_delay else backend
+        samples = _repeat(timed, prompts, spec)
         out["warmup_reps"] = samples.pop("warmup_reps")
         out["warmup_settled"] = samples.pop("warmup_settled")
+        out["samples"] = samples
 
         out["kv_cache_mb"] = _kv_cache_mb(backend, ids, spec.gen_len) if spec.measure_kv else None
         mem = backend.memory()
         out["device_peak_mb"] = None if mem is None else mem["peak"] / MiB
         out["peak_rss_mb"] = _peak_rss_mb()  # before the parity reference adds its own weights
-
-        out["roofline_decode_tok_s"] = out["roofline_fraction"] = out["roofline_bound"] = None
-        if spec.roofline and out["decode_tok_s"]:
-            from bench.roofline import decode_bound  # measured by the parent; only arithmetic here
-            past = spec.prompt_len + spec.gen_len // 2  # the mean cache length over the decode steps
-            bound = decode_bound(config, spec.batch, past, backend.precision, spec.roofline)
-            out["roofline_decode_tok_s"] = bound["roofline_decode_tok_s"]
-            out["roofline_bound"] = bound["bound"]
-            out["roofline_fraction"] = out["decode_tok_s"] / bound["roofline_decode_tok_s"]
-
         out["parity"] = _parity(backend, spec, ids) if spec.parity_steps > 0 else None
         out["backend_info"] = backend.info()
     return out
+
+
+class PlantedDelay:
+    """A testing aid: the backend, with every prefill and decode made slower by a known fraction.
+
+    Each call spins (a busy wait, like real work) for ``fraction`` of the time the call itself
+    took, so a planted 0.2 makes every step about 20% slower whatever the machine's speed. It
+    exists to prove that ``bench compare`` detects a slowdown of that size; a record measured
+    with it says so (``planted_delay``).
+    """
+
+    def __init__(self, backend, fraction: float):
+        self.backend, self.fraction = backend, fraction
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def _slowed(self, call, *args, **kwargs):
+        t = time.perf_counter()
+        result = call(*args, **kwargs)
+        self.backend.synchronize()
+        until = time.perf_counter() + self.fraction * (time.perf_counter() - t)
+        while time.perf_counter() < until:
+            pass
+        return result
+
+    def prefill(self, *args, **kwargs):
+        return self._slowed(self.backend.prefill, *args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self._slowed(self.backend.decode, *args, **kwargs)
 
 
 def _kv_cache_mb(backend, ids: torch.Tensor, gen_len: int) -> float:
@@ -185,11 +176,12 @@ def _kv_cache_mb(backend, ids: torch.Tensor, gen_len: int) -> float:
 
 
 def _repeat(backend, prompts, spec: CellSpec) -> dict:
-    """Warm up until settled, then repeat until the interval is tight or the budget is spent.
+    """Warm up until settled, then repeat generations until the interval is tight or the budget is spent.
 
     Warm-up ends when two consecutive generations take within 10% of each other (after at
     least ``min_warmup``), or after ``max_warmup`` generations or half the budget; whether it
-    settled is recorded, so an unsettled cell is visible rather than hidden.
+    settled is recorded, so an unsettled cell is visible rather than hidden. The stopping rule
+    resamples whole generations: the decode steps of one generation are not independent.
     """
     warm: list[float] = []
     settled = False
@@ -206,18 +198,27 @@ def _repeat(backend, prompts, spec: CellSpec) -> dict:
     while len(e2e) < spec.max_reps:
         a, b, c = one_generation(backend, prompts, spec.gen_len)
         ttft.append(a)
-        tpot.extend(b)
+        tpot.append(b)
         e2e.append(c)
         if len(e2e) < spec.min_reps:
             continue
-        tight = stats.relative_ci_width(tpot or ttft) <= spec.target_ci
-        if tight or time.perf_counter() - start > spec.budget_s:
+        width = stats.nested_relative_ci_width(tpot if spec.gen_len > 1 else ttft)
+        if width <= spec.target_ci or time.perf_counter() - start > spec.budget_s:
             break
     return dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, warmup_reps=len(warm), warmup_settled=settled)
 
 
+REFERENCE = ("eager", "fp32")
+
+
 def _parity(backend, spec: CellSpec, ids: torch.Tensor) -> dict:
-    """Against eager fp32 on the same weights and the first (up to) two prompts."""
+    """Against eager fp32 on the same weights and the first (up to) two prompts.
+
+    Eager fp32 on the CPU is the reference itself: checking it against itself proves nothing,
+    so its record says so instead of showing a meaningless 100%.
+    """
+    if (spec.backend, backend.precision) == REFERENCE and backend.device == "cpu":
+        return dict(reference=True, passed=True, precision="fp32")
     reference = registry.create("eager")
     reference.load(build(spec))
     with reference:

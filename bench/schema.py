@@ -1,22 +1,23 @@
 """The cell record: the one shape every stored, exported and rendered result has.
 
 A *run* is one invocation of ``bench run``: its environment fingerprint and its sweep.
-A *cell* is one point of the sweep (model x backend x precision x batch x threads x lengths),
-run in its own process. Records are plain dicts (JSON-ready); the fields are listed here
-and documented in the README. Statistics are dicts with the keys of ``STAT_KEYS``.
+A *cell* is one point of the sweep (model x backend x precision x device x batch x threads x
+lengths, ``bench.spec``), run in several fresh processes (launches). Records are plain dicts
+(JSON-ready); the fields are listed here and documented in the README. Statistics are dicts
+with the keys of ``STAT_KEYS``.
 """
 
 from __future__ import annotations
 
-STATUSES = ("ok", "skipped", "failed", "timeout", "oom")
+from bench.spec import IDENTITY_FIELDS  # noqa: F401  (re-exported: the identity lives with the spec)
 
-# The identity of a cell: two cells with equal identity measure the same thing.
-IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads", "prompt_len", "gen_len")
+STATUSES = ("ok", "skipped", "failed", "timeout", "oom")
 
 STAT_KEYS = ("median", "p90", "p99", "mean", "stdev", "cv", "ci95_low", "ci95_high", "n")
 
 CELL_FIELDS = {
     # identity
+    "cell_id": "the cell's identity as a string (bench.spec.cell_id): runs and reports match cells by it",
     "backend": "backend name (eager, mkl, ipex, cuda, onnxruntime, openvino, int8)",
     "precision": "precision actually used: fp32, bf16, fp16 or int8",
     "device": "device the model ran on (cpu, cuda, xpu, ...)",
@@ -50,23 +51,22 @@ CELL_FIELDS = {
     "roofline_fraction": "decode_tok_s / roofline_decode_tok_s",
     "roofline_bound": "which bound applies: memory or compute",
     # proof against eager fp32
-    "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed",
+    "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed; {reference: true} for eager fp32",
     # how the numbers were taken
-    "launches": "fresh processes the cell ran in; statistics pool them, the interval spans their spread",
+    "launches": "ok launches (fresh processes, one per round) the record pools; the interval spans their spread",
+    "launches_planned": "launches the sweep asked for (fewer ran when the run was interrupted or a launch failed)",
+    "launch_rounds": "the round each pooled launch ran in (rounds visit the cells in a seeded random order)",
     "launch_medians": "dict: the median ttft_ms and tpot_ms of each launch",
-    "launch_sizes": "dict: how many of the pooled samples each launch took, per sample kind",
+    "launch_sizes": "dict: how many generations each launch measured, per sample kind",
+    "attempt": "0 for a cell's first attempt; a --resume that retries a failed cell counts up",
+    "planted_delay": "testing aid: the fraction each step was made slower by (0 in real measurements)",
     "warmup_reps": "whole generations run before measuring, all launches",
     "warmup_settled": "whether two consecutive warm-up generations agreed within 10% (false: the cap ended warm-up)",
     # the rest
-    "samples": "raw samples: dict of lists (ttft_ms, tpot_ms, e2e_ms), every repetition",
+    "samples": "raw samples by launch and generation: ttft_ms and e2e_ms [launch][generation], tpot_ms [launch][generation][step]",
     "backend_info": "what the backend reports of itself (runtime options, providers, versions)",
     "wall_s": "seconds the whole cell took, process start to result",
 }
-
-
-def cell_key(cell: dict) -> tuple:
-    """The identity of a cell, for matching across runs and for --resume."""
-    return tuple(cell.get(f) for f in IDENTITY_FIELDS)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

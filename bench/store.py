@@ -1,9 +1,12 @@
 """The result store: one SQLite file of runs and their cells.
 
-Two tables. ``runs`` holds one row per ``bench run``: its fingerprint, its sweep and a
-status. ``cells`` holds one row per finished cell, its record (``bench.schema``) as JSON,
-raw samples included. Each cell is committed the moment it is added, in WAL mode, so a
-run killed half-way keeps every cell that had finished; ``--resume`` picks up from there.
+Four tables. ``runs`` holds one row per ``bench run``: its fingerprint, its sweep and a
+status. ``rounds`` holds one row per round of the sweep: the seeded order it visited the
+cells in and the drift sentinel's reading at its start. ``launches`` holds one row per
+launch of a cell (one process), its raw record as JSON. ``cells`` holds the cell record
+derived from the cell's launches (``bench.records.cell_record``), rewritten as each launch
+lands. Every launch is committed the moment it finishes, in WAL mode, so a run killed
+half-way keeps every launch that had finished; ``--resume`` picks up from there.
 
 Resume keeps cells that are ``ok`` or ``skipped`` and retries ``failed``, ``timeout`` and
 ``oom`` ones (a transient failure, a too-tight timeout or a neighbour's memory use should
@@ -29,10 +32,11 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.machine import fingerprint_id as compute_fingerprint_id
-from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES, cell_key
+from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES
+from bench.spec import cell_id
 
 DEFAULT_STORE = Path("runs") / "bench.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rounds and launches tables
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 RETRY_ON_RESUME = ("failed", "timeout", "oom")
@@ -63,7 +67,25 @@ CREATE TABLE IF NOT EXISTS cells (
     created_at TEXT NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    cell_order TEXT NOT NULL,
+    sentinel TEXT,
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS launches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    key TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    record TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS cells_run ON cells(run_id, key);
+CREATE INDEX IF NOT EXISTS launches_run ON launches(run_id, key);
 CREATE INDEX IF NOT EXISTS runs_resume ON runs(sweep_key, fingerprint_id);
 """
 
@@ -90,7 +112,7 @@ def sweep_key(sweep: dict) -> str:
 
 
 def _key_text(cell: dict) -> str:
-    return json.dumps(list(cell_key(cell)))
+    return cell_id(cell)
 
 
 class Store:
@@ -122,7 +144,7 @@ class Store:
                              f"{SCHEMA_VERSION}: upgrade bench or use another --store")
         if version == 0:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            foreign = tables - {"runs", "cells", "sqlite_sequence"}
+            foreign = tables - {"runs", "cells", "rounds", "launches", "sqlite_sequence"}
             if foreign:
                 raise StoreError(f"{self.path} is an SQLite file of something else "
                                  f"(tables {', '.join(sorted(foreign))}), not a bench store")
@@ -176,6 +198,56 @@ class Store:
                 "INSERT INTO cells (run_id, key, status, created_at, record) VALUES (?, ?, ?, ?, ?)",
                 (run_id, _key_text(cell), status, _now().isoformat(timespec="seconds"), json.dumps(cell)))
         return int(cur.lastrowid)
+
+    def update_cell(self, row_id: int, cell: dict) -> None:
+        """Rewrite a stored cell record (the same attempt, after another launch landed)."""
+        status = cell.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"cell status {status!r} is not one of {', '.join(STATUSES)}")
+        with self.db:
+            cur = self.db.execute("UPDATE cells SET status = ?, record = ? WHERE id = ?",
+                                  (status, json.dumps(cell), row_id))
+        if cur.rowcount != 1:
+            raise StoreError(f"no stored cell with row id {row_id} in {self.path}")
+
+    def add_launch(self, run_id: str, key: str, round_: int, launch: dict) -> int:
+        """Store one finished launch (one process of one cell) and commit at once."""
+        status = launch.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"launch status {status!r} is not one of {', '.join(STATUSES)}")
+        self._require_run(run_id)
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO launches (run_id, key, round, status, created_at, record) VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, key, round_, status, _now().isoformat(timespec="seconds"), json.dumps(launch)))
+        return int(cur.lastrowid)
+
+    def add_round(self, run_id: str, round_: int, order: list[str], sentinel: dict | None) -> None:
+        """Record a round: the order it visits the cells in and the sentinel reading at its start."""
+        self._require_run(run_id)
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO rounds (run_id, round, started_at, cell_order, sentinel) VALUES (?, ?, ?, ?, ?)",
+                (run_id, round_, _now().isoformat(timespec="seconds"), json.dumps(order),
+                 None if sentinel is None else json.dumps(sentinel)))
+
+    def rounds(self, run_id: str) -> list[dict]:
+        run_id = self.resolve(run_id)
+        rows = self.db.execute("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
+        return [dict(round=r["round"], started_at=r["started_at"], order=json.loads(r["cell_order"]),
+                     sentinel=None if r["sentinel"] is None else json.loads(r["sentinel"])) for r in rows]
+
+    def launches(self, run_id: str) -> list[dict]:
+        """Every stored launch of a run, oldest first: key, round, status, record."""
+        run_id = self.resolve(run_id)
+        rows = self.db.execute("SELECT * FROM launches WHERE run_id = ? ORDER BY id", (run_id,))
+        return [dict(id=r["id"], key=r["key"], round=r["round"], status=r["status"],
+                     record=json.loads(r["record"])) for r in rows]
+
+    def latest_cells(self, run_id: str) -> dict[str, tuple[int, dict]]:
+        """key -> (row id, record) of the latest attempt of each cell of a run."""
+        run_id = self.resolve(run_id)
+        return {c["key"]: (c["id"], json.loads(c["record"])) for c in self.db.execute(_LATEST_CELLS, (run_id,))}
 
     def finish_run(self, run_id: str, status: str = "finished") -> None:
         if status not in RUN_STATUSES:
@@ -231,10 +303,12 @@ class Store:
         run_id = self.resolve(run_id)
         r = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         cells = [json.loads(c["record"]) for c in self.db.execute(_LATEST_CELLS, (run_id,))]
+        for c in cells:
+            c.setdefault("cell_id", cell_id(c))  # records stored before schema 2 lack it
         return dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], status=r["status"],
                     finished_at=r["finished_at"], fingerprint_id=r["fingerprint_id"],
                     fingerprint=json.loads(r["fingerprint"]), sweep=json.loads(r["sweep"]),
-                    sweep_key=r["sweep_key"], cells=cells)
+                    sweep_key=r["sweep_key"], rounds=self.rounds(run_id), cells=cells)
 
     def find_resumable(self, sweep_key: str, fingerprint_id: str) -> str | None:
         """The newest run of the same sweep on the same fingerprint, finished or not."""
@@ -243,16 +317,15 @@ class Store:
             " ORDER BY created_at DESC, rowid DESC LIMIT 1", (sweep_key, fingerprint_id)).fetchone()
         return None if row is None else row["run_id"]
 
-    def done_keys(self, run_id: str, retry: Iterable[str] = RETRY_ON_RESUME) -> set[tuple]:
-        """Keys (``bench.schema.cell_key``) of the cells a resume skips: those whose latest
-        attempt has a status not in ``retry``."""
+    def done_keys(self, run_id: str, retry: Iterable[str] = RETRY_ON_RESUME) -> set[str]:
+        """Keys (``bench.spec.cell_id``) of the cells whose latest attempt has a status not in
+        ``retry``: a resume does not try them again (it may still add launches to ok ones)."""
         run_id = self.resolve(run_id)
         retry = set(retry)
         unknown = retry - set(STATUSES)
         if unknown:
             raise ValueError(f"retry statuses {sorted(unknown)} are not among {', '.join(STATUSES)}")
-        return {tuple(json.loads(c["key"])) for c in self.db.execute(_LATEST_CELLS, (run_id,))
-                if c["status"] not in retry}
+        return {c["key"] for c in self.db.execute(_LATEST_CELLS, (run_id,)) if c["status"] not in retry}
 
 
 # -- export ------------------------------------------------------------------------------------

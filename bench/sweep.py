@@ -1,23 +1,36 @@
-"""The sweep: models x backends x precisions x batches x threads, one isolated cell at a time.
+"""The sweep: models x backends x precisions x batches x threads, in interleaved rounds of launches.
 
 ``Sweep`` is plain data parsed from the command line or a TOML file. ``plan`` expands it into
-cells, deciding up front which cannot run (backend unavailable, precision unsupported, not
-enough memory) so they are recorded as skipped with the reason instead of being tried.
-``execute`` runs the rest, each in its own process, and commits each record to the store
-the moment it finishes.
+typed cells (``bench.spec.CellSpec``), resolving each one's precision, device and roofline
+up front and deciding which cannot run (backend unavailable, precision unsupported, not
+enough memory), so they are stored as skipped with the reason instead of being tried.
+
+``run_sweep`` runs the rest in *rounds*. Each round visits every cell that still needs a
+launch once, in a fresh order drawn from the sweep's seed and the round number (stored with
+the round), and each visit is one *launch*: the cell in a fresh process (``bench.cell``).
+Interleaving is what makes a sweep reproduce: a machine that drifts over minutes slows a
+little of every cell instead of all of a few (Google Benchmark's ``--benchmark_enable_random_
+interleaving``, asv's A B C ... A' B' C' sampling). At the start of every round the drift
+sentinel (``bench.sentinel``) is read. Every launch is committed to the store the moment it
+finishes and the cell's record is derived again from its stored launches
+(``bench.records.cell_record``), so Ctrl-C or a crash loses nothing finished, and
+``--resume`` continues from the last stored launch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
-from bench.schema import cell_key
+from bench.records import cell_record, skipped_record
+from bench.spec import CellSpec
 
 GiB = 1024**3
 
@@ -84,13 +97,14 @@ class Sweep:
     threads: list[int | None] = field(default_factory=lambda: [None])  # None: the library default
     prompt_len: int = 32
     gen_len: int = 16
-    launches: int = 3  # fresh processes per cell; the interval spans their spread
+    launches: int = 3  # fresh processes per cell, one per round; the interval spans their spread
     timeout_s: float = 600.0
     budget_s: float = 20.0
     target_ci: float = 0.05
     parity: bool = True
     seed: int = 0
     checkpoint: bool = False  # models are checkpoint directories
+    planted_delay: float = 0.0  # testing aid: every step made this fraction slower (see PlantedDelay)
 
     def key(self) -> str:
         """Identifies the sweep for --resume."""
@@ -103,7 +117,8 @@ class Sweep:
 TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions", "batch": "batches",
              "threads": "threads", "prompt_len": "prompt_len", "gen_len": "gen_len",
              "timeout": "timeout_s", "budget": "budget_s", "target_ci": "target_ci", "parity": "parity",
-             "seed": "seed", "checkpoint": "checkpoint", "launches": "launches"}
+             "seed": "seed", "checkpoint": "checkpoint", "launches": "launches",
+             "planted_delay": "planted_delay"}
 
 
 def load_toml(path: str | Path) -> dict:
@@ -128,26 +143,16 @@ def load_toml(path: str | Path) -> dict:
 # -- planning -------------------------------------------------------------------------------
 
 
-@dataclass
-class Cell:
-    spec: dict  # a bench.measure.CellSpec as a dict
+@dataclass(frozen=True)
+class Planned:
+    """A cell of the plan: its spec, and why it cannot run (empty when it can)."""
+
+    spec: CellSpec
     skip_reason: str = ""
 
     @property
-    def identity(self) -> dict:
-        s = self.spec
-        return dict(model=s["model"], backend=s["backend"], precision=s["precision"],
-                    device=s.get("device") or "cpu", batch=s["batch"], threads=s["threads"],
-                    prompt_len=s["prompt_len"], gen_len=s["gen_len"])
-
-    @property
-    def key(self) -> tuple:
-        return cell_key(self.identity)
-
-    def label(self) -> str:
-        i = self.identity
-        t = "default" if i["threads"] is None else i["threads"]
-        return f"{i['model']} {i['backend']}/{i['precision']} batch {i['batch']} threads {t}"
+    def key(self) -> str:
+        return self.spec.id
 
 
 def model_config(name: str, checkpoint: bool):
@@ -181,13 +186,29 @@ def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_le
     return fp32 + converted + export + 2 * kv + activations + reference + runtime
 
 
-def plan(sweep: Sweep, probes: dict, roofline: dict | None, available_bytes: int | None = None) -> list[Cell]:
-    """Every cell of the sweep, the ones that cannot run marked with the reason."""
+Roofline = Callable[[str, "int | None", "tuple[str, ...]"], "dict | None"]
+
+
+def default_precisions(cls, isa: dict | None) -> list[str]:
+    """A backend's default precision and the reduced precisions it runs natively on this CPU,
+    so a machine with native bf16 (AVX-512 BF16, AMX) has its fastest setting in the default sweep."""
+    native = cls.native_precisions(isa or {}) if hasattr(cls, "native_precisions") else ()
+    return list(dict.fromkeys([cls.default_precision, *native]))
+
+
+def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available_bytes: int | None = None,
+         isa: dict | None = None) -> list[Planned]:
+    """Every cell of the sweep, typed and resolved, the ones that cannot run marked with the reason.
+
+    ``probes``: backend name -> Probe. ``roofline(device, threads, precisions)``: the bound of
+    one device at one thread count (``bench.roofline.roofline_for``), or None: the cells get
+    none. ``isa``: the CPU's ISA flags, which pick the default reduced precisions.
+    """
     from backends import registry
     from backends.base import UnsupportedPrecision
 
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
-    cells = []
+    cells: list[Planned] = []
     for model in sweep.models:
         config = model_config(model, sweep.checkpoint)
         seq_len = sweep.prompt_len + sweep.gen_len
@@ -196,70 +217,199 @@ def plan(sweep: Sweep, probes: dict, roofline: dict | None, available_bytes: int
                              f"{config.block_size}")
         for backend in sweep.backends:
             cls = registry.get_backend_class(backend)
-            for precision in sweep.precisions or [cls.default_precision]:
+            probe = probes[backend]
+            for precision in sweep.precisions or default_precisions(cls, isa):
                 for batch in sweep.batches:
                     for threads in sweep.threads:
-                        spec = dict(model=model, backend=backend, precision=precision, batch=batch,
-                                    threads=threads, prompt_len=sweep.prompt_len, gen_len=sweep.gen_len,
-                                    device=None, seed=sweep.seed, checkpoint=sweep.checkpoint,
-                                    budget_s=sweep.budget_s, target_ci=sweep.target_ci,
-                                    parity_steps=8 if sweep.parity else 0, roofline=roofline)
-                        cell = Cell(spec)
-                        probe = probes[backend]
+                        spec = CellSpec(model=model, backend=backend, precision=precision,
+                                        device=cls.default_device(), batch=batch, threads=threads,
+                                        prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
+                                        checkpoint=sweep.checkpoint, budget_s=sweep.budget_s,
+                                        target_ci=sweep.target_ci, parity_steps=8 if sweep.parity else 0,
+                                        planted_delay=sweep.planted_delay)
+                        reason = ""
                         if not probe.available:
-                            cell.skip_reason = f"backend unavailable: {probe.reason}" + (
+                            reason = f"backend unavailable: {probe.reason}" + (
                                 f" (fix: {probe.fix})" if probe.fix else "")
                         else:
                             try:
                                 cls.check_precision(precision)
                             except UnsupportedPrecision as e:
-                                cell.skip_reason = str(e)
-                        if not cell.skip_reason:
+                                reason = str(e)
+                        if not reason:
                             need = estimate_peak_bytes(config, backend, precision, batch, seq_len,
                                                        sweep.prompt_len, sweep.parity)
                             if need > 0.85 * available:
-                                cell.skip_reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds 85% "
-                                                    f"of the {available / GiB:.1f} GiB available")
-                        cells.append(cell)
+                                reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds 85% "
+                                          f"of the {available / GiB:.1f} GiB available")
+                        cells.append(Planned(spec, reason))
+    if roofline is not None:
+        cells = _attach_rooflines(cells, roofline)
     return cells
 
 
-def record_for(cell: Cell, result: dict, n_params: int | None) -> dict:
-    """The stored record: identity first, then what the cell process measured."""
-    record = dict(cell.identity, n_params=n_params)
-    record.update(result)
-    record.setdefault("reason", "")
-    return record
+def _attach_rooflines(cells: list[Planned], roofline: Roofline) -> list[Planned]:
+    """Each runnable cell gets the roofline of its own device and thread count, measured once each."""
+    from dataclasses import replace
 
-
-def skipped_record(cell: Cell, n_params: int) -> dict:
-    return record_for(cell, dict(status="skipped", reason=cell.skip_reason), n_params)
+    wanted: dict[tuple, set] = {}
+    for c in cells:
+        if not c.skip_reason:
+            wanted.setdefault((c.spec.device, c.spec.threads), set()).add(c.spec.precision)
+    measured = {k: roofline(k[0], k[1], tuple(sorted(p))) for k, p in wanted.items()}
+    return [c if c.skip_reason else Planned(replace(c.spec, roofline=measured[(c.spec.device, c.spec.threads)]))
+            for c in cells]
 
 
 def field_names() -> list[str]:
     return [f.name for f in fields(Sweep)]
 
 
-def execute(cells: list[Cell], store, run_id: str, timeout_s: float, done_keys: set = frozenset(),
-            on_start=None, on_done=None, launches: int = 1) -> list[dict]:
-    """Run the cells in order, each ``launches`` times in fresh processes; commit every record as it lands."""
-    from bench.cell import run_launches
+# -- running ----------------------------------------------------------------------------------
 
-    records = []
-    for cell in cells:
-        if cell.key in done_keys:
-            continue
-        config = model_config(cell.spec["model"], cell.spec["checkpoint"])
-        if on_start:
-            on_start(cell)
-        t = time.perf_counter()
-        if cell.skip_reason:
-            record = skipped_record(cell, config.n_params)
-        else:
-            record = record_for(cell, run_launches(cell.spec, timeout_s, launches), config.n_params)
-        record.setdefault("wall_s", time.perf_counter() - t)
-        store.add_cell(run_id, record)
-        records.append(record)
-        if on_done:
-            on_done(cell, record)
-    return records
+
+@dataclass
+class _CellState:
+    """Where one runnable cell stands in a run: its attempt, its launches so far, its stored row."""
+
+    planned: Planned
+    attempt: int = 0
+    launches: list[dict] = field(default_factory=list)  # this attempt's launch records, in order
+    row_id: int | None = None
+
+    @property
+    def ok(self) -> int:
+        return sum(r["status"] == "ok" for r in self.launches)
+
+    @property
+    def failed(self) -> bool:
+        return any(r["status"] != "ok" for r in self.launches)
+
+
+@dataclass
+class Events:
+    """Callbacks the CLI uses to show progress; all optional."""
+
+    on_round: Callable[[int, list[Planned], dict | None], None] | None = None
+    on_launch_start: Callable[[Planned, int, int], None] | None = None  # cell, round, launch number
+    on_launch_done: Callable[[Planned, dict, dict], None] | None = None  # cell, launch, cell record
+
+
+def round_order(cells: list[Planned], seed: int, round_: int) -> list[Planned]:
+    """The cells in the seeded random order of one round: the same seed and round, the same order."""
+    order = sorted(cells, key=lambda c: c.key)
+    random.Random(f"{seed}/round/{round_}").shuffle(order)
+    return order
+
+
+def _resume_state(store, run_id: str, states: dict[str, _CellState]) -> int:
+    """Load the stored launches of a run into ``states``; returns the next round number.
+
+    A cell whose latest attempt failed starts a new attempt (its stored launches stay in the
+    store, kept out of the new record); an ok cell keeps its launches and gets the rest.
+    """
+    latest = store.latest_cells(run_id)
+    for key, (row_id, record) in latest.items():
+        if key in states:
+            state = states[key]
+            state.row_id = row_id
+            state.attempt = record.get("attempt", 0)
+    for launch in store.launches(run_id):
+        state = states.get(launch["key"])
+        if state is not None and launch["record"].get("attempt", 0) == state.attempt:
+            state.launches.append(launch["record"])
+    for state in states.values():
+        if state.failed:
+            state.attempt += 1
+            state.launches, state.row_id = [], None
+    rounds = store.rounds(run_id)
+    return rounds[-1]["round"] + 1 if rounds else 0
+
+
+def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline: Roofline | None = None,
+              name: str | None = None, resume: bool = False, events: Events | None = None,
+              sentinel: Callable[[int | None], dict] | None = None, timeout_s: float | None = None) -> str:
+    """Plan the sweep, store it and run it in interleaved rounds; returns the run id.
+
+    ``probes``: backend name -> Probe (unavailable backends become skipped cells with the
+    reason). ``fingerprint``: the environment (``bench.machine.fingerprint()``), stored with the
+    run; its ISA picks the default reduced precisions. ``roofline``: see ``plan``.
+    ``sentinel(threads) -> reading``: the drift sentinel (default ``bench.sentinel.read``).
+    A KeyboardInterrupt marks the run interrupted and propagates; every finished launch is stored.
+    """
+    from bench.cell import run_cell
+    from bench.machine import fingerprint_id
+
+    events = events or Events()
+    if sentinel is None:
+        from bench.sentinel import read as sentinel
+    cells = plan(sweep, probes, roofline, isa=(fingerprint.get("cpu") or {}).get("isa"))
+    fingerprint = dict(fingerprint, **_rooflines(cells))
+    run_id = store.find_resumable(sweep.key(), fingerprint_id(fingerprint)) if resume else None
+    if run_id is None:
+        run_id = store.create_run(fingerprint, dict(sweep.to_dict(), sweep_key=sweep.key()), name=name)
+    else:
+        store.reopen_run(run_id)
+    states = {c.key: _CellState(c) for c in cells if not c.skip_reason}
+    next_round = _resume_state(store, run_id, states) if resume else 0
+    stored = store.latest_cells(run_id)
+    for c in cells:
+        if c.skip_reason and c.key not in stored:
+            store.add_cell(run_id, skipped_record(c.spec, c.skip_reason, _n_params(c.spec)))
+    sentinel_threads = max((t for t in sweep.threads if t), default=None)
+    round_ = next_round
+    try:
+        while True:
+            todo = [s.planned for s in states.values() if not s.failed and s.ok < sweep.launches]
+            if not todo:
+                break
+            order = round_order(todo, sweep.seed, round_)
+            reading = dict(sentinel(sentinel_threads), round=round_)
+            store.add_round(run_id, round_, [c.key for c in order], reading)
+            if events.on_round:
+                events.on_round(round_, order, reading)
+            for cell in order:
+                state = states[cell.key]
+                number = state.ok + 1
+                if events.on_launch_start:
+                    events.on_launch_start(cell, round_, number)
+                spec = cell.spec if state.ok == 0 else cell.spec.later_launch()
+                launch = run_cell(spec.to_dict(), timeout_s or sweep.timeout_s)
+                launch.update(round=round_, attempt=state.attempt, sentinel=reading)
+                store.add_launch(run_id, cell.key, round_, launch)
+                state.launches.append(launch)
+                record = cell_record(cell.spec, state.launches, sweep.launches, _n_params(cell.spec))
+                record["attempt"] = state.attempt
+                if state.row_id is None:
+                    state.row_id = store.add_cell(run_id, record)
+                else:
+                    store.update_cell(state.row_id, record)
+                if events.on_launch_done:
+                    events.on_launch_done(cell, launch, record)
+            round_ += 1
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted")
+        raise
+    store.finish_run(run_id, "finished")
+    return run_id
+
+
+def _rooflines(cells: list[Planned]) -> dict:
+    """The rooflines the cells were bounded by, for the run's record: ``rooflines`` maps
+    "device/threads=N" to each; ``roofline`` is the CPU's at the most threads (the one a report
+    shows in its environment lines)."""
+    found = {}
+    for c in cells:
+        if c.spec.roofline:
+            t = "default" if c.spec.threads is None else c.spec.threads
+            found[f"{c.spec.device}/threads={t}"] = c.spec.roofline
+    cpu = [c.spec for c in cells if c.spec.roofline and c.spec.device == "cpu"]
+    top = max(cpu, key=lambda s: s.threads or 0, default=None)
+    return dict(rooflines=found, roofline=top.roofline if top else None)
+
+
+def _n_params(spec: CellSpec) -> int | None:
+    try:
+        return model_config(spec.model, spec.checkpoint).n_params
+    except (OSError, ValueError):  # an unreadable checkpoint: the cell's own launch says why
+        return None

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.schema import CELL_FIELDS, STAT_KEYS, cell_key
+from bench.schema import CELL_FIELDS, STAT_KEYS
+from bench.spec import cell_id as cell_key
 from bench.store import (DEFAULT_STORE, SCHEMA_VERSION, Store, StoreError, UnknownRun, export_csv,
                          export_json, sweep_key)
 
@@ -34,6 +35,7 @@ def make_cell(backend="eager", batch=1, status="ok", **extra):
                 samples=dict(ttft_ms=[2.0, 2.1, 1.9], tpot_ms=[1.0, 1.1, 0.9]),
                 backend_info=dict(providers=["CPUExecutionProvider"]))
     cell.update(extra)
+    cell["cell_id"] = cell_key(cell)  # every record the harness writes carries its identity
     return cell
 
 
@@ -208,7 +210,7 @@ def test_export_csv_columns(store):
     run = store.get_run(run_id)
     rows = list(csv.DictReader(io.StringIO(export_csv(run))))
     header = list(rows[0])
-    assert header[:3] == ["run_id", "fingerprint_id", "backend"]
+    assert header[:4] == ["run_id", "fingerprint_id", "cell_id", "backend"]
     assert [f"ttft_ms_{k}" for k in STAT_KEYS] == header[header.index("ttft_ms_median"):][:len(STAT_KEYS)]
     assert "parity_max_abs_logit_diff" in header and "parity_tolerance_min_token_agreement" in header
     assert "samples" not in header and not any(h.startswith("samples") for h in header)

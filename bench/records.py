@@ -1,0 +1,134 @@
+"""From launches to the cell record: merge the launches of a cell, then derive its metrics, once.
+
+A cell runs in several launches (fresh processes, one per round of the sweep). Each launch
+leaves a *launch record* in the store: its raw samples, grouped by generation, and what that
+process saw (memory, load time, backend details). The *cell record* that reports and
+``bench compare`` read is always derived from the stored launches by ``cell_record``:
+
+- ``merge`` puts the launches' samples side by side (launches > generations > steps), keeps
+  the cold facts of the first launch (load time, first call, parity, KV-cache size, backend
+  details) and the largest memory reading of any launch;
+- ``derive`` computes every statistic and rate from those samples: the median and the
+  hierarchical bootstrap interval of each latency (``bench.stats.summarize_nested``), the
+  token rates, and the roofline fraction against the cell's own device and thread count.
+
+Nothing else computes these numbers, so a merged record, a resumed one and a fixture built
+for the report tests all come out of the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from bench import stats
+from bench.spec import CellSpec, cell_id
+
+SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
+# Facts of the cell, not of the process: taken from the first launch that measured them.
+COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "first_call_ms", "weights_mb",
+               "kv_cache_mb", "parity", "backend_info")
+MAX_FIELDS = ("peak_rss_mb", "model_mb", "device_peak_mb")
+
+
+def merge(launches: list[dict]) -> dict:
+    """One record of raw facts from the ok launch records of one cell, in launch order."""
+    if not launches:
+        raise ValueError("no launches to merge: a cell record needs at least one ok launch")
+    bad = [r.get("status") for r in launches if r.get("status", "ok") != "ok"]
+    if bad:
+        raise ValueError(f"only ok launches merge; got status {bad[0]!r}")
+    merged: dict = {}
+    for name in COLD_FIELDS:
+        merged[name] = next((r[name] for r in launches if r.get(name) is not None), None)
+    for name in MAX_FIELDS:
+        values = [r[name] for r in launches if r.get(name) is not None]
+        merged[name] = max(values) if values else None
+    merged["samples"] = {k: [r["samples"][k] for r in launches] for k in SAMPLE_KINDS}
+    merged["launches"] = len(launches)
+    merged["launch_rounds"] = [r.get("round") for r in launches]
+    merged["warmup_reps"] = sum(r.get("warmup_reps", 0) for r in launches)
+    merged["warmup_settled"] = all(r.get("warmup_settled", False) for r in launches)
+    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in launches)
+    return merged
+
+
+def derive(record: dict, spec: CellSpec) -> dict:
+    """The record with every statistic and rate computed from its samples (in place, and returned)."""
+    samples = record["samples"]
+    ttft = stats.per_generation(samples["ttft_ms"])
+    e2e = stats.per_generation(samples["e2e_ms"])
+    has_steps = spec.gen_len > 1 and all(g for launch in samples["tpot_ms"] for g in launch)
+    record["ttft_ms"] = stats.summarize_nested(ttft)
+    record["tpot_ms"] = stats.summarize_nested(samples["tpot_ms"]) if has_steps else None
+    record["launch_medians"] = {
+        "ttft_ms": [stats.nested_median(stats.per_generation([launch])) for launch in samples["ttft_ms"]],
+        "tpot_ms": [stats.nested_median([launch]) for launch in samples["tpot_ms"]] if has_steps else None,
+    }
+    record["launch_sizes"] = {k: [len(launch) for launch in samples[k]] for k in SAMPLE_KINDS}
+    batch = spec.batch
+    record["prefill_tok_s"] = batch * spec.prompt_len / (record["ttft_ms"]["median"] / 1e3)
+    record["decode_tok_s"] = batch / (record["tpot_ms"]["median"] / 1e3) if has_steps else None
+    record["e2e_tok_s"] = batch * spec.gen_len / (stats.nested_median(e2e) / 1e3)
+    record.update(roofline_fields(record, spec))
+    return record
+
+
+def roofline_fields(record: dict, spec: CellSpec) -> dict:
+    """The decode bound of the cell's own device and thread count, and the share of it achieved.
+
+    A cell without a roofline for its device (a GPU nobody measured) gets none, never the CPU's.
+    """
+    out = dict(roofline_decode_tok_s=None, roofline_fraction=None, roofline_bound=None)
+    if not spec.roofline or not record.get("decode_tok_s"):
+        return out
+    from bench.roofline import decode_bound  # arithmetic only; measured by the parent at plan time
+    from bench.sweep import model_config
+
+    config = model_config(spec.model, spec.checkpoint)
+    past = spec.prompt_len + spec.gen_len // 2  # the mean cache length over the decode steps
+    bound = decode_bound(config, spec.batch, past, record.get("precision") or spec.precision, spec.roofline)
+    if not bound:
+        return out
+    out["roofline_decode_tok_s"] = bound["roofline_decode_tok_s"]
+    out["roofline_bound"] = bound["bound"]
+    out["roofline_fraction"] = record["decode_tok_s"] / bound["roofline_decode_tok_s"]
+    return out
+
+
+def identity_fields(spec: CellSpec) -> dict:
+    """The record's leading fields: its identity, its id and how it was measured."""
+    return dict(spec.identity(), cell_id=spec.id, planted_delay=spec.planted_delay)
+
+
+def cell_record(spec: CellSpec, launches: list[dict], planned: int, n_params: int | None = None) -> dict:
+    """The cell's record from all its stored launch records (any status), in launch order.
+
+    ok when every launch so far was ok; otherwise the status and reason of the first launch
+    that was not, its earlier ok launches still merged so nothing measured is lost.
+    """
+    ok = [r for r in launches if r.get("status") == "ok"]
+    failed = next((r for r in launches if r.get("status") != "ok"), None)
+    record = identity_fields(spec)
+    record["n_params"] = n_params
+    if ok:
+        record.update(merge(ok))
+        derive(record, spec)
+    record["launches_planned"] = planned
+    if failed is None:
+        record.update(status="ok", reason="")
+    else:
+        index = launches.index(failed) + 1
+        record.update(status=failed["status"],
+                      reason=f"launch {index} of {planned}: {failed.get('reason') or 'no reason recorded'}")
+        if failed.get("traceback"):
+            record["traceback"] = failed["traceback"]
+    if record.get("n_params") is None:
+        record["n_params"] = n_params
+    record.update(spec.identity())  # what was planned, whatever a backend calls its device
+    return record
+
+
+def skipped_record(spec: CellSpec, reason: str, n_params: int | None) -> dict:
+    return dict(identity_fields(spec), n_params=n_params, status="skipped", reason=reason, launches=0)
+
+
+def is_record(record: dict) -> bool:
+    return isinstance(record, dict) and record.get("cell_id") == cell_id(record)

@@ -1,0 +1,91 @@
+"""What one benchmark cell is: the typed spec that travels from the plan to the stored record.
+
+A *cell* is one point of a sweep: model x backend x precision x device x batch x threads x
+lengths. The planner resolves everything a cell's identity depends on before anything runs
+(the backend's default precision, its device), so the spec that runs, the launches it
+leaves in the store and the merged record all carry the same identity, and ``--resume`` and
+``bench compare`` match cells by it. ``cell_id`` is the one identity function: every stored
+record carries its result as ``record["cell_id"]``, so readers (``reports/``) match cells
+without knowing which fields make the identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+# The identity of a cell: two cells with equal identity measure the same thing.
+IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads", "prompt_len", "gen_len")
+
+
+def cell_id(record: dict) -> str:
+    """The identity of a cell (a spec or a record) as a string: equal strings, same cell."""
+    return json.dumps([record.get(f) for f in IDENTITY_FIELDS])
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything a cell process needs, JSON-ready (it crosses a process boundary)."""
+
+    # identity: resolved by the planner, never None for precision and device
+    model: str  # a preset name, or a checkpoint directory
+    backend: str
+    precision: str
+    device: str
+    batch: int = 1
+    threads: int | None = None  # None: the libraries' own default
+    prompt_len: int = 32
+    gen_len: int = 16
+    # how it is measured
+    seed: int = 0
+    checkpoint: bool = False  # model is a checkpoint directory
+    min_warmup: int = 1
+    max_warmup: int = 5
+    min_reps: int = 5  # generations per launch at least: fewer leave the within-launch spread unknown
+    max_reps: int = 30
+    target_ci: float = 0.05  # a launch stops when its 95% interval of the median tpot is this narrow
+    budget_s: float = 20.0  # time for one launch's measured generations
+    parity_steps: int = 8  # 0: no parity check (later launches, --no-parity)
+    measure_kv: bool = True  # size the KV cache after a full generation (later launches skip it)
+    planted_delay: float = 0.0  # testing aid: each step also spins for this fraction of its own time
+    roofline: dict | None = None  # the bandwidth and peaks that bound this cell (its device and threads)
+    options: dict = field(default_factory=dict)  # backend options
+
+    def __post_init__(self):
+        for name in ("batch", "prompt_len", "gen_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be a positive integer or None")
+        if not 0.0 <= self.planted_delay < 10.0:
+            raise ValueError(f"planted_delay={self.planted_delay!r} must be a fraction in [0, 10)")
+
+    @property
+    def id(self) -> str:
+        return cell_id(asdict(self))
+
+    def identity(self) -> dict:
+        return {f: getattr(self, f) for f in IDENTITY_FIELDS}
+
+    def label(self) -> str:
+        threads = "default" if self.threads is None else self.threads
+        model = self.model.rstrip("/").rsplit("/", 1)[-1] if self.checkpoint else self.model
+        device = "" if self.device == "cpu" else f" on {self.device}"
+        return f"{model} {self.backend}/{self.precision}{device} batch {self.batch} threads {threads}"
+
+    def later_launch(self) -> CellSpec:
+        """The spec of a launch after the cell's first: parity and the KV-cache size are
+        properties of the cell, not of the process, so they are measured once."""
+        return replace(self, parity_steps=0, measure_kv=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CellSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"cell spec has unknown fields: {', '.join(unknown)}")
+        return cls(**d)
