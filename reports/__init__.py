@@ -2,13 +2,14 @@
 
     render_markdown(runs) -> str        GitHub-flavoured Markdown, for an issue
     render_html(runs) -> str            one self-contained page with inline SVG charts
-    compare_runs(base, new) -> Comparison, with compare_markdown / compare_table to show it
+    compare_markdown(comparison) -> str, compare_table(comparison) -> rich Table: a
+        ``bench.compare.Comparison`` of two runs, drawn
 
 The content both reports share (sections, tables, number formatting) is in ``reports.format``.
 """
 
-from reports.compare import Comparison, compare_markdown, compare_runs, compare_table
+from reports.compare import compare_markdown, compare_table
 from reports.html import render_html
 from reports.markdown import render_markdown
 
-__all__ = ["Comparison", "compare_markdown", "compare_runs", "compare_table", "render_html", "render_markdown"]
+__all__ = ["compare_markdown", "compare_table", "render_html", "render_markdown"]

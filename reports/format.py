@@ -5,8 +5,9 @@ Markdown and the HTML report always show the same numbers. Everything is a pure 
 run records; nothing here measures, imports torch or touches the store.
 
 Runs that share a ``fingerprint_id`` (same machine, libraries and code) are merged into one
-``Machine``; when two of them hold the same cell (``bench.schema.cell_key``), the later run's
-cell wins, as after ``--resume``. Cells from different fingerprints are never put in one table.
+``Machine``; when two of them hold the same cell (the same ``cell_id``, which every stored
+record carries), the later run's cell wins, as after ``--resume``. Cells from different
+fingerprints are never put in one table.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-
-from bench.schema import cell_key
 
 DASH = "—"
 
@@ -26,8 +25,11 @@ HOW_TO_READ = (
     "time to first token (the prefill of the whole batch); memory is the peak resident memory of "
     "the cell's process; \"roof\" is the share of the decode rate the memory-bandwidth or compute "
     "bound allows; parity ✓/✗ is the check against eager fp32 with its top-1 token agreement "
-    "(— where not checked: eager fp32 is the reference). The best configuration is the fastest "
-    "decode among cells whose parity check passed."
+    "(\"reference\" for eager fp32 itself, — where not checked). Each cell ran in several fresh "
+    "processes (launches), one per round of the sweep, in a random order per round; its interval is "
+    "a hierarchical bootstrap that resamples launches, then whole generations, so it spans the "
+    "spread between processes and never treats the steps of one generation as independent. The "
+    "best configuration is the fastest decode among cells whose parity check passed."
 )
 
 
@@ -87,6 +89,29 @@ def params(n: int | None) -> str:
 
 # --- reading cells -----------------------------------------------------------------------------
 
+def cell_id(cell: dict) -> str:
+    """The cell's identity, as the harness stored it with the record."""
+    try:
+        return cell["cell_id"]
+    except (KeyError, TypeError):
+        raise ValueError(f"record {str(cell)[:80]!r} has no cell_id; is it a stored bench record?") from None
+
+
+def flat_samples(cell: dict, kind: str) -> list[float]:
+    """Every raw sample of one kind, however the record nests them (launches > generations > steps)."""
+    out: list[float] = []
+
+    def walk(x):
+        if isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif _finite(x):
+            out.append(float(x))
+
+    walk((cell.get("samples") or {}).get(kind) or [])
+    return out
+
+
 def is_ok(cell: dict) -> bool:
     return cell.get("status") == "ok"
 
@@ -120,10 +145,18 @@ def decode_text(cell: dict) -> str:
     return interval(cell.get("decode_tok_s"), *decode_interval(cell))
 
 
+def is_reference(cell: dict) -> bool:
+    """Eager fp32: the reference every parity check compares against."""
+    p = cell.get("parity")
+    return isinstance(p, dict) and bool(p.get("reference"))
+
+
 def parity_text(cell: dict) -> str:
     p = cell.get("parity")
     if not isinstance(p, dict):
         return DASH
+    if p.get("reference"):
+        return "reference"
     return f"{'✓' if p.get('passed') else '✗'} {pct(p.get('token_agreement'))}"
 
 
@@ -197,7 +230,7 @@ def group_runs(runs: list[dict]) -> list[Machine]:
         merged: dict[tuple, dict] = {}
         for r in group:
             for c in r["cells"]:
-                merged[cell_key(c)] = c
+                merged[cell_id(c)] = c
         machines.append(Machine(fp_id, group[-1].get("fingerprint") or {},
                                 tuple({k: v for k, v in r.items() if k != "cells"} for r in group),
                                 tuple(sorted(merged.values(), key=sort_key))))
@@ -482,6 +515,52 @@ def all_cells_table(machine: Machine) -> Table:
                  caption="Every cell; medians, with the coefficient of variation of the time per token")
 
 
+def sentinel_rows(machine: Machine) -> list[dict]:
+    """Every drift-sentinel reading of the machine's runs: run, round, time and the readings."""
+    out = []
+    for r in machine.runs:
+        for rnd in r.get("rounds") or []:
+            s = rnd.get("sentinel") or {}
+            if _finite(s.get("decode_ms")) or _finite(s.get("gemv_gb_s")):
+                out.append(dict(run=str(r.get("run_id")), round=rnd.get("round"), at=str(s.get("at") or ""),
+                                decode_ms=s.get("decode_ms"), gemv_gb_s=s.get("gemv_gb_s")))
+    return out
+
+
+def spread(values: list) -> float | None:
+    """(largest - smallest) / median of the finite values: how far a series moved."""
+    xs = sorted(v for v in values if _finite(v))
+    if len(xs) < 2 or xs[len(xs) // 2] <= 0:
+        return None
+    return (xs[-1] - xs[0]) / xs[len(xs) // 2]
+
+
+def drift_table(machine: Machine) -> Table | None:
+    rows_ = sentinel_rows(machine)
+    if not rows_:
+        return None
+    out = tuple((text(r["run"]), number(r["round"], str(r["round"] + 1) if r["round"] is not None else DASH),
+                 text(r["at"]), number(r["decode_ms"], f"{r['decode_ms']:.3f}" if _finite(r["decode_ms"]) else DASH),
+                 number(r["gemv_gb_s"])) for r in rows_)
+    return Table("drift", ("run", "round", "read at", "decode step ms", "gemv GB/s"), out,
+                 (False, True, False, True, True),
+                 caption="The drift sentinel, read at the start of every round, before the round's launches")
+
+
+def drift_text(machine: Machine) -> str:
+    rows_ = sentinel_rows(machine)
+    if not rows_:
+        return ("No drift-sentinel readings were stored with these runs (they predate it), so how much "
+                "the machine drifted during them is unknown.")
+    d, g = spread([r["decode_ms"] for r in rows_]), spread([r["gemv_gb_s"] for r in rows_])
+    moved = ", ".join(f"{name} moved {pct(v, 1)} (largest − smallest, over the median)"
+                      for name, v in (("the sentinel's decode step", d), ("its gemv bandwidth", g)) if v is not None)
+    return ("A fixed small workload (a decode step of the small preset, and a memory-bound gemv) is read "
+            "at the start of every round. Rounds visit the cells in a fresh random order, so drift lands on "
+            "every cell alike rather than on a few; each launch records its round's reading. "
+            + (f"Over these runs {moved}." if moved else "Only one reading was taken."))
+
+
 def sections(machine: Machine) -> list[Section]:
     """The report of one machine, in reading order."""
     names = models(list(machine.cells))
@@ -506,6 +585,9 @@ def sections(machine: Machine) -> list[Section]:
                        "Peak resident memory of the cell process (the runtime itself included) and "
                        "the bytes of the weights as the backend holds them." if memory.rows else nothing,
                        (memory,) if memory.rows else ()))
+    drift = drift_table(machine)
+    out.append(Section("drift", "Machine drift during the run", drift_text(machine),
+                       (drift,) if drift is not None else ()))
     problems = [t for t in (parity_table(machine), problems_table(machine)) if t is not None]
     out.append(Section("did-not-pass", "Cells that did not pass",
                        "Parity failures ran to the end but gave different answers from eager fp32; "

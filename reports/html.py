@@ -17,8 +17,8 @@ from html import escape
 from reports import charts
 from reports.charts import Series
 from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval,
-                            environment, group_runs, is_ok, label, median, models, num,
-                            parity_passed, sections, thread_counts, threads_label)
+                            environment, flat_samples, group_runs, is_ok, label, median, models, num,
+                            parity_passed, sections, sentinel_rows, thread_counts, threads_label)
 
 CSS = """
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --accent:#4e79a7;
@@ -179,7 +179,7 @@ def tpot_boxes(m: Machine, model: str, pal: dict[str, str]) -> str | None:
     if not best:
         return None
     batch = min(k[3] for k in best)
-    groups = [(label(c), list((c.get("samples") or {}).get("tpot_ms") or []), pal[label(c)])
+    groups = [(label(c), flat_samples(c, "tpot_ms"), pal[label(c)])
               for k, c in sorted(best.items(), key=lambda kv: label(kv[1])) if k[3] == batch]
     if not any(g[1] for g in groups):
         return None
@@ -295,6 +295,33 @@ def roofline(m: Machine, pal: dict[str, str]) -> str | None:
                                 "each model and batch, fastest thread count")
 
 
+def drift_chart(m: Machine) -> str | None:
+    """The sentinel readings over the rounds, each relative to its run's first reading."""
+    rows = sentinel_rows(m)
+    series = []
+    colours = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948")
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    for i, run in enumerate(runs):
+        mine = [r for r in rows if r["run"] == run and r["round"] is not None]
+        for kind, name, invert in (("decode_ms", "decode step", False), ("gemv_gb_s", "gemv", True)):
+            pts = [(r["round"] + 1, r[kind]) for r in mine if isinstance(r[kind], (int, float)) and r[kind] > 0]
+            if len(pts) < 2:
+                continue
+            first = pts[0][1]
+            # as a slowdown: > 1 means the machine was slower than at the run's first reading
+            rel = tuple((x, first / y if invert else y / first) for x, y in pts)
+            series.append(Series(f"{name} · {run}" if len(runs) > 1 else name, rel,
+                                 colours[(2 * i + invert) % len(colours)], dashed=invert,
+                                 tips=tuple(f"{name}, round {x}: ×{v:.3f}" for x, v in rel)))
+    if not series:
+        return None
+    rounds = sorted({x for s in series for x, _ in s.points})
+    return charts.xy_chart("Machine drift: the sentinel over the rounds", series, x_label="round",
+                           y_label="slowdown vs the first round", y_zero=False,
+                           x_ticks=[(r, str(r)) for r in rounds],
+                           note="above 1: the machine ran the fixed workload slower than in round 1")
+
+
 def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
     if s.id.startswith("model-"):
         model = next(n for n in models(list(m.cells)) if f"model-{n}" == s.id)
@@ -303,6 +330,8 @@ def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
         made = [thread_scaling(m, n, pal) for n in models(list(m.cells))]
     elif s.id == "memory":
         made = [memory_vs_size(m, pal), roofline(m, pal)]
+    elif s.id == "drift":
+        made = [drift_chart(m)]
     else:
         made = []
     return [c for c in made if c is not None]

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.schema import cell_key
+from bench.compare import FASTER, NOT_COMPARABLE, SAME, SLOWER, compare_runs
+from bench.spec import cell_id as cell_key
+from bench.stats import nested_ratio_ci
 from reports import charts
-from reports.compare import (FASTER, NOT_COMPARABLE, SAME, SLOWER, compare_markdown, compare_runs,
-                             compare_table)
+from reports.compare import compare_markdown, compare_table
 from reports.format import group_runs, sections
 from reports.html import render_html
 from reports.markdown import render_markdown
@@ -238,9 +239,11 @@ def test_degenerate_runs_render(run_a):
     for c in skipped["cells"]:
         c.update(status="skipped", reason="no device", decode_tok_s=None, tpot_ms=None, ttft_ms=None,
                  samples=None, parity=None, peak_rss_mb=None)
+    skipped["rounds"] = []
     md, page = render_markdown([skipped]), Page(render_html([skipped]))
     assert md.count("No cell ran to the end") == 2 and "Best configuration" not in md_tables(md)
     assert page.svgs == [] and "no device" in md
+    assert "how much the machine drifted during them is unknown" in md
     # one model, one batch, the library's default thread count, no raw samples
     minimal = copy.deepcopy(run_a)
     minimal["cells"] = [c for c in minimal["cells"]
@@ -251,7 +254,8 @@ def test_degenerate_runs_render(run_a):
     assert "Thread scaling" not in md and "| tiny | 1 | onnxruntime · fp32 | default |" in md
     assert [s["label"] for s in page.svgs] == [
         "Decode rate against batch — tiny", "Latency against throughput — tiny",
-        "Peak memory against model size", "Achieved decode rate against the roofline"]
+        "Peak memory against model size", "Achieved decode rate against the roofline",
+        "Machine drift: the sentinel over the rounds"]
 
 
 def test_no_runs_is_an_error():
@@ -264,7 +268,7 @@ def test_no_runs_is_an_error():
 # --- HTML ------------------------------------------------------------------------------------------
 
 CHARTS_PER_MODEL = 4  # decode against batch, tpot distribution, latency/throughput, thread scaling
-CHARTS_PER_ENV = 2  # memory against model size, achieved against roofline
+CHARTS_PER_ENV = 3  # memory against model size, achieved against roofline, the drift sentinel
 
 
 def test_html_golden(run_a):
@@ -413,9 +417,9 @@ def test_compare_ratio_and_interval(run_a, run_b):
     cell = next(c for c in result.cells if c.key == key)
     d, a, b = cell.decode, cell.base, cell.new
     assert d.ratio == pytest.approx(b["decode_tok_s"] / a["decode_tok_s"])
-    # decode interval from tpot: the new run's slow end against the base's fast end
-    assert d.low == pytest.approx((1000 / b["tpot_ms"]["ci95_high"]) / (1000 / a["tpot_ms"]["ci95_low"]))
-    assert d.high == pytest.approx((1000 / b["tpot_ms"]["ci95_low"]) / (1000 / a["tpot_ms"]["ci95_high"]))
+    # the interval comes from the raw samples (launches > generations > steps), not the stored intervals
+    ratio, low, high = nested_ratio_ci(a["samples"]["tpot_ms"], b["samples"]["tpot_ms"], n_boot=1000)
+    assert (d.ratio, d.low, d.high) == pytest.approx((1 / ratio, 1 / high, 1 / low))
     assert d.low <= d.ratio <= d.high < 1
     tpot = cell.metrics["tpot_ms"]
     assert tpot.ratio > 1 and tpot.significant and tpot.improved is False
@@ -460,9 +464,10 @@ def test_regressions_threshold(run_a, run_b):
     slower = result.by_verdict(SLOWER)
     assert {c.base["backend"] for c in slower} == {"onnxruntime"}
     assert result.regressions(5) == slower
-    drops = sorted(100 * (1 - c.new["decode_tok_s"] / c.base["decode_tok_s"]) for c in slower)
+    assert all(c.decode.ratio == pytest.approx(c.new["decode_tok_s"] / c.base["decode_tok_s"]) for c in slower)
+    drops = sorted(-100 * c.decode.change for c in slower)
     cut = drops[len(drops) // 2]  # a threshold inside the range: some cells above it, some not
-    expected = [c for c in slower if c.new["decode_tok_s"] / c.base["decode_tok_s"] < 1 - cut / 100]
+    expected = [c for c in slower if -100 * c.decode.change > cut]
     assert 0 < len(expected) < len(slower)
     assert result.regressions(cut) == expected
     assert result.regressions(20) == []
@@ -501,6 +506,7 @@ def test_compare_unmatched_and_broken_cells(run_a, run_b):
     gone = new["cells"].pop(0)
     extra = copy.deepcopy(new["cells"][-1])
     extra["batch"] = 8
+    extra["cell_id"] = cell_key(extra)
     new["cells"].append(extra)
     broken = next(c for c in new["cells"] if c["backend"] == "mkl" and c["model"] == "tiny")
     broken.update(status="oom", reason="killed at 23 GiB")
