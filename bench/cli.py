@@ -251,9 +251,9 @@ class _Progress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def on_round(self, round_, order, reading):
-        if self.task is None:  # every launch left to run: this round's cells times the rounds they need
-            self.task = self.progress.add_task("starting", total=len(order) * self.sweep.launches)
+    def on_round(self, round_, order, reading, left):
+        if self.task is None:  # every launch left to run, counted when the first round starts
+            self.task = self.progress.add_task("starting", total=left)
         line = f"[bold]round {round_ + 1}[/]: {len(order)} cells in a seeded random order"
         if reading:
             line += (f"; sentinel: small decode step {reading['decode_ms']:.3f} ms, "

@@ -1,12 +1,15 @@
 """The result store: one SQLite file of runs and their cells.
 
-Four tables. ``runs`` holds one row per ``bench run``: its fingerprint, its sweep and a
+Four tables for benchmark runs, and two for training runs. ``runs`` holds one row per ``bench run``: its fingerprint, its sweep and a
 status. ``rounds`` holds one row per round of the sweep: the seeded order it visited the
 cells in and the drift sentinel's reading at its start. ``launches`` holds one row per
 launch of a cell (one process), its raw record as JSON. ``cells`` holds the cell record
 derived from the cell's launches (``bench.records.cell_record``), rewritten as each launch
 lands. Every launch is committed the moment it finishes, in WAL mode, so a run killed
 half-way keeps every launch that had finished; ``--resume`` picks up from there.
+``train_runs`` holds one row per ``bench train`` (its configs, checkpoint directory, status
+and summary) and ``train_steps`` its metrics as they were logged (loss, learning rate,
+tokens/s, validation loss), so reports can draw the loss curve.
 
 Resume keeps cells that are ``ok`` or ``skipped`` and retries ``failed``, ``timeout`` and
 ``oom`` ones (a transient failure, a too-tight timeout or a neighbour's memory use should
@@ -36,7 +39,7 @@ from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES
 from bench.spec import cell_id
 
 DEFAULT_STORE = Path("runs") / "bench.sqlite"
-SCHEMA_VERSION = 2  # 2: rounds and launches tables
+SCHEMA_VERSION = 2  # 2: rounds, launches and training tables
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 RETRY_ON_RESUME = ("failed", "timeout", "oom")
@@ -83,6 +86,24 @@ CREATE TABLE IF NOT EXISTS launches (
     status TEXT NOT NULL,
     created_at TEXT NOT NULL,
     record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS train_runs (
+    run_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    name TEXT,
+    fingerprint_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    config TEXT NOT NULL,
+    out_dir TEXT NOT NULL,
+    status TEXT NOT NULL,
+    finished_at TEXT,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS train_steps (
+    run_id TEXT NOT NULL REFERENCES train_runs(run_id),
+    step INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (run_id, step)
 );
 CREATE INDEX IF NOT EXISTS cells_run ON cells(run_id, key);
 CREATE INDEX IF NOT EXISTS launches_run ON launches(run_id, key);
@@ -144,7 +165,7 @@ class Store:
                              f"{SCHEMA_VERSION}: upgrade bench or use another --store")
         if version == 0:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            foreign = tables - {"runs", "cells", "rounds", "launches", "sqlite_sequence"}
+            foreign = tables - {"runs", "cells", "rounds", "launches", "train_runs", "train_steps", "sqlite_sequence"}
             if foreign:
                 raise StoreError(f"{self.path} is an SQLite file of something else "
                                  f"(tables {', '.join(sorted(foreign))}), not a bench store")
@@ -326,6 +347,64 @@ class Store:
         if unknown:
             raise ValueError(f"retry statuses {sorted(unknown)} are not among {', '.join(STATUSES)}")
         return {c["key"] for c in self.db.execute(_LATEST_CELLS, (run_id,)) if c["status"] not in retry}
+
+
+    # -- training runs ---------------------------------------------------------------------
+    def create_training_run(self, fingerprint: dict, config: dict, out_dir: str, name: str | None = None) -> str:
+        """Start a training run; its id reads like a benchmark run's, with a ``train-`` prefix."""
+        now = _now()
+        for _ in range(16):
+            run_id = f"train-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            try:
+                with self.db:
+                    self.db.execute(
+                        "INSERT INTO train_runs (run_id, created_at, name, fingerprint_id, fingerprint, config,"
+                        " out_dir, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+                        (run_id, now.isoformat(timespec="seconds"), name, compute_fingerprint_id(fingerprint),
+                         json.dumps(fingerprint), json.dumps(config), str(out_dir)))
+                return run_id
+            except sqlite3.IntegrityError:
+                continue
+        raise StoreError(f"could not find a free training run id for {now:%Y%m%d-%H%M%S} in {self.path}")
+
+    def add_training_step(self, run_id: str, step: int, metrics: dict) -> None:
+        """Log one step's metrics, committed at once (a resumed run may log a step again: it replaces)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO train_steps (run_id, step, record) VALUES (?, ?, ?)",
+                            (run_id, int(step), json.dumps(metrics)))
+
+    def finish_training_run(self, run_id: str, status: str, summary: dict | None = None) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        with self.db:
+            cur = self.db.execute("UPDATE train_runs SET status = ?, finished_at = ?, summary = ? WHERE run_id = ?",
+                                  (status, _now().isoformat(timespec="seconds"),
+                                   None if summary is None else json.dumps(summary), run_id))
+        if cur.rowcount != 1:
+            raise UnknownRun(f"unknown training run id {run_id!r} in {self.path}")
+
+    def get_training_run(self, run_id: str = "latest") -> dict:
+        """A training run with its logged steps, oldest first."""
+        if run_id == "latest":
+            row = self.db.execute("SELECT * FROM train_runs ORDER BY created_at DESC, rowid DESC LIMIT 1").fetchone()
+            if row is None:
+                raise UnknownRun(f"no training runs in {self.path} yet: 'latest' names nothing")
+        else:
+            row = self.db.execute("SELECT * FROM train_runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise UnknownRun(f"unknown training run id {run_id!r} in {self.path}")
+        steps = [dict(json.loads(r["record"]), step=r["step"]) for r in self.db.execute(
+            "SELECT * FROM train_steps WHERE run_id = ? ORDER BY step", (row["run_id"],))]
+        return dict(run_id=row["run_id"], created_at=row["created_at"], name=row["name"],
+                    fingerprint_id=row["fingerprint_id"], fingerprint=json.loads(row["fingerprint"]),
+                    config=json.loads(row["config"]), out_dir=row["out_dir"], status=row["status"],
+                    finished_at=row["finished_at"],
+                    summary=None if row["summary"] is None else json.loads(row["summary"]), steps=steps)
+
+    def training_runs_for(self, out_dir: str) -> list[str]:
+        """Ids of the training runs that wrote a checkpoint directory, newest first."""
+        return [r["run_id"] for r in self.db.execute(
+            "SELECT run_id FROM train_runs WHERE out_dir = ? ORDER BY created_at DESC, rowid DESC", (str(out_dir),))]
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -261,10 +261,6 @@ def _attach_rooflines(cells: list[Planned], roofline: Roofline) -> list[Planned]
             for c in cells]
 
 
-def field_names() -> list[str]:
-    return [f.name for f in fields(Sweep)]
-
-
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -290,7 +286,7 @@ class _CellState:
 class Events:
     """Callbacks the CLI uses to show progress; all optional."""
 
-    on_round: Callable[[int, list[Planned], dict | None], None] | None = None
+    on_round: Callable[[int, list[Planned], dict | None, int], None] | None = None  # ..., launches left
     on_launch_start: Callable[[Planned, int, int], None] | None = None  # cell, round, launch number
     on_launch_done: Callable[[Planned, dict, dict], None] | None = None  # cell, launch, cell record
 
@@ -367,7 +363,8 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
             reading = dict(sentinel(sentinel_threads), round=round_)
             store.add_round(run_id, round_, [c.key for c in order], reading)
             if events.on_round:
-                events.on_round(round_, order, reading)
+                left = sum(sweep.launches - s.ok for s in states.values() if not s.failed)
+                events.on_round(round_, order, reading, left)
             for cell in order:
                 state = states[cell.key]
                 number = state.ok + 1

@@ -225,3 +225,19 @@ def test_export_csv_columns(store):
     empty = export_csv({"run_id": "x", "cells": []}).splitlines()[0].split(",")
     assert empty == header[:-1]
     assert not math.isnan(float(rows[0]["decode_tok_s"]))
+
+
+def test_training_runs_keep_their_logged_steps(store):
+    run_id = store.create_training_run(FINGERPRINT, {"model": "tiny", "steps": 3}, "/tmp/ckpt", name="t")
+    assert run_id.startswith("train-")
+    for step, loss in ((1, 5.0), (2, 4.5), (3, 4.1)):
+        store.add_training_step(run_id, step, {"loss": loss, "lr": 1e-3})
+    store.add_training_step(run_id, 3, {"loss": 4.0, "lr": 1e-3, "val_loss": 4.2})  # a resume logs it again
+    store.finish_training_run(run_id, "finished", {"best_val_loss": 4.2})
+    run = store.get_training_run("latest")
+    assert run["run_id"] == run_id and run["status"] == "finished" and run["summary"] == {"best_val_loss": 4.2}
+    assert [(s["step"], s["loss"]) for s in run["steps"]] == [(1, 5.0), (2, 4.5), (3, 4.0)]
+    assert store.training_runs_for("/tmp/ckpt") == [run_id]
+    assert store.list_runs() == []  # training runs are not benchmark runs
+    with pytest.raises(UnknownRun):
+        store.get_training_run("train-nope")
