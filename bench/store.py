@@ -192,21 +192,25 @@ class Store:
         The run's sweep key (what ``find_resumable`` matches) is ``sweep["sweep_key"]`` when
         the caller put one there, else ``sweep_key(sweep)``.
         """
-        now = _now()
         key = sweep.get("sweep_key") or sweep_key(sweep)
+        return self._insert_run(
+            "", "INSERT INTO runs (run_id, created_at, name, fingerprint_id, fingerprint, sweep, sweep_key, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+            lambda run_id, now: (run_id, now, name, compute_fingerprint_id(fingerprint), json.dumps(fingerprint),
+                                 json.dumps(sweep), key))
+
+    def _insert_run(self, prefix: str, sql: str, row) -> str:
+        """Insert a run row under a fresh id (``prefix`` + local start time + a random suffix)."""
+        now = _now()
         for _ in range(16):
-            run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            run_id = f"{prefix}{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
             try:
                 with self.db:
-                    self.db.execute(
-                        "INSERT INTO runs (run_id, created_at, name, fingerprint_id, fingerprint, sweep,"
-                        " sweep_key, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                        (run_id, now.isoformat(timespec="seconds"), name, compute_fingerprint_id(fingerprint),
-                         json.dumps(fingerprint), json.dumps(sweep), key))
+                    self.db.execute(sql, row(run_id, now.isoformat(timespec="seconds")))
                 return run_id
             except sqlite3.IntegrityError:  # the same second and suffix: draw again
                 continue
-        raise StoreError(f"could not find a free run id for {now:%Y%m%d-%H%M%S} in {self.path}")
+        raise StoreError(f"could not find a free run id for {prefix}{now:%Y%m%d-%H%M%S} in {self.path}")
 
     def add_cell(self, run_id: str, cell: dict) -> int:
         """Store one finished cell and commit at once; returns its row id."""
@@ -352,20 +356,11 @@ class Store:
     # -- training runs ---------------------------------------------------------------------
     def create_training_run(self, fingerprint: dict, config: dict, out_dir: str, name: str | None = None) -> str:
         """Start a training run; its id reads like a benchmark run's, with a ``train-`` prefix."""
-        now = _now()
-        for _ in range(16):
-            run_id = f"train-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-            try:
-                with self.db:
-                    self.db.execute(
-                        "INSERT INTO train_runs (run_id, created_at, name, fingerprint_id, fingerprint, config,"
-                        " out_dir, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                        (run_id, now.isoformat(timespec="seconds"), name, compute_fingerprint_id(fingerprint),
-                         json.dumps(fingerprint), json.dumps(config), str(out_dir)))
-                return run_id
-            except sqlite3.IntegrityError:
-                continue
-        raise StoreError(f"could not find a free training run id for {now:%Y%m%d-%H%M%S} in {self.path}")
+        return self._insert_run(
+            "train-", "INSERT INTO train_runs (run_id, created_at, name, fingerprint_id, fingerprint, config, out_dir,"
+                      " status) VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
+            lambda run_id, now: (run_id, now, name, compute_fingerprint_id(fingerprint), json.dumps(fingerprint),
+                                 json.dumps(config), str(out_dir)))
 
     def add_training_step(self, run_id: str, step: int, metrics: dict) -> None:
         """Log one step's metrics, committed at once (a resumed run may log a step again: it replaces)."""
