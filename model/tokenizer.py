@@ -3,6 +3,12 @@
 A checkpoint directory that ships a tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json``
 with ``merges.txt``) gets it, through Hugging Face ``tokenizers``. Anything else, the
 random-weight presets in particular, gets ``ByteTokenizer``: UTF-8 bytes are ids 0..255.
+
+``train_bpe`` makes the tokenizer a trained checkpoint ships: GPT-2's byte-level BPE
+(Radford et al. 2019, section 2.2) learned with ``tokenizers`` on the training split. Its
+first ids are the special tokens (pad 0, bos 1, eos 2, unk 3); every byte is in its base
+alphabet, so no text ever needs the unknown token, which exists only to be declared.
+Encoding adds no special tokens; ``encode_documents`` puts end-of-text between documents.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token
+PAD_TEXT, BOS_TEXT, UNK_TEXT = "<|pad|>", "<|bos|>", "<|unk|>"
+SPECIAL_TOKENS = (PAD_TEXT, BOS_TEXT, EOS_TEXT, UNK_TEXT)  # ids 0..3 of a trained tokenizer
 
 
 class Tokenizer(Protocol):
@@ -28,6 +36,9 @@ class ByteTokenizer:
     A random-weight model emits ids above 255 too; they decode as ``<|id|>`` so nothing a
     model produced is hidden. Bytes that are not valid UTF-8 decode as U+FFFD.
     """
+
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
 
     def __init__(self, vocab_size: int = 512):
         if vocab_size < 256:
@@ -60,10 +71,22 @@ class HFTokenizer:
     def __init__(self, tokenizer, eos_token_id: int | None):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
+        self.pad_token_id: int | None = tokenizer.token_to_id(PAD_TEXT)
+        self.bos_token_id: int | None = tokenizer.token_to_id(BOS_TEXT)
         self.vocab_size = tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once (``tokenizers`` spreads them over threads)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` into ``directory``, where ``load_tokenizer`` finds it."""
+        path = Path(directory) / "tokenizer.json"
+        self.tokenizer.save(str(path))
+        return path
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -102,3 +125,40 @@ def _eos_id(directory: Path, tok) -> int | None:
         if isinstance(eos, int) and 0 <= eos < tok.get_vocab_size():
             return eos
     return tok.token_to_id(EOS_TEXT)
+
+
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE with at most ``vocab_size`` ids, learned from ``texts``.
+
+    The special tokens take ids 0..3; the 256 byte symbols follow; merges fill the rest.
+    Training is deterministic for the same texts and ``tokenizers`` version.
+    """
+    from tokenizers import Tokenizer as HFRaw
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE "
+                         f"(needs >= {len(SPECIAL_TOKENS) + len(alphabet)}: 4 special tokens and 256 bytes)")
+    tok = HFRaw(models.BPE(unk_token=UNK_TEXT))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return HFTokenizer(tok, tok.token_to_id(EOS_TEXT))
+
+
+def encode_documents(tokenizer: HFTokenizer | ByteTokenizer, texts: list[str]):
+    """One int64 tensor of every document's ids, each followed by end-of-text (GPT-2's separator)."""
+    import torch
+
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-text token to separate documents")
+    encoded = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts)
+    ids: list[int] = []
+    for doc in encoded:
+        ids.extend(doc)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
