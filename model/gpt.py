@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # One layer's cache: (keys, values), each (B, n_head, T_past, head_dim).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
@@ -201,6 +202,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # Set by the training loop (model/train.py): in training mode, recompute each block's
+        # activations in the backward pass instead of storing them. Inference never uses it.
+        self.grad_checkpointing = False
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> GPT:
@@ -253,7 +257,12 @@ class GPT(nn.Module):
         attn_mask, is_causal = self._attention_mask(T, past_len, mask, idx.device)
         presents = []
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, None if past is None else past[i], attn_mask, is_causal)
+            layer_past = None if past is None else past[i]
+            if self.grad_checkpointing and self.training:
+                x, present = torch.utils.checkpoint.checkpoint(
+                    block, x, layer_past, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x, present = block(x, layer_past, attn_mask, is_causal)
             presents.append(present)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)

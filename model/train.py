@@ -1,0 +1,578 @@
+"""Training the GPT from scratch: AdamW, a cosine schedule, checkpoints that resume exactly.
+
+The loop is nanoGPT's (https://github.com/karpathy/nanoGPT/blob/master/train.py): random
+windows of the token stream, AdamW with weight decay on the matrices only, a linear warmup
+into a cosine decay, gradient clipping and accumulation, optional bf16 autocast and
+gradient checkpointing. Everything random comes from ``TrainConfig.seed``: the weights,
+a ``torch.Generator`` that draws the batches, and torch's global RNG (dropout). A
+checkpoint keeps all of their states with the optimizer's and the scheduler's, so a run
+stopped and resumed takes the same steps as one that never stopped.
+
+An output directory, once training ends:
+
+    run.json              what was trained (model and train configs, corpus digest, cache key)
+                          and how it ended (status, step, losses)
+    metrics.jsonl         one line per step: loss, lr, grad norm, tokens/s; val_loss when evaluated
+    corpus_manifest.json  the corpus's files and digests (``train_on_corpus``)
+    config.json, model.safetensors, tokenizer.json
+                          the final weights: ``load_checkpoint(out_dir)`` and
+                          ``load_tokenizer(out_dir, ...)`` read them
+    best/                 the weights with the lowest validation loss, a checkpoint directory too
+    step-000100/          the last ``keep_last`` checkpoints, each with training_state.pt
+
+Every directory is written under a temporary name and renamed into place, so a crash never
+leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from model.gpt import GPT, GPTConfig
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "corpus_manifest.json"
+RUN_FORMAT = "llm-backend-bench/train-run"
+RUN_FORMAT_VERSION = 1  # part of every cache key: bump when the loop's results change
+PRECISIONS = ("fp32", "bf16")
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot take this run; nothing in it was changed."""
+
+
+class TrainingDataError(ValueError):
+    """The token streams cannot feed this configuration (too short for the context)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch
+    context: int = 128  # tokens per sequence; at most the model's block_size
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # the cosine's floor, reached at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrix weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    precision: str = "fp32"  # or "bf16": autocast, with fp32 weights and optimizer state
+    grad_checkpointing: bool = False
+    eval_every: int = 100  # steps between validation losses (and at the last step)
+    eval_batches: int = 8  # fixed validation micro-batches, the same at every evaluation
+    checkpoint_every: int = 100
+    keep_last: int = 2  # step checkpoints kept; best/ is kept apart
+    patience: int = 0  # evaluations without a new best before stopping; 0 never stops early
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "context", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("warmup_steps", "patience", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be non-negative")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be non-negative (0 turns clipping off)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from plain data (a ``--config`` file); unknown keys are refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train config keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``on_step`` receives after every optimizer step."""
+
+    step: int
+    steps: int
+    loss: float  # mean training loss of this step's micro-batches (nats per token)
+    lr: float  # the learning rate this step used
+    grad_norm: float  # before clipping
+    tokens_per_s: float  # this step's training tokens over its wall time
+    elapsed_s: float  # since this call to ``train`` began
+    eta_s: float  # remaining steps at this session's mean time per step
+    val_loss: float | None = None  # set on evaluation steps
+    best_val_loss: float | None = None
+
+    def line(self) -> str:
+        val = "" if self.val_loss is None else f" | val {self.val_loss:.4f} (best {self.best_val_loss:.4f})"
+        return (f"step {self.step}/{self.steps} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
+                f"{self.tokens_per_s:,.0f} tok/s | ETA {_duration(self.eta_s)}{val}")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    out_dir: str
+    status: str  # "complete", "stopped_early" (patience ran out) or "paused" (stop_at)
+    step: int
+    steps: int
+    train_loss: float | None  # the last step's
+    val_loss: float | None  # the last evaluation's
+    best_val_loss: float | None
+    best_step: int | None
+    tokens_seen: int
+    wall_s: float  # this call's wall time
+    tokens_per_s: float  # this call's training tokens over its wall time, evaluations included
+    key: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- the run's identity ------------------------------------------------------------------
+
+def run_key(model_config: GPTConfig, config: TrainConfig, corpus_digest: str, tokenizer: dict | None = None) -> str:
+    """A digest of everything that decides the trained weights: the corpus, both configs
+    (the seed included) and the tokenizer's recipe. ``make bench`` skips training when a
+    finished run in its output directory has the same key."""
+    blob = json.dumps(dict(format_version=RUN_FORMAT_VERSION, model=model_config.to_dict(), train=config.to_dict(),
+                           corpus=corpus_digest, tokenizer=tokenizer), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def corpus_run_key(model_config: GPTConfig, config: TrainConfig, corpus) -> str:
+    """The key ``train_on_corpus`` gives this run, known before training: ``make bench``
+    passes it to ``finished_run`` to skip a run that is already done."""
+    from model.tokenizer import SPECIAL_TOKENS
+    return run_key(model_config, config, corpus.digest, _tokenizer_recipe(SPECIAL_TOKENS))
+
+
+def finished_run(out_dir: str | Path, key: str) -> dict | None:
+    """The ``run.json`` of a finished run in ``out_dir`` with this key, else None."""
+    run = _read_run(Path(out_dir))
+    if run and run.get("key") == key and run.get("status") in ("complete", "stopped_early"):
+        return run
+    return None
+
+
+def check_out_dir(out_dir: str | Path, model_config: GPTConfig, config: TrainConfig, resume: bool) -> dict | None:
+    """Refuse an output directory this run must not write into; return its ``run.json`` if any.
+
+    A directory holding a different model, another run (unless resuming it with the same
+    train config), or anything that is not a run is refused before a byte is written.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise OutputDirError(f"{out_dir}: exists and is not a directory")
+    run = _read_run(out_dir)
+    held = None
+    if run is not None:
+        held = run.get("model_config")
+    elif (out_dir / "config.json").is_file():
+        try:
+            held = read_config(out_dir).to_dict()
+        except CheckpointError as e:
+            raise OutputDirError(f"{out_dir}: holds a config.json that is not a model of ours ({e}); "
+                                 f"nothing was written") from None
+    if held is not None and held != model_config.to_dict():
+        raise OutputDirError(f"{out_dir}: holds a checkpoint of a different model "
+                             f"({_differences(held, model_config.to_dict())}); nothing was written: "
+                             f"choose another output directory")
+    if run is None:
+        if any(out_dir.iterdir()):
+            raise OutputDirError(f"{out_dir}: is not empty and holds no training run; nothing was written: "
+                                 f"choose an empty or new output directory")
+        return None
+    if not resume:
+        raise OutputDirError(f"{out_dir}: already holds a training run (status {run.get('status')}, "
+                             f"step {run.get('step')}); resume it or choose another output directory")
+    if run.get("train_config") != config.to_dict():
+        raise OutputDirError(f"{out_dir}: was trained with a different train config "
+                             f"({_differences(run.get('train_config') or {}, config.to_dict())}); "
+                             f"resuming needs the same one")
+    return run
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
+          out_dir: str | Path, *, resume: bool = False, on_step: Callable[[Progress], None] | None = None,
+          tokenizer=None, manifest: dict | None = None, run_info: dict | None = None,
+          stop_at: int | None = None) -> TrainSummary:
+    """Train a fresh model (or resume the latest checkpoint in ``out_dir``) and save it there.
+
+    train_ids, val_ids: 1-D int64 token streams; each needs at least ``context + 1`` tokens.
+    tokenizer: saved as ``tokenizer.json`` beside every set of weights, when given.
+    manifest: the corpus manifest, saved as ``corpus_manifest.json``, when given.
+    run_info: extra fields for ``run.json`` (the corpus digest and cache key).
+    stop_at: checkpoint and return after this step, as if interrupted ("paused"); a later
+        call with ``resume=True`` continues exactly where it left off.
+    """
+    out_dir = Path(out_dir)
+    train_ids, val_ids = _check_streams(train_ids, val_ids, model_config, config)
+    if stop_at is not None and not 0 < stop_at <= config.steps:
+        raise ValueError(f"stop_at={stop_at} must be in [1, steps={config.steps}]")
+    run = check_out_dir(out_dir, model_config, config, resume)
+    run_info = dict(run_info or {})
+    if run is not None and run_info.get("key") not in (None, run.get("key")):
+        raise OutputDirError(f"{out_dir}: holds a run with key {run.get('key')} but this one is "
+                             f"{run_info['key']} (a different corpus?); nothing was written")
+
+    torch.manual_seed(config.seed)  # dropout; restored from the checkpoint when resuming
+    model = GPT(model_config).init_weights(config.seed)
+    model.train()
+    model.grad_checkpointing = config.grad_checkpointing
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    data_gen = torch.Generator().manual_seed(config.seed)
+    val_batches = _val_offsets(len(val_ids), config)
+    best = dict(loss=math.inf, step=None, since=0)
+    history: list[dict] = []
+
+    step = 0
+    latest = _latest_checkpoint(out_dir) if resume else None
+    if latest is not None:
+        step, best = _restore(latest, model, optimizer, scheduler, data_gen)
+        history = [r for r in _read_metrics(out_dir) if r["step"] <= step]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_meta = dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_info,
+                    model_config=model_config.to_dict(), train_config=config.to_dict())
+    _write_json(out_dir / RUN_FILE, dict(run_meta, status="running", step=step))
+    _write_metrics(out_dir, history)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+    if manifest is not None:
+        _write_json(out_dir / MANIFEST_FILE, manifest)
+
+    # A run that stopped early stays stopped: resuming it trains no further.
+    status = "stopped_early" if run is not None and run.get("status") == "stopped_early" else "complete"
+    start, start_step = time.perf_counter(), step
+    last_loss = history[-1]["loss"] if history else None
+    last_val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+    with open(out_dir / METRICS_FILE, "a") as metrics:
+        while step < config.steps and status == "complete":
+            step += 1
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss, grad_norm = _step(model, optimizer, train_ids, config, data_gen)
+            scheduler.step()
+            step_s = time.perf_counter() - t0
+            record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * config.tokens_per_step,
+                          step_s=step_s, tokens_per_s=config.tokens_per_step / step_s)
+            last_loss = loss
+
+            if step % config.eval_every == 0 or step == config.steps:
+                last_val = record["val_loss"] = _evaluate(model, val_ids, val_batches, config)
+                if last_val < best["loss"]:
+                    best = dict(loss=last_val, step=step, since=0)
+                    _save_weights(out_dir / "best", model, tokenizer)
+                else:
+                    best["since"] += 1
+                    if config.patience and best["since"] >= config.patience:
+                        status = "stopped_early"
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if step == stop_at and step < config.steps and status == "complete":
+                status = "paused"
+            if step % config.checkpoint_every == 0 or step == config.steps or status != "complete":
+                _save_checkpoint(out_dir, step, model, optimizer, scheduler, data_gen, best, tokenizer, config)
+            if on_step is not None:
+                elapsed = time.perf_counter() - start
+                on_step(Progress(step, config.steps, loss, lr, grad_norm, record["tokens_per_s"], elapsed,
+                                 elapsed / (step - start_step) * (config.steps - step), record.get("val_loss"),
+                                 None if best["step"] is None else best["loss"]))
+            if status != "complete":
+                break
+
+    if status != "paused":
+        _save_weights(out_dir, model, tokenizer, replace=False)  # the final weights at the top
+    wall = time.perf_counter() - start
+    summary = TrainSummary(
+        str(out_dir), status, step, config.steps, last_loss, last_val,
+        None if best["step"] is None else best["loss"], best["step"], step * config.tokens_per_step, wall,
+        (step - start_step) * config.tokens_per_step / wall if wall > 0 else 0.0, run_info.get("key"))
+    _write_json(out_dir / RUN_FILE, dict(run_meta, status=status, step=step, summary=summary.to_dict()))
+    return summary
+
+
+def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_dir: str | Path, *,
+                    resume: bool = False, on_step: Callable[[Progress], None] | None = None,
+                    stop_at: int | None = None) -> TrainSummary:
+    """Train a byte-level BPE on the corpus's train split, then the model; save both in ``out_dir``.
+
+    ``corpus`` is a ``model.corpus.Corpus``. Every check (output directory, corpus size)
+    runs before anything is written. Resuming reuses the run's own tokenizer.
+    """
+    from model.tokenizer import SPECIAL_TOKENS, HFTokenizer, encode_documents, train_bpe
+
+    out_dir = Path(out_dir)
+    run = check_out_dir(out_dir, model_config, config, resume)
+    key = corpus_run_key(model_config, config, corpus)
+    if run is not None and run.get("corpus_digest") != corpus.digest:
+        raise OutputDirError(f"{out_dir}: was trained on another corpus (digest {run.get('corpus_digest')}, "
+                             f"this one {corpus.digest}); resuming needs the same corpus")
+    if resume and (out_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFRaw
+        raw = HFRaw.from_file(str(out_dir / "tokenizer.json"))
+        tokenizer = HFTokenizer(raw, raw.token_to_id(SPECIAL_TOKENS[2]))
+    else:
+        tokenizer = train_bpe(corpus.documents("train"), model_config.vocab_size)
+    streams = {}
+    for split in ("train", "val"):
+        ids = encode_documents(tokenizer, corpus.documents(split))
+        if len(ids) < config.context + 1:
+            raise TrainingDataError(
+                f"{corpus.root}: the {split} split has {len(ids)} tokens ({corpus.n_bytes(split)} bytes), "
+                f"fewer than context + 1 = {config.context + 1}; use a bigger corpus or a shorter context")
+        streams[split] = ids
+    info = dict(key=key, corpus_digest=corpus.digest, corpus_source=corpus.source, corpus_root=corpus.root,
+                corpus_max_bytes=corpus.max_bytes, tokens=dict(train=len(streams["train"]), val=len(streams["val"])))
+    return train(model_config, config, streams["train"], streams["val"], out_dir, resume=resume,
+                 on_step=on_step, tokenizer=tokenizer, manifest=corpus.manifest(), run_info=info, stop_at=stop_at)
+
+
+# -- pieces of the loop ------------------------------------------------------------------
+
+def _optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the Linear weights only.
+
+    Biases, LayerNorm gains and the embeddings (the tied LM head among them) are not
+    decayed, as in minGPT and the first nanoGPT: decay pulls them towards zero for no gain.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each tied tensor once, in a fixed order
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
+
+
+def _lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """The multiplier of ``lr`` for step i (0-based): linear warmup, then cosine down to min_lr."""
+    floor = config.min_lr / config.lr
+
+    def factor(i: int) -> float:
+        if i < config.warmup_steps:
+            return (i + 1) / config.warmup_steps
+        progress = (i - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _autocast(config: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def _batch(ids: torch.Tensor, offsets: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index = offsets.unsqueeze(1) + torch.arange(context + 1)  # (B, context + 1)
+    window = ids[index]
+    return window[:, :-1], window[:, 1:]  # inputs and next-token targets, each (B, context)
+
+
+def _loss(model: GPT, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    with _autocast(config):
+        logits, _ = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # the loss in fp32 either way
+
+
+def _step(model: GPT, optimizer, ids: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> tuple[float, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; (mean loss, gradient norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for _ in range(config.grad_accum):
+        offsets = torch.randint(0, len(ids) - config.context, (config.batch_size,), generator=gen)
+        loss = _loss(model, *_batch(ids, offsets, config.context), config) / config.grad_accum
+        loss.backward()
+        total += loss.item()
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return total, float(grad_norm)
+
+
+def _val_offsets(n: int, config: TrainConfig) -> torch.Tensor:
+    """The validation windows, drawn once from the seed: every evaluation scores the same tokens."""
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    return torch.randint(0, n - config.context, (config.eval_batches, config.batch_size), generator=gen)
+
+
+@torch.no_grad()
+def _evaluate(model: GPT, ids: torch.Tensor, offsets: torch.Tensor, config: TrainConfig) -> float:
+    model.eval()
+    try:
+        return sum(_loss(model, *_batch(ids, o, config.context), config).item() for o in offsets) / len(offsets)
+    finally:
+        model.train()
+
+
+def _check_streams(train_ids, val_ids, model_config: GPTConfig, config: TrainConfig):
+    if config.context > model_config.block_size:
+        raise TrainingDataError(f"context={config.context} is longer than the model's block_size="
+                                f"{model_config.block_size}")
+    streams = []
+    for name, ids in (("train", train_ids), ("validation", val_ids)):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() != 1:
+            raise TrainingDataError(f"the {name} tokens must be one stream (1-D), got shape {tuple(ids.shape)}")
+        if len(ids) < config.context + 1:
+            raise TrainingDataError(f"the {name} stream has {len(ids)} tokens, fewer than "
+                                    f"context + 1 = {config.context + 1}")
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= model_config.vocab_size):
+            raise TrainingDataError(f"the {name} stream has ids outside [0, vocab_size={model_config.vocab_size})")
+        streams.append(ids)
+    return streams
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+def _save_weights(directory: Path, model: GPT, tokenizer, replace: bool = True) -> None:
+    """Weights (and the tokenizer) into ``directory``: a fresh one renamed into place, or,
+    with ``replace=False``, the files written into an existing directory (the run's top)."""
+    if not replace:
+        save_checkpoint(model, directory)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        return
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    _swap_into_place(tmp, directory)
+
+
+def _save_checkpoint(out_dir: Path, step: int, model: GPT, optimizer, scheduler, data_gen: torch.Generator,
+                     best: dict, tokenizer, config: TrainConfig) -> None:
+    final = out_dir / f"step-{step:06d}"
+    tmp = out_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(),
+                    best_loss=best["loss"], best_step=best["step"], since_best=best["since"]),
+               tmp / STATE_FILE)
+    _swap_into_place(tmp, final)
+    for old in _step_dirs(out_dir)[:-config.keep_last]:
+        shutil.rmtree(old)
+
+
+def _restore(directory: Path, model: GPT, optimizer, scheduler, data_gen: torch.Generator) -> tuple[int, dict]:
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(load_checkpoint(directory).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    data_gen.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], dict(loss=state["best_loss"], step=state["best_step"], since=state["since_best"])
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    dirs = [d for d in _step_dirs(out_dir) if (d / STATE_FILE).is_file()]
+    return dirs[-1] if dirs else None
+
+
+def _step_dirs(out_dir: Path) -> list[Path]:
+    return sorted(d for d in out_dir.glob("step-*") if d.is_dir())  # zero-padded: sorted by step
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # a replay after a resume, or a new best
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+# -- small files -------------------------------------------------------------------------
+
+def _read_run(out_dir: Path) -> dict | None:
+    path = out_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OutputDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise OutputDirError(f"{path}: not a training run of ours (no \"format\": {RUN_FORMAT!r})")
+    return run
+
+
+def _read_metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The run's per-step records (``metrics.jsonl``), for the store and the loss curve."""
+    return _read_metrics(Path(out_dir))
+
+
+def _write_metrics(out_dir: Path, records: list[dict]) -> None:
+    (out_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _tokenizer_recipe(special_tokens) -> dict:
+    import tokenizers
+    return dict(kind="byte-level-bpe", special_tokens=list(special_tokens), min_frequency=2,
+                tokenizers=tokenizers.__version__)
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(diffs) or "no field differs"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
