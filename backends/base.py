@@ -7,6 +7,8 @@ backend through the same few verbs:
     load(model)                   export / compile / quantise (timed apart by the harness)
     prefill(ids, pos, mask)       -> (logits (B, vocab) float32 on the CPU, cache)
     decode(ids, cache, pos, mask) -> (logits (B, vocab) float32 on the CPU, cache)
+    logits(ids)                   -> every position's logits (B, T, vocab) float32 on the CPU,
+                                     for quality measurement (perplexity, KL divergence)
     synchronize()                 wait for queued device work before a timer is read
     memory()                      device bytes in use and at peak, or None on the CPU
     close()                       free everything; also runs on leaving a ``with`` block
@@ -145,6 +147,20 @@ class Backend(ABC):
     def _forward(self, ids, pos, mask, cache):
         """The shared body of prefill (cache None) and decode."""
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits for ``ids`` (B, T), no padding: (B, T, vocab) float32 on the CPU.
+
+        This default steps through the sequence, a prefill of the first token and then one
+        decode per token, so it works on any backend, including graphs exported to return the
+        last position only; a backend that can return all positions at once overrides it.
+        """
+        logits, cache = self.prefill(ids[:, :1])
+        steps = [logits]
+        for t in range(1, ids.shape[1]):
+            logits, cache = self.decode(ids[:, t:t + 1], cache)
+            steps.append(logits)
+        return torch.stack(steps, dim=1)  # (B, T, vocab)
+
     def cache_length(self, cache) -> int:
         return int(cache[0][0].shape[2])
 
@@ -202,6 +218,14 @@ class TorchBackend(Backend):
                 ids.to(dev), None if pos is None else pos.to(dev), cache,
                 None if mask is None else mask.to(dev), last_only=True)
         return logits[:, -1, :].float().cpu(), present
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """All positions in one forward pass, as the module computes them (``last_only=False``)."""
+        if getattr(self, "model", None) is None:
+            raise BackendError(f"backend {self.name!r}: call load() before logits")
+        with torch.inference_mode(), self.autocast():
+            logits, _ = self.model(ids.to(self.device))
+        return logits.float().cpu()
 
     def weight_bytes(self) -> int | None:
         model = getattr(self, "model", None)

@@ -1,0 +1,265 @@
+"""Quality per backend and precision: perplexity, and how far a backend's distribution moves.
+
+Perplexity follows Hugging Face's guide "Perplexity of fixed-length models"
+(https://huggingface.co/docs/transformers/perplexity): windows of ``context`` tokens that
+start every ``stride`` tokens, where each token is scored at most once, by the first window
+that reaches it; with ``stride < context`` the tokens a window shares with the one before are
+context only, and a stream of N tokens scores N - 1 (its first token has nothing before it).
+With ``stride == context`` the windows do not overlap and, as in the guide, the first token
+of every window has no context and is not scored. The result carries ``n_tokens`` and ``nll_sum`` (natural
+log), so anyone can recompute ``perplexity = exp(nll_sum / n_tokens)`` with another tool,
+and bits per byte, ``nll_sum / (ln 2 * n_bytes)``, which does not depend on the tokenizer.
+
+``compare`` runs a backend and a reference (eager fp32) on the same windows and reports what
+llama.cpp's ``llama-perplexity --kl-divergence`` reports
+(https://github.com/ggml-org/llama.cpp/tree/master/tools/perplexity), with its standard
+errors: the PPL ratio, the mean KL divergence and its 99th percentile, the share of tokens
+whose most likely next token is the same, and the RMS change in the correct token's
+probability. As there, a standard error treats scored tokens as independent samples;
+tokens of one window are correlated, so read them as a lower bound on the uncertainty.
+
+Backends are driven through ``Backend.logits`` (every position's logits); a plain
+``GPT`` module or any function ``ids (B, T) -> logits (B, T, vocab)`` works too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Callable
+
+import numpy as np
+import torch
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+# The verdict's tolerances, with where they come from.
+# Intel Neural Compressor's default accuracy criterion: AccuracyCriterion(higher_is_better=True,
+# criterion="relative", tolerable_loss=0.01), a relative loss of 1%
+# (https://intel.github.io/neural-compressor/latest/autoapi/neural_compressor/config/index.html).
+RELATIVE_TOLERANCE = 0.01
+# NNCF's quantize_with_accuracy_control(max_drop=0.01, drop_type=DropType.ABSOLUTE) by default
+# (nncf 3.4 signature; https://docs.openvino.ai/2025/openvino-workflow/model-optimization-guide/
+# quantizing-models-post-training/quantizing-with-accuracy-control.html): an absolute drop of
+# 0.01 in a metric on [0, 1], applied here to next-token top-1 accuracy.
+ABSOLUTE_ACCURACY_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first input token
+    end: int  # one past the last input token
+    first_target: int  # the first token this window scores; it scores first_target .. end - 1
+
+
+def windows(n_tokens: int, context: int, stride: int | None = None) -> list[Window]:
+    """The windows that score every token of an ``n_tokens`` stream once (HF's sliding window)."""
+    stride = context if stride is None else stride
+    if context < 2:
+        raise ValueError(f"context={context} must be at least 2")
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+    if n_tokens < 2:
+        raise ValueError(f"a stream of {n_tokens} tokens has nothing to score (needs at least 2)")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        out.append(Window(begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def perplexity(runner, token_ids, context: int, stride: int | None = None, n_bytes: int | None = None,
+               batch_size: int = 8) -> dict:
+    """Perplexity of ``runner`` on one token stream, each token scored once.
+
+    runner: a loaded ``Backend`` (its ``logits`` verb), a ``GPT``, or ``ids -> logits``.
+    n_bytes: UTF-8 bytes of the text the stream encodes, for bits per byte.
+    Returns n_tokens, nll_sum, nll_mean (with its standard error), perplexity, bits_per_byte
+    (None without ``n_bytes``), top-1 accuracy of the next token, and the window settings.
+    """
+    logits_fn = as_logits_fn(runner)
+    nll, correct = [], []
+    for targets, (logp,) in _scored(token_ids, context, stride, batch_size, logits_fn):
+        nll.append(-logp.gather(1, targets[:, None])[:, 0].double())
+        correct.append(logp.argmax(1) == targets)
+    return _summary(torch.cat(nll).numpy(), torch.cat(correct).numpy(), context, stride, n_bytes)
+
+
+def compare(reference, candidate, token_ids, context: int, stride: int | None = None,
+            n_bytes: int | None = None, batch_size: int = 8) -> dict:
+    """``candidate`` against ``reference`` (eager fp32) on the same windows, as llama.cpp's
+    ``--kl-divergence`` does: per scored token, KL(reference || candidate) over the whole
+    vocabulary, the two models' losses on the true token, and whether their top tokens agree.
+
+    Returns ``reference`` and ``candidate`` (``perplexity``'s dict for each) and:
+      ppl_ratio, ppl_ratio_se        PPL(candidate) / PPL(reference) = exp(mean of the per-token
+                                     loss difference); its error by the delta method
+      ln_ppl_ratio, ln_ppl_ratio_se  that mean difference and its standard error
+      kl_mean, kl_mean_se, kl_median, kl_p99, kl_p999, kl_max
+      same_top, same_top_se          share of tokens whose argmax agrees (0..1)
+      dp_mean, dp_mean_se            mean change in the correct token's probability (candidate - reference)
+      dp_rms, dp_rms_se              its root mean square
+      accuracy_drop, accuracy_drop_se  reference top-1 accuracy minus the candidate's (paired)
+    """
+    ref_fn, cand_fn = as_logits_fn(reference), as_logits_fn(candidate)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("nll_ref", "nll_cand", "kl", "same", "dp", "ok_ref", "ok_cand")}
+    for targets, (lp_ref, lp_cand) in _scored(token_ids, context, stride, batch_size, ref_fn, cand_fn):
+        lp_ref, lp_cand = lp_ref.double(), lp_cand.double()
+        p_ref = lp_ref.exp()
+        t = targets[:, None]
+        parts["nll_ref"].append(-lp_ref.gather(1, t)[:, 0])
+        parts["nll_cand"].append(-lp_cand.gather(1, t)[:, 0])
+        parts["kl"].append((p_ref * (lp_ref - lp_cand)).sum(1))
+        top_ref, top_cand = lp_ref.argmax(1), lp_cand.argmax(1)
+        parts["same"].append(top_ref == top_cand)
+        parts["dp"].append(lp_cand.gather(1, t)[:, 0].exp() - p_ref.gather(1, t)[:, 0])
+        parts["ok_ref"].append(top_ref == targets)
+        parts["ok_cand"].append(top_cand == targets)
+    a = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    n = len(a["kl"])
+
+    diff = a["nll_cand"] - a["nll_ref"]
+    ln_ratio, ln_ratio_se = _mean_se(diff)
+    kl_mean, kl_se = _mean_se(a["kl"])
+    same = float(a["same"].mean())
+    dp_mean, dp_se = _mean_se(a["dp"])
+    dp2_mean, dp2_se = _mean_se(a["dp"] ** 2)
+    dp_rms = math.sqrt(dp2_mean)
+    acc_drop, acc_drop_se = _mean_se(a["ok_ref"].astype(np.float64) - a["ok_cand"].astype(np.float64))
+    return dict(
+        reference=_summary(a["nll_ref"], a["ok_ref"], context, stride, n_bytes),
+        candidate=_summary(a["nll_cand"], a["ok_cand"], context, stride, n_bytes),
+        n_tokens=n,
+        ln_ppl_ratio=ln_ratio, ln_ppl_ratio_se=ln_ratio_se,
+        ppl_ratio=math.exp(ln_ratio), ppl_ratio_se=math.exp(ln_ratio) * ln_ratio_se,
+        kl_mean=kl_mean, kl_mean_se=kl_se,
+        kl_median=float(np.quantile(a["kl"], 0.5)), kl_p99=float(np.quantile(a["kl"], 0.99)),
+        kl_p999=float(np.quantile(a["kl"], 0.999)), kl_max=float(a["kl"].max()),
+        same_top=same, same_top_se=math.sqrt(same * (1 - same) / max(1, n - 1)),
+        dp_mean=dp_mean, dp_mean_se=dp_se,
+        dp_rms=dp_rms, dp_rms_se=dp2_se / (2 * dp_rms) if dp_rms > 0 else 0.0,
+        accuracy_drop=acc_drop, accuracy_drop_se=acc_drop_se,
+    )
+
+
+def verdict(comparison: dict, relative_tolerance: float = RELATIVE_TOLERANCE,
+            accuracy_drop: float = ABSOLUTE_ACCURACY_DROP, confidence: float = 0.95) -> dict:
+    """Whether a backend keeps the reference's quality, with the criteria's sources.
+
+    Two criteria, each judged on a two-sided ``confidence`` interval:
+      perplexity  PPL ratio - 1 at most ``relative_tolerance``: Intel Neural Compressor's
+                  default ``AccuracyCriterion(criterion="relative", tolerable_loss=0.01)``
+                  applied to perplexity (lower is better, so a rise is the loss);
+      accuracy    drop in next-token top-1 accuracy at most ``accuracy_drop``: NNCF's
+                  ``quantize_with_accuracy_control(max_drop=0.01)``, whose default drop
+                  type is absolute, on a metric in [0, 1].
+    Each is "pass" when the whole interval is within tolerance, "fail" when the whole
+    interval is beyond it, and "inconclusive" otherwise (score more tokens). The overall
+    verdict is "fail" if either fails, "pass" if both pass, else "inconclusive".
+    """
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    rel = comparison["ppl_ratio"] - 1
+    rel_se = comparison["ppl_ratio_se"]
+    drop, drop_se = comparison["accuracy_drop"], comparison["accuracy_drop_se"]
+    checks = dict(
+        perplexity=dict(value=rel, low=rel - z * rel_se, high=rel + z * rel_se, tolerance=relative_tolerance,
+                        source="Intel Neural Compressor AccuracyCriterion default: relative, tolerable_loss=0.01"),
+        accuracy=dict(value=drop, low=drop - z * drop_se, high=drop + z * drop_se, tolerance=accuracy_drop,
+                      source="NNCF quantize_with_accuracy_control default: max_drop=0.01, DropType.ABSOLUTE"),
+    )
+    for check in checks.values():
+        check["verdict"] = ("pass" if check["high"] <= check["tolerance"]
+                            else "fail" if check["low"] > check["tolerance"] else "inconclusive")
+    verdicts = {c["verdict"] for c in checks.values()}
+    overall = "fail" if "fail" in verdicts else "pass" if verdicts == {"pass"} else "inconclusive"
+    return dict(verdict=overall, confidence=confidence, checks=checks)
+
+
+def unigram_perplexity(train_ids, test_ids, vocab_size: int, n_bytes: int | None = None) -> dict:
+    """The baseline a language model must beat: each token's frequency in the training
+    stream, with add-one (Laplace) smoothing over ``vocab_size``, scored on the test stream.
+
+    It scores the same tokens as ``perplexity`` (all but the first), so the two compare
+    directly; ``bits_per_byte`` needs the test text's ``n_bytes``.
+    """
+    train = np.asarray(train_ids, dtype=np.int64)
+    test = np.asarray(test_ids, dtype=np.int64)
+    if len(test) < 2:
+        raise ValueError(f"a test stream of {len(test)} tokens has nothing to score (needs at least 2)")
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
+    if len(counts) > vocab_size:
+        raise ValueError(f"the training stream has ids >= vocab_size={vocab_size}")
+    logp = np.log(counts + 1) - math.log(len(train) + vocab_size)
+    nll = -logp[test[1:]]
+    most_common = int(counts.argmax())
+    return _summary(nll, test[1:] == most_common, None, None, n_bytes)
+
+
+def as_logits_fn(runner) -> LogitsFn:
+    """``ids (B, T) -> logits (B, T, vocab)`` float32 for a Backend, a GPT module or a function."""
+    if hasattr(runner, "logits") and callable(runner.logits):
+        return runner.logits
+    if isinstance(runner, torch.nn.Module):
+        def module_logits(ids: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return runner(ids)[0].float()
+        return module_logits
+    if callable(runner):
+        return runner
+    raise TypeError(f"cannot get logits from {type(runner).__name__}: expected a Backend, a module or a function")
+
+
+# -- internals -----------------------------------------------------------------------------
+
+def _scored(token_ids, context: int, stride: int | None, batch_size: int, *logits_fns: LogitsFn):
+    """Per batch of windows: (targets (N,), one (N, vocab) log-softmax per function), the
+    scored positions only, in stream order. Windows of equal length are batched together."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    all_windows = windows(len(ids), context, stride)
+    for i in range(0, len(all_windows), batch_size):
+        group = all_windows[i:i + batch_size]
+        # Only the last window may be shorter; it goes alone.
+        for same_len in ([group] if len({w.end - w.begin for w in group}) == 1 else [[w] for w in group]):
+            x = torch.stack([ids[w.begin:w.end] for w in same_len])  # (B, T)
+            with torch.no_grad():
+                outs = [fn(x) for fn in logits_fns]
+            targets, logps = [], [[] for _ in outs]
+            for b, w in enumerate(same_len):
+                # Position j predicts token begin + j + 1; the scored tokens are first_target .. end - 1.
+                rows = slice(w.first_target - w.begin - 1, w.end - w.begin - 1)
+                targets.append(ids[w.first_target:w.end])
+                for k, out in enumerate(outs):
+                    logps[k].append(torch.log_softmax(out[b, rows].float(), dim=-1))
+            yield torch.cat(targets), tuple(torch.cat(lp) for lp in logps)
+
+
+def _summary(nll: np.ndarray, correct: np.ndarray, context: int | None, stride: int | None,
+             n_bytes: int | None) -> dict:
+    n = len(nll)
+    nll_sum = float(np.sum(nll, dtype=np.float64))
+    mean, se = _mean_se(nll)
+    return dict(
+        n_tokens=n, nll_sum=nll_sum, nll_mean=mean, nll_mean_se=se,
+        perplexity=math.exp(mean), perplexity_se=math.exp(mean) * se,
+        bits_per_byte=None if n_bytes is None else nll_sum / (math.log(2) * n_bytes), n_bytes=n_bytes,
+        accuracy=float(np.mean(correct)), context=context,
+        stride=(context if stride is None else stride) if context is not None else None,
+    )
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, sqrt(var / (n - 1)) as llama.cpp computes it."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    mean = float(x.mean())
+    if n < 2:
+        return mean, 0.0
+    var = float(np.mean(x * x) - mean * mean)
+    return mean, math.sqrt(max(var, 0.0) / (n - 1))
