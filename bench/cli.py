@@ -299,7 +299,9 @@ def summary_table(cells: list[dict]) -> Table:
             ci = f"{c['batch'] * 1e3 / tpot['ci95_high']:,.1f}–{c['batch'] * 1e3 / tpot['ci95_low']:,.1f}"
         parity = c.get("parity")
         p = "-"
-        if parity:
+        if parity and parity.get("reference"):
+            p = "reference"
+        elif parity:
             mark = "[green]✓[/]" if parity["passed"] else "[red]✗[/]"
             p = f"{mark} {parity['token_agreement']:.0%} Δ{parity['max_abs_logit_diff']:.1e}"
         status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]"
