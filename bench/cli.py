@@ -242,7 +242,8 @@ class _Progress:
         self.sweep = sweep
         self.progress = Progress(*columns, console=err, transient=False, disable=quiet and not err.is_terminal)
         self.task = None
-        self.events = Events(on_round=self.on_round, on_launch_start=self.on_start, on_launch_done=self.on_done)
+        self.events = Events(on_start=self.on_run, on_round=self.on_round, on_launch_start=self.on_start,
+                             on_launch_done=self.on_done)
 
     def __enter__(self):
         self.progress.__enter__()
@@ -250,6 +251,14 @@ class _Progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+    def on_run(self, run_id, cells, stored):
+        runnable = sum(not c.skip_reason for c in cells)
+        planned = runnable * self.sweep.launches
+        if stored is not None:
+            self.progress.console.print(f"resuming run {run_id}: {stored} of {planned} launches already stored")
+        self.progress.console.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped), "
+                                    f"{self.sweep.launches} launches each in interleaved rounds")
 
     def on_round(self, round_, order, reading, left):
         if self.task is None:  # every launch left to run, counted when the first round starts

@@ -249,11 +249,31 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
     return result
 
 
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+def weight_bytes(config: GPTConfig, precision: str = "fp32") -> int:
+    """Bytes of every parameter at ``precision`` (int8: one byte a weight, scales not counted)."""
+    _check_precision(precision)
+    return config.n_params * BYTES_PER_PARAM[precision]
+
+
+def kv_cache_bytes(config: GPTConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
+    """Bytes of the KV cache for ``batch`` sequences of ``seq_len`` tokens; int8 backends keep it fp32."""
+    _check_precision(precision)
+    return config.kv_cache_elements(batch, seq_len) * BYTES_PER_PARAM["fp32" if precision == "int8" else precision]
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in BYTES_PER_PARAM:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(BYTES_PER_PARAM)}")
+
+
 def decode_bound(config: GPTConfig, batch: int, past_len: int, precision: str, roofline: dict) -> dict:
     """The fastest one decode step of ``batch`` sequences after ``past_len`` tokens could run.
 
     bytes = the matmul weights at ``precision`` (``config.n_matmul_params``, int8: 1 byte)
-            + the KV cache read (``config.kv_cache_bytes(batch, past_len, precision)``)
+            + the KV cache read (``kv_cache_bytes(config, batch, past_len, precision)``)
     flops = ``config.decode_flops(batch, past_len)``
     time  = max(bytes / bandwidth, flops / peak);  tokens/s = batch / time
 
@@ -264,29 +284,49 @@ def decode_bound(config: GPTConfig, batch: int, past_len: int, precision: str, r
     embeddings, layer norms, softmax and the new token's K/V writes cost nothing. A backend
     whose kernels beat the measured torch.mm rate (a different library's int8 or bf16 path)
     can also exceed a compute bound.
-    """
-    from model.gpt import BYTES_PER_PARAM
 
-    if precision not in BYTES_PER_PARAM:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(BYTES_PER_PARAM)}")
+    A roofline without a peak for ``precision`` (nobody measured fp16 on this device) still
+    bounds the step by memory: the result says so in ``bound`` ("memory (no fp16 peak
+    measured)") rather than failing a cell whose timing is already done.
+    """
+    _check_precision(precision)
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
     if past_len < 0:
         raise ValueError(f"past_len={past_len} must not be negative")
     peak = roofline.get("peak_gflops", {}).get(precision)
-    if not peak:
-        raise ValueError(f"the roofline has no peak rate for precision {precision!r} "
-                         f"(measured: {', '.join(roofline.get('peak_gflops', {})) or 'none'}); "
-                         f"measure it with measure_roofline(precisions=(..., {precision!r}))")
     bandwidth = roofline["bandwidth_gb_s"]
-    bytes_per_step = config.n_matmul_params * BYTES_PER_PARAM[precision] + config.kv_cache_bytes(
-        batch, past_len, precision)
+    bytes_per_step = config.n_matmul_params * BYTES_PER_PARAM[precision] + kv_cache_bytes(
+        config, batch, past_len, precision)
     flops_per_step = config.decode_flops(batch, past_len)
     memory_s = bytes_per_step / (bandwidth * 1e9)
-    compute_s = flops_per_step / (peak * 1e9)
+    compute_s = flops_per_step / (peak * 1e9) if peak else 0.0
+    if not peak:
+        bound = f"memory (no {precision} peak measured)"
+    else:
+        bound = "memory" if memory_s >= compute_s else "compute"
     return {
         "roofline_decode_tok_s": batch / max(memory_s, compute_s),
-        "bound": "memory" if memory_s >= compute_s else "compute",
+        "bound": bound,
         "bytes_per_step": bytes_per_step,
         "flops_per_step": flops_per_step,
     }
+
+
+def roofline_for(device: str, threads: int | None, precisions, cache: Path | None = None) -> dict | None:
+    """The roofline that bounds cells on ``device`` at ``threads``: measured once, then cached.
+
+    The CPU's is measured here (``measure_roofline``) for the precisions asked for; a CUDA
+    device's is measured on that device when torch sees one. Any other device (an Intel XPU,
+    or a CUDA device torch cannot see) gets None: its cells get no bound, never the CPU's.
+    """
+    wanted = tuple(p for p in dict.fromkeys(precisions) if p in PRECISIONS) or ("fp32",)
+    if device == "cpu":
+        return measure_roofline(threads=threads, precisions=wanted, cache=cache)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return measure_roofline(threads=threads, precisions=wanted, cache=cache, device=device)
+    return None

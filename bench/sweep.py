@@ -175,13 +175,15 @@ def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_le
     more fp32 copies while tracing and serialising; prefill activations are dominated by the
     attention scores and the MLP; the parity check loads an fp32 reference beside the backend.
     """
-    fp32 = config.weight_bytes("fp32")
-    converted = config.weight_bytes(precision) if precision != "fp32" else 0
+    from bench.roofline import kv_cache_bytes, weight_bytes
+
+    fp32 = weight_bytes(config, "fp32")
+    converted = weight_bytes(config, precision) if precision != "fp32" else 0
     export = 2 * fp32 if backend in ("onnxruntime", "openvino") else 0
-    kv = config.kv_cache_bytes(batch, seq_len, "fp32")
+    kv = kv_cache_bytes(config, batch, seq_len, "fp32")
     C, T = config.n_embd, prompt_len
     activations = 4 * batch * T * (config.n_head * T + 8 * C + config.vocab_size)
-    reference = fp32 + config.kv_cache_bytes(min(batch, 2), seq_len, "fp32") if parity else 0
+    reference = fp32 + kv_cache_bytes(config, min(batch, 2), seq_len, "fp32") if parity else 0
     runtime = int(0.8 * GiB)  # torch, runtimes and their arenas, measured empty
     return fp32 + converted + export + 2 * kv + activations + reference + runtime
 
@@ -286,6 +288,7 @@ class _CellState:
 class Events:
     """Callbacks the CLI uses to show progress; all optional."""
 
+    on_start: Callable[[str, list[Planned], int | None], None] | None = None  # run id, plan, launches stored
     on_round: Callable[[int, list[Planned], dict | None, int], None] | None = None  # ..., launches left
     on_launch_start: Callable[[Planned, int, int], None] | None = None  # cell, round, launch number
     on_launch_done: Callable[[Planned, dict, dict], None] | None = None  # cell, launch, cell record
@@ -348,6 +351,8 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
         store.reopen_run(run_id)
     states = {c.key: _CellState(c) for c in cells if not c.skip_reason}
     next_round = _resume_state(store, run_id, states) if resume else 0
+    if events.on_start:
+        events.on_start(run_id, cells, sum(s.ok for s in states.values()) if resume else None)
     stored = store.latest_cells(run_id)
     for c in cells:
         if c.skip_reason and c.key not in stored:

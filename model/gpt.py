@@ -28,7 +28,6 @@ import torch.utils.checkpoint
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 KVCache = tuple[LayerCache, ...]
 
-BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 POS_ENCODINGS = ("learned", "sinusoidal")
 
 
@@ -89,16 +88,10 @@ class GPTConfig:
         C = self.n_embd
         return self.n_layer * 12 * C * C + self.vocab_size * C
 
-    def weight_bytes(self, precision: str = "fp32") -> int:
-        """Bytes of all parameters stored at ``precision``."""
-        if precision not in BYTES_PER_PARAM:
-            raise ValueError(f"precision={precision!r} is not one of {', '.join(BYTES_PER_PARAM)}")
-        return self.n_params * BYTES_PER_PARAM[precision]
-
-    def kv_cache_bytes(self, batch: int, seq_len: int, precision: str = "fp32") -> int:
-        """Bytes of keys and values for ``batch`` sequences of ``seq_len`` tokens."""
-        bytes_per = BYTES_PER_PARAM["fp32" if precision == "int8" else precision]
-        return 2 * self.n_layer * batch * seq_len * self.n_embd * bytes_per
+    def kv_cache_elements(self, batch: int, seq_len: int) -> int:
+        """Numbers in the keys and values of ``batch`` sequences of ``seq_len`` tokens (bytes per
+        precision are the harness's business: ``bench.roofline.kv_cache_bytes``)."""
+        return 2 * self.n_layer * batch * seq_len * self.n_embd
 
     def decode_flops(self, batch: int, past_len: int) -> int:
         """Multiply-add FLOPs (2 per MAC) of one decode step: matmuls plus attention over the cache."""

@@ -34,6 +34,11 @@ def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     (["generate", "--model", "tiny"], "exactly one of --prompt"),
     (["generate", "--model", "tiny", "--prompt-ids", "1,x"], "not a comma list of integers"),
     (["generate", "--model", "tiny", "--prompt-ids", "99999"], "outside the vocabulary"),
+    (["generate", "--model", "tiny", "--prompt-ids", "1", "--max-new-tokens", "999"], "exceeds max_length=256"),
+    (["generate", "--model", "tiny", "--prompt-ids", "1", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
+    (["generate", "--model", "tiny", "--prompt-ids", "1", "--temperature", "-0.5"],
+     "--temperature -0.5 must not be negative"),
+    (["runs", "--store", "/"], "is a directory"),
     (["bogus"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
@@ -51,6 +56,19 @@ def test_width_not_divisible_by_heads_in_a_checkpoint_is_one_line(tmp_path, caps
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2"]) == 2
     err = capsys.readouterr().err
     assert "n_embd=100 is not divisible by n_head=12" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unexpected_error_is_a_bug_with_a_traceback_and_exit_code_1(monkeypatch, capsys):
+    """Only bad input is a usage error: a ValueError from inside a command is a bug, shown in full."""
+    from bench import cli
+
+    def broken(args):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(cli, "cmd_runs", broken)
+    assert main(["runs"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: boom" in err
 
 
 def test_bad_input_from_a_real_process_has_no_traceback():
@@ -87,6 +105,16 @@ def test_generate_json_matches_the_library_greedy_tokens():
     assert out["token_ids"] == expected
 
 
+def test_temperature_zero_is_greedy(capsys):
+    """--temperature 0 means greedy decoding, as in llama.cpp; it used to sample at temperature 1."""
+    args = ["generate", "--model", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"]
+    assert main([*args, "--greedy"]) == 0
+    greedy = json.loads(capsys.readouterr().out)["token_ids"]
+    for seed in ("1", "2"):
+        assert main([*args, "--temperature", "0", "--seed", seed]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == greedy
+
+
 def test_generate_sampling_is_reproducible_with_a_seed():
     args = ("generate", "--model", "tiny", "--prompt", "hello", "--max-new-tokens", "8", "--temperature",
             "1.5", "--top-k", "50", "--seed", "7", "--json")
@@ -112,7 +140,7 @@ def test_run_stores_cells_then_runs_export_and_resume(tmp_path):
     assert csv_text.splitlines()[0].count(",") > 10 and len(csv_text.splitlines()) == 5
 
     resumed = bench(*sweep, "--resume", "--json")
-    assert "4 of 4 cells already done" in resumed.stderr
+    assert "4 of 4 launches already stored" in resumed.stderr
     assert len(json.loads(resumed.stdout)) == 4  # nothing ran twice
 
 

@@ -12,6 +12,7 @@ from backends.base import Probe
 from bench.cell import _died, run_cell
 from bench.measure import prompt_ids
 from bench.records import cell_record
+from bench.roofline import kv_cache_bytes, weight_bytes
 from bench.spec import CellSpec
 from bench.sweep import Sweep, SweepError, estimate_peak_bytes, parse_list, plan
 from model.gpt import get_config
@@ -47,7 +48,7 @@ def test_memory_guard_skips_cells_that_would_not_fit():
     config = get_config("gpt2")
     need = estimate_peak_bytes(config, "eager", "fp32", 1, sweep.prompt_len + sweep.gen_len,
                                sweep.prompt_len, True)
-    assert need > 2 * config.weight_bytes("fp32")  # the model and the parity reference at least
+    assert need > 2 * weight_bytes(config, "fp32")  # the model and the parity reference at least
     cells = plan(sweep, {"eager": AVAILABLE}, None, available_bytes=int(need * 0.9))
     reasons = {c.spec.model: c.skip_reason for c in cells}
     assert reasons["tiny"] == ""
@@ -81,7 +82,7 @@ def test_a_launch_runs_in_its_own_process_and_keeps_raw_samples_by_generation():
     assert launch["parity"]["passed"] and launch["parity"]["token_agreement"] >= 0.85
     assert launch["backend_info"]["threads"] == 1
     config = get_config("tiny")
-    assert launch["kv_cache_mb"] * 2**20 == config.kv_cache_bytes(1, 8 + 3)  # prompt + decoded tokens
+    assert launch["kv_cache_mb"] * 2**20 == kv_cache_bytes(config, 1, 8 + 3)  # prompt + decoded tokens
 
 
 def test_eager_fp32_is_the_reference_not_a_parity_pass():

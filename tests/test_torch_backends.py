@@ -13,6 +13,7 @@ import torch.nn as nn
 from backends import cuda, int8, ipex, mkl
 from backends.base import BackendError, BackendUnavailable, UnsupportedPrecision
 from backends.eager import EagerBackend
+from bench.roofline import weight_bytes
 from model.gpt import build_model, get_config
 
 
@@ -82,7 +83,7 @@ def test_int8_weight_bytes_count_int8_matrices(tiny):
     # One byte per matrix weight (the blocks' and the LM head's own copy), fp32 for the rest,
     # and a float64 scale plus an int64 zero point per quantised layer.
     assert q.weight_bytes() == cfg.n_matmul_params + 4 * float_params + 16 * n_linear
-    assert fp32.weight_bytes() == cfg.weight_bytes("fp32")
+    assert fp32.weight_bytes() == weight_bytes(cfg, "fp32")
     assert q.weight_bytes() < 0.5 * fp32.weight_bytes()
     assert q.info()["weight_bytes"] == q.weight_bytes()
 
@@ -140,7 +141,7 @@ def test_mkl_bf16_converts_a_copy(tiny):
     assert backend.model.lm_head.weight is backend.model.transformer.wte.weight  # still tied
     logits, cache = backend.prefill(torch.tensor([[1, 2, 3]]))
     assert logits.dtype == torch.float32 and cache[0][0].dtype == torch.bfloat16
-    assert backend.weight_bytes() == tiny.config.weight_bytes("bf16")
+    assert backend.weight_bytes() == weight_bytes(tiny.config, "bf16")
 
 
 def test_torch_build_info_digests_the_build():
@@ -241,7 +242,7 @@ def test_cuda_memory_peak_is_reset_after_load(tiny):
     with cuda.CUDABackend() as backend:
         backend.load(tiny)
         loaded = backend.memory()
-        assert loaded["allocated"] >= tiny.config.weight_bytes("fp16")
+        assert loaded["allocated"] >= weight_bytes(tiny.config, "fp16")
         assert loaded["peak"] == loaded["allocated"]
         backend.prefill(torch.randint(0, tiny.config.vocab_size, (2, 16)))
         backend.synchronize()
