@@ -131,7 +131,10 @@ def measure_cell(spec: CellSpec) -> dict:
         mem = backend.memory()
         out["device_peak_mb"] = None if mem is None else mem["peak"] / MiB
         out["peak_rss_mb"] = _peak_rss_mb()  # before the parity reference adds its own weights
-        out["parity"] = _parity(backend, spec, ids) if spec.parity_steps > 0 else None
+        reference = _Reference(spec)
+        out["parity"] = _parity(backend, spec, ids, reference) if spec.parity_steps > 0 else None
+        out["quality"] = _quality(backend, spec, reference) if spec.quality_tokens and spec.checkpoint else None
+        reference.close()
         out["backend_info"] = backend.info()
     return out
 
@@ -211,16 +214,47 @@ def _repeat(backend, prompts, spec: CellSpec) -> dict:
 REFERENCE = ("eager", "fp32")
 
 
-def _parity(backend, spec: CellSpec, ids: torch.Tensor) -> dict:
+def _is_reference(backend, spec: CellSpec) -> bool:
+    return (spec.backend, backend.precision) == REFERENCE and backend.device == "cpu"
+
+
+class _Reference:
+    """Eager fp32 on the same weights, built on first use and shared by parity and quality."""
+
+    def __init__(self, spec: CellSpec):
+        self.spec, self.backend = spec, None
+
+    def get(self):
+        if self.backend is None:
+            self.backend = registry.create("eager")
+            self.backend.load(build(self.spec))
+        return self.backend
+
+    def close(self):
+        if self.backend is not None:
+            self.backend.close()
+
+
+def _parity(backend, spec: CellSpec, ids: torch.Tensor, reference: _Reference) -> dict:
     """Against eager fp32 on the same weights and the first (up to) two prompts.
 
     Eager fp32 on the CPU is the reference itself: checking it against itself proves nothing,
     so its record says so instead of showing a meaningless 100%.
     """
-    if (spec.backend, backend.precision) == REFERENCE and backend.device == "cpu":
+    if _is_reference(backend, spec):
         return dict(reference=True, passed=True, precision="fp32")
-    reference = registry.create("eager")
-    reference.load(build(spec))
-    with reference:
-        steps = max(1, min(spec.parity_steps, spec.gen_len))
-        return check_parity(backend, reference, ids[:2], steps=steps).to_dict()
+    steps = max(1, min(spec.parity_steps, spec.gen_len))
+    return check_parity(backend, reference.get(), ids[:2], steps=steps).to_dict()
+
+
+def _quality(backend, spec: CellSpec, reference: _Reference) -> dict:
+    """A trained checkpoint's perplexity and divergence from eager fp32 on its test split."""
+    from bench.quality import QualityInputError, backend_quality, checkpoint_stream
+
+    try:
+        stream = checkpoint_stream(spec.model, max_tokens=spec.quality_tokens)
+    except QualityInputError as e:  # a checkpoint without a tokenizer or corpus: said, not failed
+        return dict(skipped=str(e))
+    if _is_reference(backend, spec):
+        return backend_quality(backend, None, stream, is_reference=True)
+    return backend_quality(backend, reference.get(), stream)

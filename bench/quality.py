@@ -263,3 +263,100 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
         return mean, 0.0
     var = float(np.mean(x * x) - mean * mean)
     return mean, math.sqrt(max(var, 0.0) / (n - 1))
+
+
+# -- a checkpoint's test stream, and quality per backend -------------------------------------------
+
+DEFAULT_CONTEXT = 128
+DEFAULT_STRIDE = 64
+
+
+class QualityInputError(ValueError):
+    """Quality cannot be measured as asked (no tokenizer, no corpus); the message says why."""
+
+
+def checkpoint_stream(checkpoint_dir, corpus_path=None, max_tokens: int | None = None) -> dict:
+    """The tokens quality is measured on, with what they are.
+
+    With ``corpus_path`` (a text file): its whole text, encoded by the checkpoint's tokenizer
+    with no special tokens added. Otherwise the test split of the corpus the checkpoint was
+    trained on (``run.json``: the standard library of this Python, or the user's corpus),
+    documents separated by end-of-text. ``max_tokens`` keeps that many, in blocks spread over
+    the stream (``spread_blocks``; the bytes for bits per byte are then those of the kept
+    tokens' text). The result names the test
+    set by its digest and this Python's version: two machines with different Pythons have
+    different standard libraries, so different test sets, and say so.
+    """
+    import json
+    import platform
+    from pathlib import Path
+
+    from model.checkpoint import read_config
+    from model.tokenizer import HFTokenizer, encode_documents, load_tokenizer
+
+    directory = Path(checkpoint_dir)
+    config = read_config(directory)
+    tokenizer = load_tokenizer(directory, config.vocab_size)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise QualityInputError(f"{directory}: has no trained tokenizer (tokenizer.json), so its text cannot be "
+                                f"scored; train one with `bench train`")
+    if corpus_path is not None:
+        path = Path(corpus_path)
+        if not path.is_file():
+            raise QualityInputError(f"--corpus {str(path)!r}: not a file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer.encode(text)
+        info = dict(source=str(path), split="whole file")
+    else:
+        run_file = directory / "run.json"
+        if not run_file.is_file():
+            raise QualityInputError(f"{directory}: no run.json, so the corpus it was trained on is unknown; "
+                                    f"give --corpus FILE")
+        run = json.loads(run_file.read_text())
+        from model.corpus import load_corpus
+
+        source = None if run.get("corpus_source") == "stdlib" else run.get("corpus_root")
+        corpus = load_corpus(source, max_bytes=run.get("corpus_max_bytes"))
+        ids = encode_documents(tokenizer, corpus.documents("test")).tolist()
+        info = dict(source=run.get("corpus_source"), split="test", test_digest=corpus.split_digest("test"),
+                    same_corpus_as_training=corpus.digest == run.get("corpus_digest"))
+        text = None
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = spread_blocks(ids, max_tokens)
+        text = None
+        info["sampled"] = f"{max_tokens} tokens in blocks of {BLOCK} spread evenly over the stream"
+    specials = {getattr(tokenizer, n, None) for n in ("eos_token_id", "bos_token_id", "pad_token_id")}
+    n_bytes = len((text if text is not None else tokenizer.decode([i for i in ids if i not in specials]))
+                  .encode("utf-8"))
+    if len(ids) < 2:
+        raise QualityInputError(f"{info['source']}: {len(ids)} tokens, nothing to score")
+    return dict(ids=ids, n_bytes=n_bytes, n_ids=len(ids), python=platform.python_version(), **info)
+
+
+BLOCK = 1024
+
+
+def spread_blocks(ids: list[int], n: int, block: int = BLOCK) -> list[int]:
+    """``n`` tokens of ``ids`` as blocks of ``block`` consecutive tokens spread evenly over it,
+    so a bounded evaluation samples the whole test set rather than its first document."""
+    if n >= len(ids):
+        return list(ids)
+    k = max(1, n // block)
+    size = n // k
+    starts = [round(i * (len(ids) - size) / max(1, k - 1)) for i in range(k)] if k > 1 else [0]
+    return [t for s in starts for t in ids[s:s + size]]
+
+
+def backend_quality(backend, reference, stream: dict, context: int = DEFAULT_CONTEXT,
+                    stride: int = DEFAULT_STRIDE, is_reference: bool = False) -> dict:
+    """The ``quality`` field of a cell: the backend's perplexity on the stream and, against the
+    reference (eager fp32 on the same weights), llama.cpp's divergence statistics and the verdict."""
+    context = min(context, stream["n_ids"])
+    stride = min(stride, context)
+    meta = {k: v for k, v in stream.items() if k != "ids"}
+    if is_reference:
+        ppl = perplexity(backend, stream["ids"], context, stride, stream["n_bytes"])
+        return dict(stream=meta, perplexity=ppl, reference=True, verdict=dict(verdict="reference"))
+    cmp = compare(reference, backend, stream["ids"], context, stride, stream["n_bytes"])
+    return dict(stream=meta, perplexity=cmp.pop("candidate"), reference_perplexity=cmp.pop("reference"),
+                divergence=cmp, verdict=verdict(cmp))

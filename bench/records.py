@@ -24,7 +24,7 @@ from bench.spec import CellSpec, cell_id
 SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
 # Facts of the cell, not of the process: taken from the first launch that measured them.
 COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "first_call_ms", "weights_mb",
-               "kv_cache_mb", "parity", "backend_info")
+               "kv_cache_mb", "parity", "quality", "backend_info")
 MAX_FIELDS = ("peak_rss_mb", "model_mb", "device_peak_mb")
 
 

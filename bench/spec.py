@@ -47,6 +47,7 @@ class CellSpec:
     budget_s: float = 20.0  # time for one launch's measured generations
     parity_steps: int = 8  # 0: no parity check (later launches, --no-parity)
     measure_kv: bool = True  # size the KV cache after a full generation (later launches skip it)
+    quality_tokens: int = 0  # a trained checkpoint's quality on this many test tokens (first launch; 0: none)
     planted_delay: float = 0.0  # testing aid: each step also spins for this fraction of its own time
     roofline: dict | None = None  # the bandwidth and peaks that bound this cell (its device and threads)
     options: dict = field(default_factory=dict)  # backend options
@@ -75,9 +76,9 @@ class CellSpec:
         return f"{model} {self.backend}/{self.precision}{device} batch {self.batch} threads {threads}"
 
     def later_launch(self) -> CellSpec:
-        """The spec of a launch after the cell's first: parity and the KV-cache size are
-        properties of the cell, not of the process, so they are measured once."""
-        return replace(self, parity_steps=0, measure_kv=False)
+        """The spec of a launch after the cell's first: parity, quality and the KV-cache size
+        are properties of the cell, not of the process, so they are measured once."""
+        return replace(self, parity_steps=0, measure_kv=False, quality_tokens=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

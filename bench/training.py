@@ -1,0 +1,55 @@
+"""``bench train``: train a preset on a corpus, with its metrics in the result store.
+
+The training loop itself is ``model.train`` (it knows nothing of the store); this module
+gathers the corpus, skips the work when the same corpus, configs and seed were already
+trained into the output directory, and logs every step into the SQLite store as a training
+run, so reports can draw the loss curve beside the benchmark results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def train_preset(model_config, train_config, out_dir: str | Path, store, fingerprint: dict, *,
+                 corpus_path: str | None = None, max_bytes: int | None = None, resume: bool = False,
+                 name: str | None = None, on_step: Callable | None = None) -> dict:
+    """Train (or find already trained) ``model_config`` on the corpus; returns the summary dict.
+
+    The summary has ``cached: True`` when the output directory already holds a finished run
+    with the same key (``model.train.corpus_run_key``: corpus digest, both configs, seed,
+    tokenizer recipe); nothing is trained or overwritten then.
+    """
+    from model.corpus import load_corpus
+    from model.train import corpus_run_key, finished_run, train_on_corpus
+
+    corpus = load_corpus(corpus_path, max_bytes=max_bytes)
+    key = corpus_run_key(model_config, train_config, corpus)
+    done = finished_run(out_dir, key)
+    if done is not None and not resume:
+        return dict(done.get("summary") or {}, cached=True, key=key, out_dir=str(out_dir))
+    config = dict(model=model_config.to_dict(), train=train_config.to_dict(), corpus_digest=corpus.digest,
+                  corpus_source=corpus.source, corpus_bytes=corpus.n_bytes(), key=key)
+    run_id = store.create_training_run(fingerprint, config, str(out_dir), name=name)
+
+    def logged(progress):
+        metrics = dict(loss=progress.loss, lr=progress.lr, grad_norm=progress.grad_norm,
+                       tokens_per_s=progress.tokens_per_s, elapsed_s=progress.elapsed_s)
+        if progress.val_loss is not None:
+            metrics["val_loss"] = progress.val_loss
+        store.add_training_step(run_id, progress.step, metrics)
+        if on_step:
+            on_step(progress)
+
+    try:
+        summary = train_on_corpus(model_config, train_config, corpus, out_dir, resume=resume, on_step=logged)
+    except KeyboardInterrupt:
+        store.finish_training_run(run_id, "interrupted")
+        raise
+    except BaseException:
+        store.finish_training_run(run_id, "failed")
+        raise
+    result = dict(summary.to_dict(), cached=False, run_id=run_id)
+    store.finish_training_run(run_id, "finished", result)
+    return result
