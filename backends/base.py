@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from model.errors import InputError
+
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,7 +42,7 @@ class BackendUnavailable(BackendError):
     """The backend cannot run on this machine (library missing, no device, version mismatch)."""
 
 
-class UnsupportedPrecision(BackendError, ValueError):
+class UnsupportedPrecision(BackendError, InputError):
     """The backend does not implement the requested precision."""
 
 

@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from backends.base import Backend, Probe
+from model.errors import InputError
 
 BACKENDS: dict[str, str] = {
     "eager": "backends.eager:EagerBackend",
@@ -26,8 +27,8 @@ BACKENDS: dict[str, str] = {
 }
 
 
-class UnknownBackend(ValueError):
-    pass
+class UnknownBackend(InputError):
+    """A backend name the registry does not know; the message lists the valid ones."""
 
 
 def names() -> list[str]:

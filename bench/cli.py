@@ -1,18 +1,24 @@
-"""The ``bench`` command: info, run, generate, runs, export, report, compare.
+"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality.
 
-Bad input is one line on stderr and exit code 2, never a traceback.
+Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
+exit code 2, never a traceback. A backend that cannot do what was asked is one line and
+exit code 1. Anything else is a bug: its traceback and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from model.errors import InputError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -363,10 +369,16 @@ def cmd_generate(args) -> int:
         raise UsageError(f"bench generate: token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"bench generate: --temperature {args.temperature} must not be negative (0 is greedy)")
+    # Temperature 0 is greedy decoding, as in llama.cpp: sampling's limit as the temperature falls
+    # to 0, whatever --top-k or --top-p keep (the most likely token is always kept).
+    sampling = args.temperature != 0 and (
+        args.temperature is not None or args.top_k is not None or args.top_p is not None)
     if args.greedy and sampling:
         raise UsageError("bench generate: --greedy cannot be combined with --temperature, --top-k or --top-p")
     greedy = not sampling
+    temperature = 1.0 if args.temperature is None else args.temperature  # read only when sampling
     with registry.create(args.backend, precision=args.precision, threads=args.threads) as backend:
         probe = backend.probe()
         if not probe.available:
@@ -374,7 +386,7 @@ def cmd_generate(args) -> int:
                              + (f" (fix: {probe.fix})" if probe.fix else ""))
         backend.load(model)
         new = generate(backend, [ids], args.max_new_tokens, greedy=greedy,
-                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                       temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
                        seed=args.seed, eos_token_id=tokenizer.eos_token_id,
                        max_length=model.config.block_size)[0]
@@ -410,7 +422,7 @@ def cmd_export(args) -> int:
     run = Store(args.store).get_run(args.run)
     text = export_json(run) if args.format == "json" else export_csv(run)
     if args.out:
-        Path(args.out).write_text(text)
+        _write(Path(args.out), text)
         err.print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
@@ -423,20 +435,31 @@ def cmd_report(args) -> int:
     store = Store(args.store)
     runs = [store.get_run(r) for r in (args.runs or ["latest"])]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"bench report: cannot create --out {str(out)!r}: {e.strerror or e}") from None
     from reports.html import render_html  # the renderers take stored records only
     from reports.markdown import render_markdown
 
     written = []
     if args.format in ("md", "both"):
-        (out / "report.md").write_text(render_markdown(runs), encoding="utf-8")
+        _write(out / "report.md", render_markdown(runs))
         written.append(out / "report.md")
     if args.format in ("html", "both"):
-        (out / "report.html").write_text(render_html(runs), encoding="utf-8")
+        _write(out / "report.html", render_html(runs))
         written.append(out / "report.html")
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    """Write an output file the user named; a path that cannot be written is bad input."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 def cmd_compare(args) -> int:
@@ -463,6 +486,156 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# -- training and quality --------------------------------------------------------------------
+
+
+TRAIN_OPTIONS = ("steps", "batch_size", "context", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
+                 "grad_clip", "precision", "grad_checkpointing", "eval_every", "checkpoint_every", "keep_last",
+                 "patience", "seed")
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from bench.machine import fingerprint
+    from bench.store import Store
+    from bench.training import train_preset
+    from model.gpt import get_config
+    from model.train import TrainConfig
+
+    values = _read_config_file(args.config) if args.config else {}
+    model = values.pop("model", None)
+    overrides = values.pop("model_overrides", {})
+    if args.model is not None:
+        model = args.model
+    if model is None:
+        raise UsageError("bench train: give --model PRESET (or model = \"...\" in --config)")
+    corpus = values.pop("corpus", None) if args.corpus is None else args.corpus
+    max_bytes = values.pop("max_bytes", None) if args.max_bytes is None else args.max_bytes
+    for name in TRAIN_OPTIONS:
+        given = getattr(args, name, None)
+        if given is not None and given is not False:
+            values[name] = given
+    model_config = get_config(model, **overrides)
+    train_config = TrainConfig.from_dict(values)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = Store(args.store)
+
+    def show(progress):
+        err.print(progress.line(), markup=False, highlight=False)
+
+    summary = train_preset(model_config, train_config, args.out, store, fingerprint(), corpus_path=corpus,
+                           max_bytes=max_bytes, resume=args.resume, name=args.name,
+                           on_step=None if args.json else show)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    elif summary.get("cached"):
+        print(f"{args.out}: already trained with this corpus, config and seed (key {summary['key']}); "
+              f"best validation loss {_fmt(summary.get('best_val_loss'), 4)}")
+    else:
+        print(f"{args.out}: {summary['status']} at step {summary['step']}, best validation loss "
+              f"{_fmt(summary.get('best_val_loss'), 4)} (step {summary.get('best_step')}), "
+              f"{_fmt(summary.get('tokens_per_s'), 0)} tok/s; training run {summary['run_id']}")
+    return 0
+
+
+def _read_config_file(path) -> dict:
+    """A train config file: TOML ([train] table or top level) or JSON."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}")
+    return dict(data.get("train", data))
+
+
+def cmd_quality(args) -> int:
+    import torch
+
+    from backends import registry
+    from bench.quality import backend_quality, checkpoint_stream
+    from model.checkpoint import load_checkpoint
+
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"bench quality: checkpoint directory {args.checkpoint!r} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = registry.names() if args.backend == "all" else [b.strip() for b in args.backend.split(",")]
+    targets = []
+    for name in backends:
+        cls = registry.get_backend_class(name)
+        for precision in ([p.strip() for p in args.precision.split(",")] if args.precision
+                          else [cls.default_precision]):
+            targets.append((name, precision))
+    stream = checkpoint_stream(args.checkpoint, corpus_path=args.corpus, max_tokens=args.max_tokens)
+    model = load_checkpoint(args.checkpoint)
+    reference = registry.create("eager")
+    reference.load(model)
+    results = []
+    for name, precision in targets:
+        row = dict(backend=name, precision=precision)
+        probe = registry.probe_isolated(name)
+        cls = registry.get_backend_class(name)
+        if not probe.available:
+            row.update(status="skipped", reason=f"backend unavailable: {probe.reason}")
+        elif precision not in cls.precisions:
+            row.update(status="skipped", reason=f"backend {name!r} does not support precision {precision!r}")
+        else:
+            with registry.create(name, precision=precision, threads=args.threads) as backend:
+                backend.load(load_checkpoint(args.checkpoint))
+                is_ref = (name, backend.precision, backend.device) == ("eager", "fp32", "cpu")
+                row.update(status="ok", quality=backend_quality(backend, reference, stream, args.context,
+                                                                 args.stride or args.context, is_reference=is_ref))
+        results.append(row)
+        if not args.json:
+            err.print(_quality_line(row), markup=False, highlight=False)
+    reference.close()
+    if args.json:
+        print(json.dumps(dict(checkpoint=str(args.checkpoint), stream={k: v for k, v in stream.items() if k != "ids"},
+                              results=results), indent=1))
+    else:
+        out_console().print(quality_table(results, stream))
+    return 0
+
+
+def _quality_line(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['backend']}/{row['precision']}: {row['status']}: {row['reason']}"
+    q = row["quality"]
+    return f"{row['backend']}/{row['precision']}: perplexity {q['perplexity']['perplexity']:.3f} ({q['verdict']['verdict']})"
+
+
+def quality_table(results: list[dict], stream: dict) -> Table:
+    table = Table(title=f"Quality on {stream['n_ids']:,} tokens of {stream['source']} ({stream['split']})",
+                  title_justify="left")
+    for col in ("backend", "prec", "perplexity", "bits/byte", "PPL ratio", "mean KL", "KL p99", "same top",
+                "RMS Δp", "verdict"):
+        table.add_column(col, justify="left" if col in ("backend", "prec", "verdict") else "right")
+    for r in results:
+        if r["status"] != "ok":
+            table.add_row(r["backend"], r["precision"], *["-"] * 7, f"[yellow]{r['status']}[/]: {r['reason']}")
+            continue
+        q = r["quality"]
+        ppl = q["perplexity"]
+        d = q.get("divergence")
+        verdict = q["verdict"]["verdict"]
+        colour = {"pass": "green", "fail": "red", "inconclusive": "yellow"}.get(verdict, "dim")
+        if d is None:
+            cells = ["reference"] + ["-"] * 4
+        else:
+            cells = [f"{d['ppl_ratio']:.4f} ± {d['ppl_ratio_se']:.4f}", f"{d['kl_mean']:.2e}", f"{d['kl_p99']:.2e}",
+                     f"{100 * d['same_top']:.2f}%", f"{100 * d['dp_rms']:.3f}%"]
+        table.add_row(r["backend"], r["precision"], f"{ppl['perplexity']:.3f} ± {ppl['perplexity_se']:.3f}",
+                      _fmt(ppl.get("bits_per_byte"), 3), *cells, f"[{colour}]{verdict}[/]")
+    return table
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -481,6 +654,8 @@ def _percent(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} must not be negative")
     return v
@@ -536,7 +711,8 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--greedy", action="store_true", help="greedy decoding (the default without sampling options)")
-    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--temperature", type=float,
+                     help="sampling temperature (default 1.0 when sampling); 0 means greedy decoding, as in llama.cpp")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -565,6 +741,49 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default=DEFAULT_STORE)
     report.set_defaults(fn=cmd_report)
 
+    train = sub.add_parser("train", help="train a preset on a local corpus (the standard library by default)")
+    train.add_argument("--model", help="preset to train (tiny, small, gpt2, ...)")
+    train.add_argument("--config", help="a TOML or JSON file of train settings (and model = \"...\"); options override it")
+    train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused)")
+    train.add_argument("--corpus", help="a text file or directory (default: this Python's standard library sources)")
+    train.add_argument("--max-bytes", type=_positive_int, help="keep at most this many bytes of the corpus")
+    train.add_argument("--steps", type=_positive_int)
+    train.add_argument("--batch-size", type=_positive_int)
+    train.add_argument("--context", type=_positive_int)
+    train.add_argument("--grad-accum", type=_positive_int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--min-lr", type=float)
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--grad-clip", type=float)
+    train.add_argument("--precision", choices=("fp32", "bf16"))
+    train.add_argument("--grad-checkpointing", action="store_true", default=None)
+    train.add_argument("--eval-every", type=_positive_int)
+    train.add_argument("--checkpoint-every", type=_positive_int)
+    train.add_argument("--keep-last", type=_positive_int)
+    train.add_argument("--patience", type=int, help="evaluations without a better validation loss before stopping")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--threads", type=_positive_int, default=None)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    train.add_argument("--name")
+    train.add_argument("--store", default=DEFAULT_STORE)
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(fn=cmd_train)
+
+    quality = sub.add_parser("quality", help="perplexity and divergence from eager fp32 per backend and precision")
+    quality.add_argument("--checkpoint", required=True, help="a trained checkpoint directory (bench train --out)")
+    quality.add_argument("--backend", default="eager,int8", help="backends, comma-separated, or 'all'")
+    quality.add_argument("--precision", help="precisions, comma-separated (default: each backend's own)")
+    quality.add_argument("--corpus", help="score this text file's whole text instead of the test split")
+    quality.add_argument("--context", type=_positive_int, default=128, help="tokens per window (default 128)")
+    quality.add_argument("--stride", type=_positive_int, default=None, help="tokens between windows (default: the context)")
+    quality.add_argument("--max-tokens", type=_positive_int, default=None,
+                         help="score at most this many tokens, in blocks spread over the stream")
+    quality.add_argument("--threads", type=_positive_int, default=None)
+    quality.add_argument("--json", action="store_true",
+                         help="print n_tokens, nll_sum, perplexity, bits per byte and the divergence statistics")
+    quality.set_defaults(fn=cmd_quality)
+
     compare = sub.add_parser("compare", help="compare two runs cell by cell")
     compare.add_argument("base")
     compare.add_argument("new")
@@ -584,25 +803,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         return args.fn(args)
-    except UsageError as e:
+    except (UsageError, InputError) as e:
+        # Config, preset, backend, precision, checkpoint, sweep, store and prompt errors.
         err.print(f"error: {e}", markup=False)
-        return EXIT_USAGE
-    except (ValueError, LookupError, OSError) as e:
-        # Config, preset, backend, precision, checkpoint and sweep errors: one line, no traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        err.print(f"error: {msg}", markup=False)
         return EXIT_USAGE
     except Exception as e:
         from backends.base import BackendError
-        from bench.store import StoreError
 
-        if isinstance(e, StoreError):
-            err.print(f"error: {e}", markup=False)
-            return EXIT_USAGE
         if isinstance(e, BackendError):
             err.print(f"error: {e}", markup=False)
             return EXIT_FAILURE
-        raise
+        traceback.print_exc()
+        err.print("error: an unexpected exception, which is a bug in bench; the traceback above says where",
+                  markup=False)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         err.print("interrupted: finished cells are already stored (bench run --resume continues)")
         return 130

@@ -37,6 +37,7 @@ from typing import Iterable
 from bench.machine import fingerprint_id as compute_fingerprint_id
 from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES
 from bench.spec import cell_id
+from model.errors import InputError
 
 DEFAULT_STORE = Path("runs") / "bench.sqlite"
 SCHEMA_VERSION = 2  # 2: rounds, launches and training tables
@@ -114,7 +115,7 @@ CREATE INDEX IF NOT EXISTS runs_resume ON runs(sweep_key, fingerprint_id);
 _LATEST_CELLS = "SELECT * FROM cells WHERE id IN (SELECT max(id) FROM cells WHERE run_id = ? GROUP BY key) ORDER BY id"
 
 
-class StoreError(Exception):
+class StoreError(InputError):
     """The store cannot be opened or does not hold what was asked for."""
 
 

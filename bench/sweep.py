@@ -31,11 +31,12 @@ import psutil
 
 from bench.records import cell_record, skipped_record
 from bench.spec import CellSpec
+from model.errors import InputError
 
 GiB = 1024**3
 
 
-class SweepError(ValueError):
+class SweepError(InputError):
     """A sweep that cannot be run as written; the message names the bad value."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from model.errors import InputError
 from model.gpt import GPT, GPTConfig
 
 FORMAT = "llm-backend-bench/gpt"
@@ -34,7 +35,7 @@ _IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)|lm_head\.w
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory cannot be loaded; the message names the file and the tensor."""
 
 

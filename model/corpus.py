@@ -29,13 +29,15 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.errors import InputError
+
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.90, 0.05, 0.05)  # train, val, test
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 MANIFEST_FORMAT = "llm-backend-bench/corpus"
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The corpus cannot be used: missing, empty, or unreadable. The message names the path."""
 
 

@@ -18,6 +18,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from model.errors import InputError
+
+
+class GenerationError(InputError):
+    """Prompts or settings ``generate`` cannot use (a ``ValueError``); the message names the value."""
+
 
 class Stepper(Protocol):
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor | None = None,
@@ -71,31 +77,31 @@ def generate(
         ``tokens`` is (B,), or (B * num_beams,) in beam search, one row per beam.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt")
+        raise GenerationError("prompts is empty: give at least one prompt")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            raise GenerationError(f"prompt {i} is empty: every prompt needs at least one token")
         if min(p) < 0:
-            raise ValueError(f"prompt {i} holds a negative token id {min(p)}")
+            raise GenerationError(f"prompt {i} holds a negative token id {min(p)}")
     if pad_token_id < 0:
-        raise ValueError(f"pad_token_id={pad_token_id} must be a token id (>= 0)")
+        raise GenerationError(f"pad_token_id={pad_token_id} must be a token id (>= 0)")
     if not greedy and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+        raise GenerationError(f"temperature={temperature} must be > 0 when sampling")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+        raise GenerationError(f"top_k={top_k} must be >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise GenerationError(f"top_p={top_p} must be in (0, 1]")
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
+        raise GenerationError(f"repetition_penalty={repetition_penalty} must be > 0")
     if num_beams < 1:
-        raise ValueError(f"num_beams={num_beams} must be >= 1")
+        raise GenerationError(f"num_beams={num_beams} must be >= 1")
     if num_beams > 1 and not greedy:
-        raise ValueError(f"num_beams={num_beams} needs greedy=True: beam sampling is not implemented")
+        raise GenerationError(f"num_beams={num_beams} needs greedy=True: beam sampling is not implemented")
     longest = max(len(p) for p in prompts)
     if max_length is not None and longest + max_new_tokens > max_length:
-        raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
+        raise GenerationError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
                          f"exceeds max_length={max_length}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
@@ -211,7 +217,7 @@ def _beam_search(stepper: Stepper, ids, mask, pos, max_new_tokens: int, K: int,
     V = logits.shape[-1]
     seen = _seen_table(ids, mask, V, repetition_penalty)
     if K > V:
-        raise ValueError(f"num_beams={K} exceeds the vocabulary size {V}")
+        raise GenerationError(f"num_beams={K} exceeds the vocabulary size {V}")
 
     # The first step expands each prompt into its K best first tokens.
     logp = F.log_softmax(_penalise(logits, seen, repetition_penalty), dim=-1)  # (B, V)

@@ -24,11 +24,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from model.errors import InputError
+
 # One layer's cache: (keys, values), each (B, n_head, T_past, head_dim).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 KVCache = tuple[LayerCache, ...]
 
 POS_ENCODINGS = ("learned", "sinusoidal")
+
+
+class ConfigError(InputError):
+    """An invalid config field or an unknown preset name (a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -47,17 +53,17 @@ class GPTConfig:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
         if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding={self.pos_encoding!r} is not one of {', '.join(POS_ENCODINGS)}")
+            raise ConfigError(f"pos_encoding={self.pos_encoding!r} is not one of {', '.join(POS_ENCODINGS)}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
-            raise ValueError(f"n_embd={self.n_embd} must be even for sinusoidal positions")
+            raise ConfigError(f"n_embd={self.n_embd} must be even for sinusoidal positions")
         if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
+            raise ConfigError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +121,7 @@ PRESETS: dict[str, dict] = {
 def get_config(name: str, **overrides) -> GPTConfig:
     """The preset ``name``; unknown names list the valid ones."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 

@@ -17,9 +17,15 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from model.errors import InputError
+
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token
 PAD_TEXT, BOS_TEXT, UNK_TEXT = "<|pad|>", "<|bos|>", "<|unk|>"
 SPECIAL_TOKENS = (PAD_TEXT, BOS_TEXT, EOS_TEXT, UNK_TEXT)  # ids 0..3 of a trained tokenizer
+
+
+class TokenizerError(InputError):
+    """A tokenizer that cannot serve this model, or ids it cannot decode (a ``ValueError``)."""
 
 
 class Tokenizer(Protocol):
@@ -42,7 +48,7 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int = 512):
         if vocab_size < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small for a byte tokenizer (needs >= 256)")
+            raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte tokenizer (needs >= 256)")
         self.vocab_size = vocab_size
         self.eos_token_id: int | None = 256 if vocab_size > 256 else None
 
@@ -54,7 +60,7 @@ class ByteTokenizer:
         run = bytearray()  # consecutive bytes decode together: one character may span several
         for i in ids:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+                raise TokenizerError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
             if i < 256:
                 run.append(i)
                 continue
@@ -109,7 +115,7 @@ def load_tokenizer(checkpoint_dir: str | Path | None, vocab_size: int) -> ByteTo
     else:
         return ByteTokenizer(vocab_size)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"{directory}: the tokenizer has {tok.get_vocab_size()} tokens but the model's "
+        raise TokenizerError(f"{directory}: the tokenizer has {tok.get_vocab_size()} tokens but the model's "
                          f"vocab_size={vocab_size}")
     return HFTokenizer(tok, _eos_id(directory, tok))
 
@@ -138,7 +144,7 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2) -> HFTo
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
-        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE "
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a byte-level BPE "
                          f"(needs >= {len(SPECIAL_TOKENS) + len(alphabet)}: 4 special tokens and 256 bytes)")
     tok = HFRaw(models.BPE(unk_token=UNK_TEXT))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -155,7 +161,7 @@ def encode_documents(tokenizer: HFTokenizer | ByteTokenizer, texts: list[str]):
     import torch
 
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no end-of-text token to separate documents")
+        raise TokenizerError("the tokenizer has no end-of-text token to separate documents")
     encoded = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts)
     ids: list[int] = []
     for doc in encoded:

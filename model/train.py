@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from model.errors import InputError
 from model.gpt import GPT, GPTConfig
 
 RUN_FILE = "run.json"
@@ -51,11 +52,11 @@ RUN_FORMAT_VERSION = 1  # part of every cache key: bump when the loop's results 
 PRECISIONS = ("fp32", "bf16")
 
 
-class OutputDirError(ValueError):
+class OutputDirError(InputError):
     """The output directory cannot take this run; nothing in it was changed."""
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(InputError):
     """The token streams cannot feed this configuration (too short for the context)."""
 
 
