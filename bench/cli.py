@@ -41,13 +41,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _threads(text) -> list:
-    """Thread counts: '1,2', '1-4', 'default' (the libraries' own choice) or 'all' (every core
-    this process may use), also inside a list ('1,all')."""
+    """Thread counts: '1,2', '1-4', 'default' (the libraries' own choice) or 'all' (one per
+    physical core this process may use, ``bench.machine.all_threads``), also inside a list ('1,all')."""
+    from bench.machine import all_threads
     from bench.sweep import parse_list
 
     if text in ("default", "auto"):
         return [None]
-    cores = str(len(os.sched_getaffinity(0)))
+    cores = str(all_threads())
     items = text if isinstance(text, list) else str(text).split(",")
     items = [cores if str(i).strip() == "all" else i for i in items]
     return parse_list(items if isinstance(text, list) else ",".join(map(str, items)), "threads", integer=True)
@@ -682,7 +683,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
     run.add_argument("--precision", help="fp32, bf16, fp16, int8, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
-    run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for every core; 'default' for the libraries' choice")
+    run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for one per physical core; 'default' for the libraries' choice")
     run.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per sequence (default 32)")
     run.add_argument("--gen-len", type=_positive_int, help="new tokens per sequence (default 16)")
     run.add_argument("--timeout", type=float, help="seconds before a cell is killed (default 600)")

@@ -50,12 +50,43 @@ THREAD_ENV = (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SYSFS_CPU = Path("/sys/devices/system/cpu")  # Linux's CPU topology
 
 
 @functools.cache
 def _cpu_info() -> dict:
     """py-cpuinfo's answer, once per process: it takes about a second."""
     return cpuinfo.get_cpu_info()
+
+
+def _allowed_cpus() -> set[int]:
+    """The logical CPUs this process may run on (taskset, cgroup cpusets)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return set(range(psutil.cpu_count(logical=True) or 1))
+
+
+def all_threads() -> int:
+    """What ``threads = "all"`` means: one thread per physical core this process may run on.
+
+    Hyper-threads share a core's execution units, so a second thread per core rarely speeds
+    up matmul-bound work and often slows it. The cores are counted from the kernel's topology
+    (CPUs that list the same ``thread_siblings_list`` share a core) among the CPUs this
+    process may use; without that topology, psutil's physical count capped by the CPUs
+    allowed; where psutil cannot tell either, every logical CPU allowed.
+    """
+    allowed = _allowed_cpus()
+    cores = set()
+    try:
+        for cpu in allowed:
+            cores.add((SYSFS_CPU / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+    except OSError:
+        cores = set()
+    if cores:
+        return len(cores)
+    physical = psutil.cpu_count(logical=False)  # None where psutil cannot tell
+    return min(physical, len(allowed)) if physical else len(allowed)
 
 
 def _cpu() -> dict:
@@ -66,10 +97,6 @@ def _cpu() -> dict:
         freq_mhz = float(freq.max or freq.current)
     else:  # no cpufreq in many VMs: fall back to the advertised clock
         freq_mhz = info.get("hz_advertised", (0, 0))[0] / 1e6 or None
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = psutil.cpu_count(logical=True)
     return {
         "brand": info.get("brand_raw", "unknown"),
         "arch": info.get("arch_string_raw") or platform.machine(),
@@ -77,7 +104,7 @@ def _cpu() -> dict:
         "isa": {f: f in flags for f in ISA_FLAGS},
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_logical": psutil.cpu_count(logical=True),
-        "cores_allowed": affinity,  # what this process may run on (taskset, cgroups)
+        "cores_allowed": len(_allowed_cpus()),  # logical CPUs this process may run on (taskset, cgroups)
         "freq_mhz": freq_mhz,
     }
 

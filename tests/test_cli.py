@@ -147,3 +147,12 @@ def test_run_stores_cells_then_runs_export_and_resume(tmp_path):
 def test_export_of_an_unknown_run_is_one_line(tmp_path, capsys):
     assert main(["export", "nope", "--store", str(tmp_path / "s.sqlite")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_threads_all_means_one_per_physical_core(monkeypatch):
+    from bench import cli, machine
+
+    monkeypatch.setattr(machine, "all_threads", lambda: 3)
+    assert cli._threads("all") == [3]
+    assert cli._threads("1,all") == [1, 3]
+    assert cli._threads(["all"]) == [3]  # from a TOML list

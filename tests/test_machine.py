@@ -84,3 +84,40 @@ def test_diff_of_flags_shows_added_and_removed(fp):
 
 def test_git_commit_outside_git_is_none(tmp_path):
     assert machine.git_commit(tmp_path) is None
+
+
+def _affinity(monkeypatch, cpus):
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(cpus))
+
+
+def test_all_threads_is_one_per_physical_core_this_process_may_use(monkeypatch, tmp_path):
+    """'all' used to count logical CPUs, two threads per core on a machine with hyper-threads."""
+    for cpu in range(8):  # 4 cores of 2 hyper-threads: cpu i and i + 4 share a core
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
+    monkeypatch.setattr(machine, "SYSFS_CPU", tmp_path)
+    _affinity(monkeypatch, range(8))
+    assert machine.all_threads() == 4
+    _affinity(monkeypatch, {0, 4})  # both hyper-threads of one core (a cgroup cpuset)
+    assert machine.all_threads() == 1
+    _affinity(monkeypatch, {0, 1, 2})
+    assert machine.all_threads() == 3
+
+
+def test_all_threads_without_a_topology_is_psutils_physical_count_capped_by_affinity(monkeypatch, tmp_path):
+    monkeypatch.setattr(machine, "SYSFS_CPU", tmp_path / "absent")
+    monkeypatch.setattr(machine.psutil, "cpu_count", lambda logical=True: 8 if logical else 4)
+    _affinity(monkeypatch, range(8))
+    assert machine.all_threads() == 4
+    _affinity(monkeypatch, {0, 1})
+    assert machine.all_threads() == 2
+    monkeypatch.setattr(machine.psutil, "cpu_count", lambda logical=True: 8 if logical else None)
+    _affinity(monkeypatch, range(6))
+    assert machine.all_threads() == 6  # psutil cannot tell: every logical CPU allowed
+
+
+def test_the_fingerprint_records_physical_logical_and_allowed_cores(fp):
+    cpu = fp["cpu"]
+    assert 1 <= cpu["cores_allowed"] <= cpu["cores_logical"]
+    assert cpu["cores_physical"] is None or 1 <= cpu["cores_physical"] <= cpu["cores_logical"]
