@@ -148,9 +148,17 @@ def build_sweep(args):
     elif "model" in values:
         from model.gpt import get_config
 
+        from bench.sweep import is_checkpoint_dir
+
         sweep.models = parse_list(values["model"], "model")
-        for m in sweep.models:
-            get_config(m)  # unknown presets fail here, with the valid names
+        for i, m in enumerate(sweep.models):
+            if is_checkpoint_dir(m):  # a trained checkpoint beside the presets
+                sweep.models[i] = str(Path(m).resolve())
+            elif "/" in m:
+                raise SweepError(f"checkpoint directory {m!r} does not exist (make bench trains it: "
+                                 f"bench train --config sweeps/train-small.toml --out {m})")
+            else:
+                get_config(m)  # unknown presets fail here, with the valid names
     if "backend" in values:
         sweep.backends = parse_list(values["backend"], "backend")
     if "precision" in values:

@@ -105,6 +105,7 @@ class Sweep:
     parity: bool = True
     seed: int = 0
     checkpoint: bool = False  # models are checkpoint directories
+    quality_tokens: int = 16384  # test tokens a trained checkpoint's quality is measured on (0: none)
     planted_delay: float = 0.0  # testing aid: every step made this fraction slower (see PlantedDelay)
 
     def key(self) -> str:
@@ -119,7 +120,7 @@ TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions"
              "threads": "threads", "prompt_len": "prompt_len", "gen_len": "gen_len",
              "timeout": "timeout_s", "budget": "budget_s", "target_ci": "target_ci", "parity": "parity",
              "seed": "seed", "checkpoint": "checkpoint", "launches": "launches",
-             "planted_delay": "planted_delay"}
+             "planted_delay": "planted_delay", "quality_tokens": "quality_tokens"}
 
 
 def load_toml(path: str | Path) -> dict:
@@ -154,6 +155,14 @@ class Planned:
     @property
     def key(self) -> str:
         return self.spec.id
+
+
+def is_checkpoint_dir(name: str) -> bool:
+    """A model entry that is not a preset but a directory: a checkpoint (``make bench`` mixes a
+    trained ``small`` with the ``gpt2`` preset in one sweep)."""
+    from model.gpt import PRESETS
+
+    return name not in PRESETS and Path(name).is_dir()
 
 
 def model_config(name: str, checkpoint: bool):
@@ -213,7 +222,8 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
     cells: list[Planned] = []
     for model in sweep.models:
-        config = model_config(model, sweep.checkpoint)
+        checkpoint = sweep.checkpoint or is_checkpoint_dir(model)
+        config = model_config(model, checkpoint)
         seq_len = sweep.prompt_len + sweep.gen_len
         if seq_len > config.block_size:
             raise SweepError(f"prompt_len + gen_len = {seq_len} exceeds {model}'s context length "
@@ -227,8 +237,9 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                         spec = CellSpec(model=model, backend=backend, precision=precision,
                                         device=cls.default_device(), batch=batch, threads=threads,
                                         prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
-                                        checkpoint=sweep.checkpoint, budget_s=sweep.budget_s,
+                                        checkpoint=checkpoint, budget_s=sweep.budget_s,
                                         target_ci=sweep.target_ci, parity_steps=8 if sweep.parity else 0,
+                                        quality_tokens=sweep.quality_tokens if checkpoint else 0,
                                         planted_delay=sweep.planted_delay)
                         reason = ""
                         if not probe.available:

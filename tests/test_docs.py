@@ -18,3 +18,16 @@ def test_default_sweep_parses():
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
     assert values["backend"] == "all" and values["model"]
+
+
+def test_make_bench_trains_a_valid_config():
+    import tomllib
+
+    from model.gpt import get_config
+    from model.train import TrainConfig
+
+    values = dict(tomllib.loads((ROOT / "sweeps" / "train-small.toml").read_text())["train"])
+    get_config(values.pop("model"))
+    assert TrainConfig.from_dict(values).steps > 0
+    assert "runs/small-trained" in (ROOT / "sweeps" / "default.toml").read_text()
+    assert "--out $(RUNS)/small-trained" in (ROOT / "Makefile").read_text()
