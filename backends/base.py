@@ -66,6 +66,12 @@ class Probe:
                    devices=tuple(d.get("devices", ())), versions=dict(d.get("versions", {})))
 
 
+def isa_has_native_bf16(isa: dict) -> bool:
+    """Whether a CPU with these ISA flags (``bench.machine.fingerprint()["cpu"]["isa"]``) has bf16
+    matmul instructions (AVX-512 BF16 or AMX-BF16); without them bf16 runs a slow fp32 emulation."""
+    return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
+
+
 def cache_dir() -> Path:
     """Where exported and compiled models are kept (``BENCH_CACHE_DIR`` overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-backend-bench"
@@ -118,6 +124,14 @@ class Backend(ABC):
     @classmethod
     def default_device(cls) -> str:
         return "cpu"
+
+    @classmethod
+    def native_precisions(cls, isa: dict) -> tuple[str, ...]:
+        """The reduced precisions, among ``precisions`` and besides the default, that this backend
+        runs natively fast on a CPU with these ISA flags (``bench.machine.fingerprint()["cpu"]["isa"]``):
+        a default sweep measures them too. None unless a backend says so.
+        """
+        return ()
 
     @classmethod
     def thread_environment(cls, threads: int | None) -> dict[str, str]:

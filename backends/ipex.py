@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from backends.base import TORCH_DTYPES, BackendUnavailable, Probe, TorchBackend, UnsupportedPrecision
+from backends.base import (TORCH_DTYPES, BackendUnavailable, Probe, TorchBackend, UnsupportedPrecision,
+                           isa_has_native_bf16)
 
 DISTRIBUTION = "intel-extension-for-pytorch"
 DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16"), "xpu": ("fp32", "bf16", "fp16")}
@@ -82,6 +83,11 @@ class IPEXBackend(TorchBackend):
             raise BackendUnavailable(
                 f"device {self.device!r} requested but torch.xpu.is_available() is False: no Intel "
                 f"GPU visible to torch {torch.__version__}; needs the {XPU_INSTALL}")
+
+    @classmethod
+    def native_precisions(cls, isa: dict) -> tuple[str, ...]:
+        """bf16 on the CPU (the default device) when it has AVX-512 BF16 or AMX; fp16 needs an XPU."""
+        return ("bf16",) if isa_has_native_bf16(isa) else ()
 
     @classmethod
     def probe(cls) -> Probe:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from backends.base import TORCH_DTYPES, Probe, TorchBackend
+from backends.base import TORCH_DTYPES, Probe, TorchBackend, isa_has_native_bf16
 
 # Variables this backend sets, recorded in info() as the process really saw them.
 ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT",
@@ -118,6 +118,10 @@ class MKLBackend(TorchBackend):
     precisions = ("fp32", "bf16")
     default_precision = "fp32"
     description = "PyTorch on the CPU with tuned OpenMP/MKL threading and oneDNN; fp32 or bf16"
+
+    @classmethod
+    def native_precisions(cls, isa: dict) -> tuple[str, ...]:
+        return ("bf16",) if isa_has_native_bf16(isa) else ()
 
     @classmethod
     def probe(cls) -> Probe:

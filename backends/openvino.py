@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from backends import export
-from backends.base import Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision, model_fingerprint
+from backends.base import (Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision,
+                           isa_has_native_bf16, model_fingerprint)
 
 INSTALL_HINT = "pip install openvino nncf"
 INT8_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT8_ASYM / INT8_SYM
@@ -53,6 +54,11 @@ class OpenVINOBackend(Backend):
         self.ov_device = self.device.upper()  # "cpu" -> "CPU", "gpu.1" -> "GPU.1"
         self.request = None
         self._meta: dict = {}
+
+    @classmethod
+    def native_precisions(cls, isa: dict) -> tuple[str, ...]:
+        """bf16 where the CPU plugin compiles it (AVX-512 BF16 or AMX); elsewhere it would refuse it."""
+        return ("bf16",) if isa_has_native_bf16(isa) else ()
 
     @classmethod
     def probe(cls) -> Probe:

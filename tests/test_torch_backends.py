@@ -51,6 +51,40 @@ def test_default_precisions():
     assert int8.Int8Backend().precision == "int8"
 
 
+# A CPU with AVX-512 but no bf16 instructions (Skylake-SP), one with AVX-512 BF16 (Cooper
+# Lake, Zen 4) and one with AMX (Sapphire Rapids), as bench.machine's fingerprint lists them.
+NO_BF16 = {"avx2": True, "fma": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": False,
+           "avx512_bf16": False, "amx_bf16": False, "amx_int8": False, "amx_tile": False}
+AVX512_BF16 = {**NO_BF16, "avx512_bf16": True}
+AMX = {**NO_BF16, "amx_bf16": True, "amx_int8": True, "amx_tile": True}
+
+
+@pytest.mark.parametrize("name", ["eager", "mkl", "ipex", "cuda", "onnxruntime", "openvino", "int8"])
+def test_native_precisions_are_reduced_precisions_the_backend_supports(name):
+    from backends import registry
+
+    cls = registry.get_backend_class(name)
+    for isa in ({}, NO_BF16, AVX512_BF16, AMX):
+        assert set(cls.native_precisions(isa)) <= set(cls.precisions) - {cls.default_precision}, isa
+
+
+@pytest.mark.parametrize("name", ["mkl", "ipex", "openvino"])
+def test_bf16_is_native_with_avx512_bf16_or_amx(name):
+    """A default sweep on a CPU with native bf16 used to leave bf16 out."""
+    from backends import registry
+
+    cls = registry.get_backend_class(name)
+    assert cls.native_precisions({}) == cls.native_precisions(NO_BF16) == ()
+    assert cls.native_precisions(AVX512_BF16) == cls.native_precisions(AMX) == ("bf16",)
+
+
+@pytest.mark.parametrize("name", ["eager", "cuda", "onnxruntime", "int8"])
+def test_other_backends_add_no_native_precision(name):
+    from backends import registry
+
+    assert registry.get_backend_class(name).native_precisions(AMX) == ()
+
+
 # -- int8 ---------------------------------------------------------------------------------
 
 def test_int8_quantises_every_linear_including_the_tied_head(tiny):
