@@ -165,6 +165,22 @@ def parity_passed(cell: dict) -> bool:
     return isinstance(p, dict) and bool(p.get("passed"))
 
 
+def quality_of(cell: dict) -> dict | None:
+    """A cell's measured quality (trained checkpoints), or None."""
+    q = cell.get("quality")
+    return q if isinstance(q, dict) and isinstance(q.get("perplexity"), dict) else None
+
+
+def quality_verdict(cell: dict) -> str | None:
+    q = quality_of(cell)
+    return None if q is None else (q.get("verdict") or {}).get("verdict")
+
+
+def acceptable(cell: dict) -> bool:
+    """Parity passed and the quality verdict, where measured, did not fail: a candidate for "best"."""
+    return parity_passed(cell) and quality_verdict(cell) != "fail"
+
+
 def _none_last(x):
     return (x is None, x if x is not None else 0)
 
@@ -396,11 +412,11 @@ def best_table(machine: Machine) -> Table:
         batches = sorted({k[3] for k in best if k[0] == model}, key=_none_last)
         for b in batches:
             candidates = [c for k, c in best.items() if k[0] == model and k[3] == b]
-            passed = [c for c in candidates if parity_passed(c)]
+            passed = [c for c in candidates if acceptable(c)]
             reference = best.get((model, "eager", "fp32", b))
             if not passed:
                 out.append((text(str(model)), number(b, str(b)),
-                            Cell(("no cell passed its parity check",), None, tone="muted"),
+                            Cell(("no cell passed its parity and quality checks",), None, tone="muted"),
                             *(text(DASH) for _ in range(5))))
                 continue
             c = max(passed, key=lambda c: (c["decode_tok_s"], label(c)))
@@ -414,7 +430,8 @@ def best_table(machine: Machine) -> Table:
     return Table("best", ("model", "batch", "best backend · precision", "threads", "decode tok/s",
                           "vs eager fp32", "TTFT", "peak memory"), tuple(out),
                  (False, True, False, True, True, True, True, True),
-                 caption="Fastest decode per model and batch among cells whose parity passed")
+                 caption="Fastest decode per model and batch among cells whose parity passed and whose "
+                         "quality, where measured, did not fail")
 
 
 def memory_table(machine: Machine) -> Table:
@@ -515,6 +532,56 @@ def all_cells_table(machine: Machine) -> Table:
                  caption="Every cell; medians, with the coefficient of variation of the time per token")
 
 
+def quality_table(machine: Machine) -> Table | None:
+    """Trained checkpoints: perplexity per backend and precision, and how far each moved from eager fp32."""
+    best = best_by_threads(list(machine.cells))
+    cells = [c for c in sorted(best.values(), key=sort_key) if quality_of(c)]
+    if not cells:
+        return None
+    out = []
+    for c in cells:
+        q = quality_of(c)
+        ppl, d = q["perplexity"], q.get("divergence")
+        verdict = (q.get("verdict") or {}).get("verdict") or DASH
+        tone = {"fail": "bad", "pass": "good", "inconclusive": "muted"}.get(verdict, "")
+        row = [text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+               number(ppl.get("perplexity"), f"{num(ppl.get('perplexity'))} ± {num(ppl.get('perplexity_se'))}"),
+               number(ppl.get("bits_per_byte"), f"{ppl['bits_per_byte']:.3f}" if _finite(ppl.get("bits_per_byte")) else DASH)]
+        if d is None:
+            row += [text("reference")] + [text(DASH) for _ in range(4)]
+        else:
+            row += [number(d["ppl_ratio"], f"{d['ppl_ratio']:.4f} ± {d['ppl_ratio_se']:.4f}"),
+                    number(d["kl_mean"], f"{d['kl_mean']:.2e}"), number(d["kl_p99"], f"{d['kl_p99']:.2e}"),
+                    number(d["same_top"], pct(d["same_top"], 2)), number(d["dp_rms"], pct(d["dp_rms"], 3))]
+        row.append(text(verdict, tone=tone))
+        row.append(number(c.get("decode_tok_s")))
+        out.append(tuple(row))
+    stream = (quality_of(cells[0]) or {}).get("stream") or {}
+    return Table("quality", ("model", "backend · precision", "batch", "perplexity", "bits/byte", "PPL ratio",
+                             "mean KL", "KL p99", "same top", "RMS Δp", "verdict", "decode tok/s"), tuple(out),
+                 (False, False, True, True, True, True, True, True, True, True, False, True),
+                 caption=f"Quality on {stream.get('n_ids', '?')} tokens of the {stream.get('source', '?')} "
+                         f"{stream.get('split', '')} split (Python {stream.get('python', '?')}), "
+                         f"against eager fp32 on the same windows")
+
+
+QUALITY_TEXT = (
+    "For a model trained here, the quality of each backend and precision, measured the way llama.cpp's "
+    "perplexity tool with --kl-divergence does: perplexity on the test split (each token scored once, "
+    "fixed-length windows), and against eager fp32 on the same windows the PPL ratio, the mean and 99th "
+    "percentile of the KL divergence of the next-token distributions, the share of tokens whose most likely "
+    "next token is unchanged and the RMS change in the correct token's probability. The verdict is a pass "
+    "when the 95% interval stays within a 1% relative perplexity rise (Intel Neural Compressor's default "
+    "criterion) and a 0.01 drop in top-1 accuracy (NNCF's max_drop=0.01), a fail when it lies beyond, and "
+    "inconclusive otherwise. Standard errors treat tokens as independent, as llama.cpp's do."
+)
+
+
+def model_name(model) -> str:
+    """A checkpoint directory by its last part; a preset by its name."""
+    return str(model).rstrip("/").rsplit("/", 1)[-1]
+
+
 def sentinel_rows(machine: Machine) -> list[dict]:
     """Every drift-sentinel reading of the machine's runs: run, round, time and the readings."""
     out = []
@@ -585,6 +652,9 @@ def sections(machine: Machine) -> list[Section]:
                        "Peak resident memory of the cell process (the runtime itself included) and "
                        "the bytes of the weights as the backend holds them." if memory.rows else nothing,
                        (memory,) if memory.rows else ()))
+    quality = quality_table(machine)
+    if quality is not None:
+        out.append(Section("quality", "Quality on a trained model", QUALITY_TEXT, (quality,)))
     drift = drift_table(machine)
     out.append(Section("drift", "Machine drift during the run", drift_text(machine),
                        (drift,) if drift is not None else ()))

@@ -17,8 +17,9 @@ from html import escape
 from reports import charts
 from reports.charts import Series
 from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval,
-                            environment, flat_samples, group_runs, is_ok, label, median, models, num,
-                            parity_passed, sections, sentinel_rows, thread_counts, threads_label)
+                            environment, flat_samples, group_runs, is_ok, label, median, model_name, models,
+                            num, parity_passed, quality_of, quality_verdict, sections, sentinel_rows,
+                            thread_counts, threads_label)
 
 CSS = """
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --accent:#4e79a7;
@@ -295,6 +296,34 @@ def roofline(m: Machine, pal: dict[str, str]) -> str | None:
                                 "each model and batch, fastest thread count")
 
 
+def speed_quality(m: Machine, pal: dict[str, str]) -> str | None:
+    """Decode rate against the KL divergence from eager fp32, with the Pareto front of the
+    acceptable settings: the fastest setting at acceptable quality is the answer users want."""
+    cells = [c for c in best_by_threads(list(m.cells)).values() if quality_of(c) and c.get("decode_tok_s")]
+    if not cells:
+        return None
+    floor = 1e-7  # eager fp32 (and exact backends) have KL 0, which a log axis cannot show
+    def kl(c):
+        d = quality_of(c).get("divergence")
+        return max(floor, d["kl_mean"]) if d else floor
+    series = []
+    for lab in sorted({label(c) for c in cells}):
+        cs = sorted((c for c in cells if label(c) == lab), key=lambda c: c["batch"])
+        series.append(Series(lab, tuple((kl(c), c["decode_tok_s"]) for c in cs), pal[lab], line=False,
+                             tips=tuple(f"{lab}, {model_name(c['model'])}, batch {c['batch']}: "
+                                        f"{num(c['decode_tok_s'])} tok/s, KL {kl(c):.1e}, "
+                                        f"{quality_verdict(c)}" for c in cs)))
+    ok = [(kl(c), c["decode_tok_s"]) for c in cells if quality_verdict(c) != "fail" and
+          (c.get("parity") is None or parity_passed(c))]
+    # the front: less divergence and more speed are both better
+    front = sorted({p for p in ok if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in ok)})
+    if front:
+        series.append(Series("Pareto front", tuple(front), charts.INK, dashed=True, hollow=True))
+    return charts.xy_chart("Decode speed against quality", series, x_label="mean KL divergence from eager fp32",
+                           y_label="decode tokens/s", x_log=True, y_log=True,
+                           note=f"each batch, fastest thread count; KL 0 drawn at {floor:g}; ringed: Pareto front")
+
+
 def drift_chart(m: Machine) -> str | None:
     """The sentinel readings over the rounds, each relative to its run's first reading."""
     rows = sentinel_rows(m)
@@ -332,6 +361,8 @@ def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
         made = [memory_vs_size(m, pal), roofline(m, pal)]
     elif s.id == "drift":
         made = [drift_chart(m)]
+    elif s.id == "quality":
+        made = [speed_quality(m, pal)]
     else:
         made = []
     return [c for c in made if c is not None]

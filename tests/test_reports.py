@@ -268,7 +268,7 @@ def test_no_runs_is_an_error():
 # --- HTML ------------------------------------------------------------------------------------------
 
 CHARTS_PER_MODEL = 4  # decode against batch, tpot distribution, latency/throughput, thread scaling
-CHARTS_PER_ENV = 3  # memory against model size, achieved against roofline, the drift sentinel
+CHARTS_PER_ENV = 4  # memory against model size, achieved against roofline, the drift sentinel, speed against quality
 
 
 def test_html_golden(run_a):
@@ -559,3 +559,15 @@ def test_renderers_import_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=HERE.parent, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_quality_section_and_best_configuration_skip_quality_failures(run_a):
+    md = render_markdown([run_a])
+    quality = md_tables(md)["Quality on a trained model"]
+    assert quality[0][:3] == ["model", "backend · precision", "batch"] and quality[0][-2] == "verdict"
+    rows = {(r[1], r[2]): r for r in quality[1:]}
+    assert rows[("eager · fp32", "1")][5] == "reference"
+    assert rows[("int8 · int8", "4")][-2] == "fail" and rows[("int8 · int8", "1")][-2] == "pass"
+    assert "Intel Neural Compressor" in md and "max_drop=0.01" in md
+    page = Page(render_html([run_a]))
+    assert "Decode speed against quality" in [s["label"] for s in page.svgs]
