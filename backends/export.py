@@ -14,13 +14,16 @@ A prefill feeds a zero-length past (T_past = 0), so one graph serves prefill and
 
 Exports are slow (seconds to minutes), so every exported or converted model is kept under
 ``backends.base.cache_dir()`` by a key of everything that changes the file: the weights and
-config, the exporter versions, the opset and the precision options. Each entry is written
-into a temporary directory and renamed into place, so a reader never sees half a model.
+config, the source it is traced from (``source_digest``: the model, this wrapper and the
+backend that converts or quantises), the exporter versions, the opset and the precision
+options. Each entry is written into a temporary directory and renamed into place, so a
+reader never sees half a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -39,8 +42,11 @@ from backends.base import BackendError, cache_dir
 # ONNX opset 17: the first with LayerNormalization as one op, and long supported by both
 # ONNX Runtime and OpenVINO's ONNX frontend.
 OPSET = 17
-# Bump when the wrapper's inputs, outputs or traced path change: it is part of every key.
+# Part of every key: bump to retire every cached graph at once. Edits to the source need no
+# bump: ``source_digest`` is in every key too.
 GRAPH_VERSION = 1
+# The modules whose code the traced graph runs: ``GPT.forward`` and this file's wrapper.
+GRAPH_MODULES = ("model.gpt", "backends.export")
 INT64 = torch.int64
 
 
@@ -153,6 +159,18 @@ def onnx_weight_bytes(path: Path) -> int:
 
 # -- the cache -----------------------------------------------------------------------------
 
+def source_digest(*modules: str) -> str:
+    """A digest of the source files of ``GRAPH_MODULES`` and ``modules`` (the converting or
+    quantising backend's own, by module name), for the cache keys: an edit to any of them
+    builds a new graph rather than serving one traced from the old source. Any edit counts,
+    a comment too: a needless rebuild costs seconds, a stale graph a wrong result.
+    """
+    h = hashlib.sha256()
+    for name in (*GRAPH_MODULES, *modules):
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(kind: str, **parts) -> str:
     """A short digest of everything that changes the cached file."""
     blob = json.dumps(dict(kind=kind, graph_version=GRAPH_VERSION, **parts), sort_keys=True, default=str)
@@ -195,8 +213,8 @@ def cached(kind: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, di
 def onnx_fp32(model: nn.Module, fingerprint: str, opset: int = OPSET) -> tuple[Path, dict, bool]:
     """The cached fp32 ONNX export of ``model``: (model.onnx path, meta, cache hit)."""
     import onnx
-    parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), torch=torch.__version__,
-                 onnx=onnx.__version__, opset=opset)
+    parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), source=source_digest(),
+                 torch=torch.__version__, onnx=onnx.__version__, opset=opset)
     key = cache_key("onnx-fp32", **parts)
 
     def build(tmp: Path) -> dict:

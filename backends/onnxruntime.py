@@ -130,7 +130,8 @@ class ONNXRuntimeBackend(Backend):
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.shape_inference import quant_pre_process
-        parts = dict(fp32_key=fp32_meta["key"], onnxruntime=ort.__version__, weight_type=self.weight_type,
+        parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__),
+                     onnxruntime=ort.__version__, weight_type=self.weight_type,
                      reduce_range=self.reduce_range, per_channel=False, op_types=["MatMul"])
         key = export.cache_key("onnx-int8", **parts)
 

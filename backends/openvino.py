@@ -139,8 +139,8 @@ class OpenVINOBackend(Backend):
 
     def _fp32_ir(self, model: torch.nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
         import openvino as ov
-        parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), torch=torch.__version__,
-                     openvino=ov.get_version(), frontend="pytorch")
+        parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), source=export.source_digest(__name__),
+                     torch=torch.__version__, openvino=ov.get_version(), frontend="pytorch")
         key = export.cache_key("openvino-fp32", **parts)
         n_layer = model.config.n_layer
 

@@ -1,6 +1,8 @@
 """The graph backends (onnxruntime, openvino): export and its cache, parity with eager, int8 graphs."""
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +70,39 @@ def test_different_weights_get_a_different_cache_entry(name, tiny_model):
     a, b = loaded(name, tiny_model), loaded(name, other)
     assert a.info()["fp32_key"] != b.info()["fp32_key"]
     assert a.info()["model_path"] != b.info()["model_path"]
+
+
+@pytest.mark.parametrize("name,precision", [("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                            ("openvino", "fp32"), ("openvino", "int8")])
+def test_an_edit_to_the_model_source_builds_a_new_graph(name, precision, tiny_model, fresh_cache, monkeypatch,
+                                                        tmp_path):
+    """An edit to model/gpt.py used to be served the graph traced from the old source."""
+    module = sys.modules[type(tiny_model).__module__]  # model.gpt
+    first = loaded(name, tiny_model, precision=precision)
+    edited = tmp_path / "gpt.py"
+    edited.write_text(Path(module.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(module, "__file__", str(edited))
+    second = loaded(name, tiny_model, precision=precision)
+    assert second.info()["export_cache_hit"] is False and second.info()["cache_hit"] is False
+    assert second.info()["fp32_key"] != first.info()["fp32_key"]
+    assert second.info()["model_path"] != first.info()["model_path"]
+
+
+@pytest.mark.parametrize("name,precision,export_hit", [("onnxruntime", "int8", True), ("openvino", "fp32", False),
+                                                       ("openvino", "int8", False)])
+def test_an_edit_to_the_converting_backend_builds_a_new_graph(name, precision, export_hit, tiny_model, fresh_cache,
+                                                              monkeypatch, tmp_path):
+    """The backend module that converts or quantises is part of the key too; ONNX Runtime's
+    fp32 export is the exporter's alone, so it is still reused."""
+    module = sys.modules[registry.get_backend_class(name).__module__]
+    first = loaded(name, tiny_model, precision=precision)
+    edited = tmp_path / Path(module.__file__).name
+    edited.write_text(Path(module.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(module, "__file__", str(edited))
+    second = loaded(name, tiny_model, precision=precision)
+    assert second.info()["export_cache_hit"] is export_hit
+    assert second.info()["cache_hit"] is False
+    assert second.info()["model_path"] != first.info()["model_path"]
 
 
 def test_failed_build_leaves_no_entry(fresh_cache):
