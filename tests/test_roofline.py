@@ -157,7 +157,7 @@ def test_small_real_measurement_is_positive_and_finite():
     kernels = measure_bandwidth(mib=4, repeats=2)
     assert set(kernels) == {"read", "copy", "triad", "gemv"}
     assert all(v > 0 and math.isfinite(v) for v in kernels.values())
-    for precision in ("fp32", "bf16", "int8"):
+    for precision in ("fp32", "bf16", "fp16", "int8"):  # fp16 too: torch.mm runs it on the CPU
         rate, how = measure_peak_gflops(precision, sizes=(32, 64), budget_s=0.5)
         assert rate > 0 and math.isfinite(rate), precision
         assert how
