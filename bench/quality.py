@@ -32,6 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from model.errors import InputError
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 # The verdict's tolerances, with where they come from.
@@ -57,9 +59,9 @@ def windows(n_tokens: int, context: int, stride: int | None = None) -> list[Wind
     """The windows that score every token of an ``n_tokens`` stream once (HF's sliding window)."""
     stride = context if stride is None else stride
     if context < 2:
-        raise ValueError(f"context={context} must be at least 2")
+        raise QualityInputError(f"context={context} must be at least 2")
     if not 1 <= stride <= context:
-        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+        raise QualityInputError(f"stride={stride} must be in [1, context={context}]")
     if n_tokens < 2:
         raise ValueError(f"a stream of {n_tokens} tokens has nothing to score (needs at least 2)")
     out, prev_end = [], 0
@@ -271,7 +273,7 @@ DEFAULT_CONTEXT = 128
 DEFAULT_STRIDE = 64
 
 
-class QualityInputError(ValueError):
+class QualityInputError(InputError):
     """Quality cannot be measured as asked (no tokenizer, no corpus); the message says why."""
 
 

@@ -60,6 +60,10 @@ class TrainingDataError(InputError):
     """The token streams cannot feed this configuration (too short for the context)."""
 
 
+class TrainConfigError(InputError):
+    """A train config field out of range, or an unknown key; the message names it."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps
@@ -87,24 +91,24 @@ class TrainConfig:
                      "checkpoint_every", "keep_last"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise TrainConfigError(f"{name}={value!r} must be a positive integer")
         for name in ("warmup_steps", "patience", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+                raise TrainConfigError(f"{name}={value!r} must be a non-negative integer")
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be positive")
+            raise TrainConfigError(f"lr={self.lr!r} must be positive")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
+            raise TrainConfigError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]")
         if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be non-negative")
+            raise TrainConfigError(f"weight_decay={self.weight_decay!r} must be non-negative")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
         if not self.grad_clip >= 0:
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be non-negative (0 turns clipping off)")
+            raise TrainConfigError(f"grad_clip={self.grad_clip!r} must be non-negative (0 turns clipping off)")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise TrainConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,7 +123,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown train config keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+            raise TrainConfigError(f"unknown train config keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**values)
 
 

@@ -58,6 +58,38 @@ def test_width_not_divisible_by_heads_in_a_checkpoint_is_one_line(tmp_path, caps
     assert "n_embd=100 is not divisible by n_head=12" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-1"], "lr=-1.0 must be positive"),
+    (["--min-lr", "1"], "min_lr=1.0 must be in [0, lr="),
+])
+def test_bad_train_settings_are_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    argv = ["train", "--model", "tiny", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "s.sqlite")]
+    assert main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_every_boundary_error_is_an_input_error():
+    """What bench.cli.main reports as bad input (exit 2) rather than as a bug (exit 1)."""
+    from backends.base import UnsupportedPrecision
+    from backends.registry import UnknownBackend
+    from bench.quality import QualityInputError
+    from bench.store import StoreError, UnknownRun
+    from bench.sweep import SweepError
+    from model.checkpoint import CheckpointError
+    from model.corpus import CorpusError
+    from model.errors import InputError
+    from model.generate import GenerationError
+    from model.gpt import ConfigError
+    from model.tokenizer import TokenizerError
+    from model.train import OutputDirError, TrainConfigError, TrainingDataError
+
+    for cls in (ConfigError, CheckpointError, TokenizerError, GenerationError, CorpusError, OutputDirError,
+                TrainConfigError, TrainingDataError, UnknownBackend, UnsupportedPrecision, SweepError, StoreError,
+                UnknownRun, QualityInputError):
+        assert issubclass(cls, InputError) and issubclass(cls, ValueError), cls
+
+
 def test_an_unexpected_error_is_a_bug_with_a_traceback_and_exit_code_1(monkeypatch, capsys):
     """Only bad input is a usage error: a ValueError from inside a command is a bug, shown in full."""
     from bench import cli
