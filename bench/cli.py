@@ -442,7 +442,7 @@ def cmd_report(args) -> int:
     from bench.store import Store
 
     store = Store(args.store)
-    runs = [store.get_run(r) for r in (args.runs or ["latest"])]
+    runs = [with_training(store, store.get_run(r)) for r in (args.runs or ["latest"])]
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -461,6 +461,18 @@ def cmd_report(args) -> int:
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def with_training(store, run: dict) -> dict:
+    """The run with ``training``: the latest training run of each checkpoint its cells measured,
+    so the report can show how the model it benchmarks was trained (its loss curve)."""
+    dirs = sorted({c["model"] for c in run["cells"] if Path(str(c.get("model"))).is_absolute()})
+    found = []
+    for d in dirs:
+        ids = store.training_runs_for(d)
+        if ids:
+            found.append(store.get_training_run(ids[0]))
+    return dict(run, training=found)
 
 
 def _write(path: Path, text: str) -> None:

@@ -204,7 +204,7 @@ Roofline = Callable[[str, "int | None", "tuple[str, ...]"], "dict | None"]
 def default_precisions(cls, isa: dict | None) -> list[str]:
     """A backend's default precision and the reduced precisions it runs natively on this CPU,
     so a machine with native bf16 (AVX-512 BF16, AMX) has its fastest setting in the default sweep."""
-    native = cls.native_precisions(isa or {}) if hasattr(cls, "native_precisions") else ()
+    native = cls.native_precisions(isa or {})
     return list(dict.fromkeys([cls.default_precision, *native]))
 
 

@@ -565,6 +565,40 @@ def quality_table(machine: Machine) -> Table | None:
                          f"against eager fp32 on the same windows")
 
 
+def training_runs(machine: Machine) -> list[dict]:
+    """The training runs of the checkpoints these runs benchmark (attached by ``bench report``)."""
+    seen, out = set(), []
+    for r in machine.runs:
+        for t in r.get("training") or []:
+            if t.get("run_id") not in seen:
+                seen.add(t.get("run_id"))
+                out.append(t)
+    return out
+
+
+def training_table(machine: Machine) -> Table | None:
+    runs = training_runs(machine)
+    if not runs:
+        return None
+    out = []
+    for t in runs:
+        summary = t.get("summary") or {}
+        steps = t.get("steps") or []
+        train = (t.get("config") or {}).get("train") or {}
+        last = steps[-1] if steps else {}
+        out.append((text(model_name(t.get("out_dir"))), text(str(t.get("run_id"))), text(str(t.get("status"))),
+                    number(summary.get("step"), f"{summary.get('step', DASH)} / {train.get('steps', DASH)}"),
+                    number(summary.get("tokens_seen"), f"{summary.get('tokens_seen', 0):,}"),
+                    number(last.get("loss")), number(summary.get("best_val_loss"),
+                                                     f"{summary['best_val_loss']:.4f} (step {summary.get('best_step')})"
+                                                     if _finite(summary.get("best_val_loss")) else DASH),
+                    number(summary.get("tokens_per_s"))))
+    return Table("training", ("checkpoint", "training run", "status", "steps", "tokens seen", "final train loss",
+                              "best validation loss", "tok/s"), tuple(out),
+                 (False, False, False, True, True, True, True, True),
+                 caption="How the benchmarked checkpoints were trained (bench train); losses in nats per token")
+
+
 QUALITY_TEXT = (
     "For a model trained here, the quality of each backend and precision, measured the way llama.cpp's "
     "perplexity tool with --kl-divergence does: perplexity on the test split (each token scored once, "
@@ -654,7 +688,9 @@ def sections(machine: Machine) -> list[Section]:
                        (memory,) if memory.rows else ()))
     quality = quality_table(machine)
     if quality is not None:
-        out.append(Section("quality", "Quality on a trained model", QUALITY_TEXT, (quality,)))
+        training = training_table(machine)
+        out.append(Section("quality", "Quality on a trained model", QUALITY_TEXT,
+                           (quality,) + ((training,) if training is not None else ())))
     drift = drift_table(machine)
     out.append(Section("drift", "Machine drift during the run", drift_text(machine),
                        (drift,) if drift is not None else ()))

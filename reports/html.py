@@ -19,7 +19,7 @@ from reports.charts import Series
 from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval,
                             environment, flat_samples, group_runs, is_ok, label, median, model_name, models,
                             num, parity_passed, quality_of, quality_verdict, sections, sentinel_rows,
-                            thread_counts, threads_label)
+                            thread_counts, threads_label, training_runs)
 
 CSS = """
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --accent:#4e79a7;
@@ -324,6 +324,25 @@ def speed_quality(m: Machine, pal: dict[str, str]) -> str | None:
                            note=f"each batch, fastest thread count; KL 0 drawn at {floor:g}; ringed: Pareto front")
 
 
+def loss_curves(m: Machine) -> list[str]:
+    """Each training run's loss against step: training loss every step, validation at each evaluation."""
+    made = []
+    for t in training_runs(m):
+        steps = t.get("steps") or []
+        train = tuple((s["step"], s["loss"]) for s in steps if isinstance(s.get("loss"), (int, float)))
+        val = tuple((s["step"], s["val_loss"]) for s in steps if isinstance(s.get("val_loss"), (int, float)))
+        if len(train) < 2:
+            continue
+        series = [Series("training loss", train, "#4e79a7", marker=False)]
+        if val:
+            series.append(Series("validation loss", val, "#f28e2b",
+                                 tips=tuple(f"step {x}: validation loss {y:.4f}" for x, y in val)))
+        made.append(charts.xy_chart(f"Training loss — {model_name(t.get('out_dir'))}", series, x_label="step",
+                                    y_label="loss (nats per token)", y_zero=False,
+                                    note=f"training run {t.get('run_id')}"))
+    return made
+
+
 def drift_chart(m: Machine) -> str | None:
     """The sentinel readings over the rounds, each relative to its run's first reading."""
     rows = sentinel_rows(m)
@@ -362,7 +381,7 @@ def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
     elif s.id == "drift":
         made = [drift_chart(m)]
     elif s.id == "quality":
-        made = [speed_quality(m, pal)]
+        made = [speed_quality(m, pal), *loss_curves(m)]
     else:
         made = []
     return [c for c in made if c is not None]

@@ -123,3 +123,21 @@ def test_a_sweep_cell_of_a_trained_checkpoint_carries_its_quality(trained, tmp_p
     assert trained_cell["quality"]["divergence"]["kl_mean"] >= 0
     assert trained_cell["quality"]["stream"]["n_ids"] == 256
     assert preset["quality"] is None  # random weights: no quality to speak of
+
+
+def test_report_shows_the_quality_and_the_loss_curve_of_a_trained_checkpoint(trained, tmp_path):
+    from backends.base import Probe
+    from bench.sweep import Sweep, run_sweep
+
+    out, store_path = trained
+    sweep = Sweep(models=[str(out)], backends=["eager", "int8"], batches=[1], threads=[1], launches=1,
+                  prompt_len=8, gen_len=4, budget_s=0.5, quality_tokens=256)
+    with Store(store_path) as store:
+        run_sweep(sweep, store, {"eager": Probe(True), "int8": Probe(True)}, {"cpu": {}},
+                  sentinel=lambda t: {"decode_ms": 1.0})
+    assert main(["report", "--store", str(store_path), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "## Quality on a trained model" in md and "| tiny-trained | int8 · int8 |" in md
+    assert "best validation loss" in md and "Training loss — tiny-trained" in html
+    assert "Decode speed against quality" in html
