@@ -279,9 +279,11 @@ class _Progress:
         if self.task is None:  # every launch left to run, counted when the first round starts
             self.task = self.progress.add_task("starting", total=left)
         line = f"[bold]round {round_ + 1}[/]: {len(order)} cells in a seeded random order"
-        if reading:
+        if reading and "decode_ms" in reading:
             line += (f"; sentinel: small decode step {reading['decode_ms']:.3f} ms, "
                      f"gemv {reading['gemv_gb_s']:.1f} GB/s")
+        elif reading and reading.get("error"):
+            line += f"; {reading['error']}"
         self.progress.console.print(line)
 
     def on_start(self, cell, round_, number):
@@ -469,7 +471,7 @@ def with_training(store, run: dict) -> dict:
     dirs = sorted({c["model"] for c in run["cells"] if Path(str(c.get("model"))).is_absolute()})
     found = []
     for d in dirs:
-        ids = store.training_runs_for(d)
+        ids = store.training_runs_for(d, status="finished")
         if ids:
             found.append(store.get_training_run(ids[0]))
     return dict(run, training=found)
@@ -543,12 +545,21 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     store = Store(args.store)
 
-    def show(progress):
-        err.print(progress.line(), markup=False, highlight=False)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    summary = train_preset(model_config, train_config, args.out, store, fingerprint(), corpus_path=corpus,
-                           max_bytes=max_bytes, resume=args.resume, name=args.name,
-                           on_step=None if args.json else show)
+    # One live line (step, loss, learning rate, tokens/s, ETA); each evaluation is kept on screen.
+    live = err.is_terminal and not args.json  # piped (make, CI): one line per evaluation instead
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err,
+                  disable=not live) as bar:
+        task = bar.add_task("gathering the corpus and training the tokenizer", total=train_config.steps)
+
+        def show(progress):
+            bar.update(task, completed=progress.step, description=progress.line())
+            if progress.val_loss is not None and not args.json:
+                bar.console.print(progress.line(), markup=False, highlight=False)
+
+        summary = train_preset(model_config, train_config, args.out, store, fingerprint(), corpus_path=corpus,
+                               max_bytes=max_bytes, resume=args.resume, name=args.name, on_step=show)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     elif summary.get("cached"):

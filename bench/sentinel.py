@@ -3,8 +3,10 @@
 A shared machine changes speed over minutes (other tenants, frequency, memory placement).
 Interleaved rounds spread that drift over every cell alike, but cannot say how large it was,
 nor whether two runs were taken on a machine in the same state. The sentinel can: the same
-two tiny measurements, taken by the harness's own process between launches, when no cell
-is running:
+two tiny measurements, taken between launches, when no cell is running, in a fresh process
+with the same thread environment a cell gets (``read_isolated``; a first version read it in the
+harness's own long-lived process, and its decode step moved 2.3x over one run while the cells
+did not move with it):
 
 - ``decode_ms``: the median time of a decode step of the ``small`` preset (eager fp32, batch
   1, a 32-token cache), over ``STEPS`` steps (about a quarter of a second): the per-step overhead and small-matrix work
@@ -20,6 +22,9 @@ differ beyond their spread.
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -73,3 +78,24 @@ def read(threads: int | None = None) -> dict:
     return dict(at=datetime.now().astimezone().isoformat(timespec="seconds"),
                 decode_ms=steps[len(steps) // 2], gemv_gb_s=side * side * 4 / best / 1e9,
                 threads=threads, steps=STEPS)
+
+
+def read_isolated(threads: int | None = None, timeout: float = 120.0) -> dict:
+    """One reading in a fresh process, as a cell's launch would see the machine.
+
+    A reading that cannot be taken says why (``error``) instead of stopping the sweep.
+    """
+    from bench.cell import child_environment
+
+    env = child_environment("eager", threads)
+    cmd = [sys.executable, "-m", "bench.sentinel", "" if threads is None else str(threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        return dict(error=f"sentinel reading failed: {type(e).__name__}: {e}"[:300],
+                    at=datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
+if __name__ == "__main__":
+    print(json.dumps(read(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] else None)))

@@ -133,6 +133,13 @@ def sweep_key(sweep: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def _status(record: dict, what: str) -> str:
+    status = record.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"{what} status {status!r} is not one of {', '.join(STATUSES)}")
+    return status
+
+
 def _key_text(cell: dict) -> str:
     return cell_id(cell)
 
@@ -215,9 +222,7 @@ class Store:
 
     def add_cell(self, run_id: str, cell: dict) -> int:
         """Store one finished cell and commit at once; returns its row id."""
-        status = cell.get("status")
-        if status not in STATUSES:
-            raise ValueError(f"cell status {status!r} is not one of {', '.join(STATUSES)}")
+        status = _status(cell, "cell")
         self._require_run(run_id)
         with self.db:
             cur = self.db.execute(
@@ -227,9 +232,7 @@ class Store:
 
     def update_cell(self, row_id: int, cell: dict) -> None:
         """Rewrite a stored cell record (the same attempt, after another launch landed)."""
-        status = cell.get("status")
-        if status not in STATUSES:
-            raise ValueError(f"cell status {status!r} is not one of {', '.join(STATUSES)}")
+        status = _status(cell, "cell")
         with self.db:
             cur = self.db.execute("UPDATE cells SET status = ?, record = ? WHERE id = ?",
                                   (status, json.dumps(cell), row_id))
@@ -238,9 +241,7 @@ class Store:
 
     def add_launch(self, run_id: str, key: str, round_: int, launch: dict) -> int:
         """Store one finished launch (one process of one cell) and commit at once."""
-        status = launch.get("status")
-        if status not in STATUSES:
-            raise ValueError(f"launch status {status!r} is not one of {', '.join(STATUSES)}")
+        status = _status(launch, "launch")
         self._require_run(run_id)
         with self.db:
             cur = self.db.execute(
@@ -397,10 +398,11 @@ class Store:
                     finished_at=row["finished_at"],
                     summary=None if row["summary"] is None else json.loads(row["summary"]), steps=steps)
 
-    def training_runs_for(self, out_dir: str) -> list[str]:
-        """Ids of the training runs that wrote a checkpoint directory, newest first."""
+    def training_runs_for(self, out_dir: str, status: str | None = None) -> list[str]:
+        """Ids of the training runs that wrote a checkpoint directory (with ``status``), newest first."""
         return [r["run_id"] for r in self.db.execute(
-            "SELECT run_id FROM train_runs WHERE out_dir = ? ORDER BY created_at DESC, rowid DESC", (str(out_dir),))]
+            "SELECT run_id FROM train_runs WHERE out_dir = ? AND (? IS NULL OR status = ?)"
+            " ORDER BY created_at DESC, rowid DESC", (str(out_dir), status, status))]
 
 
 # -- export ------------------------------------------------------------------------------------

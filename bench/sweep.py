@@ -105,7 +105,7 @@ class Sweep:
     parity: bool = True
     seed: int = 0
     checkpoint: bool = False  # models are checkpoint directories
-    quality_tokens: int = 16384  # test tokens a trained checkpoint's quality is measured on (0: none)
+    quality_tokens: int = 8192  # test tokens a trained checkpoint's quality is measured on (0: none)
     planted_delay: float = 0.0  # testing aid: every step made this fraction slower (see PlantedDelay)
 
     def key(self) -> str:
@@ -345,7 +345,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
     ``probes``: backend name -> Probe (unavailable backends become skipped cells with the
     reason). ``fingerprint``: the environment (``bench.machine.fingerprint()``), stored with the
     run; its ISA picks the default reduced precisions. ``roofline``: see ``plan``.
-    ``sentinel(threads) -> reading``: the drift sentinel (default ``bench.sentinel.read``).
+    ``sentinel(threads) -> reading``: the drift sentinel (default ``bench.sentinel.read_isolated``).
     A KeyboardInterrupt marks the run interrupted and propagates; every finished launch is stored.
     """
     from bench.cell import run_cell
@@ -353,7 +353,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
 
     events = events or Events()
     if sentinel is None:
-        from bench.sentinel import read as sentinel
+        from bench.sentinel import read_isolated as sentinel
     cells = plan(sweep, probes, roofline, isa=(fingerprint.get("cpu") or {}).get("isa"))
     fingerprint = dict(fingerprint, **_rooflines(cells))
     run_id = store.find_resumable(sweep.key(), fingerprint_id(fingerprint)) if resume else None

@@ -22,13 +22,14 @@ def train_preset(model_config, train_config, out_dir: str | Path, store, fingerp
     tokenizer recipe); nothing is trained or overwritten then.
     """
     from model.corpus import load_corpus
-    from model.train import corpus_run_key, finished_run, train_on_corpus
+    from model.train import check_out_dir, corpus_run_key, finished_run, train_on_corpus
 
     corpus = load_corpus(corpus_path, max_bytes=max_bytes)
     key = corpus_run_key(model_config, train_config, corpus)
     done = finished_run(out_dir, key)
     if done is not None and not resume:
         return dict(done.get("summary") or {}, cached=True, key=key, out_dir=str(out_dir))
+    check_out_dir(out_dir, model_config, train_config, resume)  # refused before anything is stored
     config = dict(model=model_config.to_dict(), train=train_config.to_dict(), corpus_digest=corpus.digest,
                   corpus_source=corpus.source, corpus_bytes=corpus.n_bytes(), key=key)
     run_id = store.create_training_run(fingerprint, config, str(out_dir), name=name)

@@ -351,9 +351,9 @@ def model_table(machine: Machine, model: str) -> Table:
             tone = "bad" if isinstance(c.get("parity"), dict) and not parity_passed(c) else ""
             row.append(Cell(tuple(lines), c["decode_tok_s"], strong=True, tone=tone))
         out.append(tuple(row))
-    return Table(f"model-{model}", ("backend · precision", *(f"batch {b}" for b in batches)),
+    return Table(f"model-{model_name(model)}", ("backend · precision", *(f"batch {b}" for b in batches)),
                  tuple(out), (False, *([True] * len(batches))),
-                 caption=f"Decode tokens/s (95% interval), {model}")
+                 caption=f"Decode tokens/s (95% interval), {model_name(model)}")
 
 
 def scaling_rows(cells: list[dict]) -> list[dict]:
@@ -389,7 +389,7 @@ def scaling_table(machine: Machine) -> Table | None:
     for r in scaling_rows(list(machine.cells)):
         if not any(_finite(v) for v in r["rates"].values()):
             continue  # nothing ran: the cells are listed under "did not pass"
-        row = [text(str(r["model"])), text(f"{r['backend']} · {r['precision']}"),
+        row = [text(model_name(r["model"])), text(f"{r['backend']} · {r['precision']}"),
                number(r["batch"], str(r["batch"]))]
         row += [number(r["rates"][t]) for t in numeric]
         for t in numeric[1:]:
@@ -415,13 +415,13 @@ def best_table(machine: Machine) -> Table:
             passed = [c for c in candidates if acceptable(c)]
             reference = best.get((model, "eager", "fp32", b))
             if not passed:
-                out.append((text(str(model)), number(b, str(b)),
+                out.append((text(model_name(model)), number(b, str(b)),
                             Cell(("no cell passed its parity and quality checks",), None, tone="muted"),
                             *(text(DASH) for _ in range(5))))
                 continue
             c = max(passed, key=lambda c: (c["decode_tok_s"], label(c)))
             vs = c["decode_tok_s"] / reference["decode_tok_s"] if reference else None
-            out.append((text(str(model)), number(b, str(b)), text(label(c), tone="good"),
+            out.append((text(model_name(model)), number(b, str(b)), text(label(c), tone="good"),
                         text(threads_label(c.get("threads"))),
                         Cell((decode_text(c),), c["decode_tok_s"], strong=True),
                         number(vs, f"×{vs:.2f}" if vs is not None else DASH),
@@ -455,7 +455,7 @@ def memory_table(machine: Machine) -> Table:
         out.append(tuple(row))
     size = {c.get("model"): c.get("n_params") for c in cells}
     return Table("memory", ("backend · precision",
-                            *(f"{m} ({params(size.get(m))})" for m in names)),
+                            *(f"{model_name(m)} ({params(size.get(m))})" for m in names)),
                  tuple(out), (False, *([True] * len(names))),
                  caption="Peak resident memory of the cell process, smallest batch")
 
@@ -468,7 +468,7 @@ def _cells_summary(group: list[dict]) -> str:
     if len(group) == len(ms_) * len(bs) * len(ts) and len(group) > 1:
         return (f"{len(group)}: {', '.join(map(str, ms_))} × batch {', '.join(map(str, bs))} "
                 f"× {', '.join(threads_label(t) for t in ts)} thr")
-    return ", ".join(f"{c.get('model')} b{c.get('batch')} {threads_label(c.get('threads'))} thr"
+    return ", ".join(f"{model_name(c.get('model'))} b{c.get('batch')} {threads_label(c.get('threads'))} thr"
                      for c in sorted(group, key=sort_key))
 
 
@@ -500,7 +500,7 @@ def parity_table(machine: Machine) -> Table | None:
             limits.append(f"|Δlogit| ≤ {num(tol['max_abs_logit_diff'])}")
         if tol.get("min_token_agreement") is not None:
             limits.append(f"agreement ≥ {pct(tol['min_token_agreement'])}")
-        out.append((text(str(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+        out.append((text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
                     text(threads_label(c.get("threads"))), number(p.get("max_abs_logit_diff")),
                     number(p.get("token_agreement"), pct(p.get("token_agreement"), 1), tone="bad"),
                     text(", ".join(limits) or DASH)))
@@ -515,7 +515,7 @@ def all_cells_table(machine: Machine) -> Table:
     for c in machine.cells:
         tpot = c.get("tpot_ms") if isinstance(c.get("tpot_ms"), dict) else {}
         ok = is_ok(c)
-        out.append((text(str(c.get("model"))), text(str(c.get("backend"))), text(str(c.get("precision"))),
+        out.append((text(model_name(c.get("model"))), text(str(c.get("backend"))), text(str(c.get("precision"))),
                     number(c.get("batch"), str(c.get("batch"))),
                     text(threads_label(c.get("threads")), sort=c.get("threads")),
                     text(str(c.get("status")), tone="" if ok else "bad"),
@@ -673,7 +673,7 @@ def sections(machine: Machine) -> list[Section]:
                    "passed, with its speed-up over eager fp32 at its own best thread count."
                    if best.rows else nothing, (best,) if best.rows else ())]
     for m in names:
-        out.append(Section(f"model-{m}", f"Model {m} ({params(size.get(m))})",
+        out.append(Section(f"model-{model_name(m)}", f"Model {model_name(m)} ({params(size.get(m))})",
                            "Rows are backend and precision, columns batch sizes.",
                            (model_table(machine, m),)))
     scaling = scaling_table(machine)

@@ -169,7 +169,7 @@ def decode_vs_batch(m: Machine, model: str, pal: dict[str, str]) -> str | None:
                              tips=tuple(f"{lab}, batch {c['batch']}, {_thr(c)}: "
                                         f"{num(c['decode_tok_s'])} tok/s" for c in cs)))
     batches = sorted({c["batch"] for c in best})
-    return charts.xy_chart(f"Decode rate against batch — {model}", series, x_label="batch size",
+    return charts.xy_chart(f"Decode rate against batch — {model_name(model)}", series, x_label="batch size",
                            y_label="decode tokens/s", x_log=len(batches) > 2,
                            x_ticks=[(b, str(b)) for b in batches],
                            note="fastest thread count; bars: 95% interval")
@@ -186,7 +186,7 @@ def tpot_boxes(m: Machine, model: str, pal: dict[str, str]) -> str | None:
         return None
     sizes = sorted(len(g[1]) for g in groups if g[1])
     n = f"{sizes[0]}" if sizes[0] == sizes[-1] else f"{sizes[0]}–{sizes[-1]}"
-    return charts.box_chart(f"Time per output token — {model}, batch {batch}", groups,
+    return charts.box_chart(f"Time per output token — {model_name(model)}, batch {batch}", groups,
                             x_label="time per output token (ms)",
                             note=f"every decode step of every repetition ({n} per row); fastest thread count")
 
@@ -212,7 +212,7 @@ def latency_throughput(m: Machine, model: str, pal: dict[str, str]) -> str | Non
     front = charts.pareto_front(eligible)
     if front:
         series.append(Series("Pareto front", tuple(front), charts.INK, dashed=True, hollow=True))
-    return charts.xy_chart(f"Latency against throughput — {model}", series,
+    return charts.xy_chart(f"Latency against throughput — {model_name(model)}", series,
                            x_label="decode tokens/s (higher is better)",
                            y_label="ms per output token", x_log=True, y_log=True,
                            note="every batch and thread count; ringed: Pareto front")
@@ -240,7 +240,7 @@ def thread_scaling(m: Machine, model: str, pal: dict[str, str]) -> str | None:
         return None
     series.append(Series("linear scaling", tuple((t, t / t0) for t in numeric), "#999", marker=False,
                          dashed=True, end_label="linear"))
-    return charts.xy_chart(f"Thread scaling — {model}, batch {batch}", series, x_label="threads",
+    return charts.xy_chart(f"Thread scaling — {model_name(model)}, batch {batch}", series, x_label="threads",
                            y_label=f"decode speed-up over {t0} thread{'s' * (t0 != 1)}",
                            x_ticks=[(t, str(t)) for t in numeric])
 
@@ -372,7 +372,7 @@ def drift_chart(m: Machine) -> str | None:
 
 def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
     if s.id.startswith("model-"):
-        model = next(n for n in models(list(m.cells)) if f"model-{n}" == s.id)
+        model = next(n for n in models(list(m.cells)) if f"model-{model_name(n)}" == s.id)
         made = [decode_vs_batch(m, model, pal), tpot_boxes(m, model, pal), latency_throughput(m, model, pal)]
     elif s.id == "thread-scaling":
         made = [thread_scaling(m, n, pal) for n in models(list(m.cells))]

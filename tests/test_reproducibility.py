@@ -191,7 +191,7 @@ def test_backend_all_stores_unavailable_backends_as_skipped_with_the_reason(fake
     probes = {n: AVAILABLE if n == "eager" else Probe(False, reason=f"{n} is missing", fix=f"install {n}")
               for n in registry.names()}
     monkeypatch.setattr(registry, "probe_all", lambda: probes)
-    monkeypatch.setattr("bench.sentinel.read", fake_sentinel)
+    monkeypatch.setattr("bench.sentinel.read_isolated", fake_sentinel)
     monkeypatch.setattr("bench.roofline.roofline_for", lambda *a, **k: None)
     db = tmp_path / "b.sqlite"
     assert main(["run", "--model", "tiny", "--backend", "all", "--batch", "1", "--threads", "1",
@@ -358,3 +358,10 @@ def test_bench_compare_detects_a_planted_slowdown_in_real_launches():
     (cell,) = compare_runs(*runs).cells
     assert cell.new["planted_delay"] == 0.5 and cell.base["planted_delay"] == 0.0
     assert cell.verdict == SLOWER, cell.decode
+
+
+def test_the_sentinel_reads_in_a_fresh_process():
+    from bench.sentinel import read_isolated
+
+    reading = read_isolated(1)
+    assert reading["decode_ms"] > 0 and reading["gemv_gb_s"] > 0 and reading["threads"] == 1
