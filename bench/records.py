@@ -63,12 +63,44 @@ def derive(record: dict, spec: CellSpec) -> dict:
         "tpot_ms": [stats.nested_median([launch]) for launch in samples["tpot_ms"]] if has_steps else None,
     }
     record["launch_sizes"] = {k: [len(launch) for launch in samples[k]] for k in SAMPLE_KINDS}
+    record["unsteady"] = unsteady(record["launch_medians"]["tpot_ms"] or record["launch_medians"]["ttft_ms"],
+                                  "per token" if has_steps else "to first token")
     batch = spec.batch
     record["prefill_tok_s"] = batch * spec.prompt_len / (record["ttft_ms"]["median"] / 1e3)
     record["decode_tok_s"] = batch / (record["tpot_ms"]["median"] / 1e3) if has_steps else None
     record["e2e_tok_s"] = batch * spec.gen_len / (stats.nested_median(e2e) / 1e3)
     record.update(roofline_fields(record, spec))
     return record
+
+
+UNSTEADY_FACTOR = 1.5
+
+
+def unsteady(medians: list[float], what: str, factor: float = UNSTEADY_FACTOR) -> str:
+    """Why a cell's launches disagree by more than ``factor``, or "" when they agree.
+
+    A launch whose median is ``factor`` times slower or faster than the cell's median launch
+    landed differently (memory, cores, a neighbour's burst). It stays in the statistics -- it
+    happened -- and the interval widens for it; this line says so, so a reader knows why the
+    interval is wide and that more launches, or a quieter machine, would help.
+    """
+    if len(medians) < 2:
+        return ""
+    if len(medians) == 2:  # neither is "the median launch": say how far apart they are
+        lo, hi = sorted(medians)
+        if lo > 0 and hi / lo > factor:
+            return f"its two launches differ {hi / lo:.1f}x ({medians[0]:.3g} and {medians[1]:.3g} ms {what})"
+        return ""
+    ordered = sorted(medians)
+    n = len(ordered)
+    ref = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2  # the median launch
+    notes = []
+    for i, m in enumerate(medians):
+        if ref > 0 and m > 0 and max(m / ref, ref / m) > factor:
+            word = "slower" if m > ref else "faster"
+            notes.append(f"launch {i + 1} of {n} ran {max(m / ref, ref / m):.1f}x {word} than the median launch "
+                         f"({m:.3g} vs {ref:.3g} ms {what})")
+    return "; ".join(notes)
 
 
 def roofline_fields(record: dict, spec: CellSpec) -> dict:

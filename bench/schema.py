@@ -59,6 +59,7 @@ CELL_FIELDS = {
     "launch_rounds": "the round each pooled launch ran in (rounds visit the cells in a seeded random order)",
     "launch_medians": "dict: the median ttft_ms and tpot_ms of each launch",
     "launch_sizes": "dict: how many generations each launch measured, per sample kind",
+    "unsteady": "why the launches disagree (one ran over 1.5x slower or faster than the others), or empty",
     "attempt": "0 for a cell's first attempt; a --resume that retries a failed cell counts up",
     "planted_delay": "testing aid: the fraction each step was made slower by (0 in real measurements)",
     "warmup_reps": "whole generations run before measuring, all launches",

@@ -347,6 +347,8 @@ def model_table(machine: Machine, model: str) -> Table:
             lines = [decode_text(c),
                      f"TTFT {ms(median(c, 'ttft_ms'))} · {mib(c.get('peak_rss_mb'))}",
                      f"roof {pct(c.get('roofline_fraction'))} · {parity_text(c)}{thr}"]
+            if c.get("unsteady"):
+                lines.append("⚠ launches disagree (see drift)")
             lines += [f"{threads_label(g.get('threads'))} thr: {g.get('status')}" for g in not_ok]
             tone = "bad" if isinstance(c.get("parity"), dict) and not parity_passed(c) else ""
             row.append(Cell(tuple(lines), c["decode_tok_s"], strong=True, tone=tone))
@@ -485,6 +487,26 @@ def problems_table(machine: Machine) -> Table | None:
             text(_cells_summary(g)), text(r)) for (b, p, s, r), g in sorted(groups.items())]
     return Table("not-ok", ("backend · precision", "status", "cells", "reason"), tuple(out),
                  (False, False, False, False), caption="Cells that did not run to the end")
+
+
+def quality_failures_table(machine: Machine) -> Table | None:
+    """Cells of a trained model whose quality verdict failed: as visible as a failed parity."""
+    failed = [c for c in machine.cells if is_ok(c) and quality_verdict(c) == "fail"]
+    if not failed:
+        return None
+    out = []
+    for c in failed:
+        d = quality_of(c).get("divergence") or {}
+        out.append((text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+                    text(threads_label(c.get("threads"))),
+                    number(d.get("ppl_ratio"), f"{d['ppl_ratio']:.4f}" if _finite(d.get("ppl_ratio")) else DASH,
+                           tone="bad"),
+                    number(d.get("kl_mean"), f"{d['kl_mean']:.2e}" if _finite(d.get("kl_mean")) else DASH),
+                    number(d.get("same_top"), pct(d.get("same_top"), 2))))
+    return Table("quality-failures", ("model", "backend · precision", "batch", "threads", "PPL ratio", "mean KL",
+                                      "same top"), tuple(out), (False, False, True, True, True, True, True),
+                 caption="Cells that ran but lost more quality than the verdict allows (1% perplexity, "
+                         "0.01 top-1 accuracy)")
 
 
 def parity_table(machine: Machine) -> Table | None:
@@ -636,6 +658,20 @@ def spread(values: list) -> float | None:
     return (xs[-1] - xs[0]) / xs[len(xs) // 2]
 
 
+def unsteady_table(machine: Machine) -> Table | None:
+    """Cells whose launches disagree: the reason their intervals are wide."""
+    cells = [c for c in machine.cells if is_ok(c) and c.get("unsteady")]
+    if not cells:
+        return None
+    out = tuple((text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+                 text(threads_label(c.get("threads"))), Cell((decode_text(c),), c.get("decode_tok_s")),
+                 text(str(c["unsteady"]), tone="bad")) for c in cells)
+    return Table("unsteady", ("model", "backend · precision", "batch", "threads", "decode tok/s", "launches"), out,
+                 (False, False, True, True, True, False),
+                 caption="Cells whose launches disagree by more than 1.5x: the outlier stays in the statistics "
+                         "and widens the interval; more launches or a quieter machine narrow it")
+
+
 def drift_table(machine: Machine) -> Table | None:
     rows_ = sentinel_rows(machine)
     if not rows_:
@@ -691,13 +727,14 @@ def sections(machine: Machine) -> list[Section]:
         training = training_table(machine)
         out.append(Section("quality", "Quality on a trained model", QUALITY_TEXT,
                            (quality,) + ((training,) if training is not None else ())))
-    drift = drift_table(machine)
-    out.append(Section("drift", "Machine drift during the run", drift_text(machine),
-                       (drift,) if drift is not None else ()))
-    problems = [t for t in (parity_table(machine), problems_table(machine)) if t is not None]
+    drift_tables = tuple(t for t in (drift_table(machine), unsteady_table(machine)) if t is not None)
+    out.append(Section("drift", "Machine drift during the run", drift_text(machine), drift_tables))
+    problems = [t for t in (parity_table(machine), quality_failures_table(machine), problems_table(machine))
+                if t is not None]
     out.append(Section("did-not-pass", "Cells that did not pass",
-                       "Parity failures ran to the end but gave different answers from eager fp32; "
-                       "skipped, failed, timed-out and out-of-memory cells give the reason recorded."
+                       "Parity failures ran to the end but gave different answers from eager fp32; quality "
+                       "failures lost more of a trained model's quality than the verdict allows; skipped, "
+                       "failed, timed-out and out-of-memory cells give the reason recorded."
                        if problems else "Every cell ran and passed its parity check.",
                        tuple(problems)))
     out.append(Section("cells", f"All {len(machine.cells)} cells", "", (all_cells_table(machine),),

@@ -195,7 +195,7 @@ def test_markdown_lists_cells_that_did_not_pass(run_a):
     tables = md_tables(md)
     parity = tables["Cells that did not pass"]
     assert parity[1][:4] == ["small", "int8 · int8", "4", "2"] and parity[1][5] == "81.2%"
-    problems = {(r[0], r[1]): r for r in tables["Cells that did not pass #2"][1:]}
+    problems = {(r[0], r[1]): r for r in tables["Cells that did not pass #3"][1:]}
     assert set(problems) == {("cuda · fp16", "skipped"), ("ipex · bf16", "timeout"),
                              ("openvino · fp32", "failed")}
     assert problems[("cuda · fp16", "skipped")][2].startswith("12: tiny, small")
@@ -571,3 +571,5 @@ def test_quality_section_and_best_configuration_skip_quality_failures(run_a):
     assert "Intel Neural Compressor" in md and "max_drop=0.01" in md
     page = Page(render_html([run_a]))
     assert "Decode speed against quality" in [s["label"] for s in page.svgs]
+    failures = md_tables(md)["Cells that did not pass #2"]  # after the parity failures, before the rest
+    assert failures[0][4] == "PPL ratio" and failures[1][:3] == ["small", "int8 · int8", "4"]

@@ -365,3 +365,19 @@ def test_the_sentinel_reads_in_a_fresh_process():
 
     reading = read_isolated(1)
     assert reading["decode_ms"] > 0 and reading["gemv_gb_s"] > 0 and reading["threads"] == 1
+
+
+def test_a_launch_that_lands_far_from_the_others_is_named_and_kept():
+    from bench.records import unsteady
+
+    assert unsteady([49.1, 48.1, 595.9], "per token") == (
+        "launch 3 of 3 ran 12.1x slower than the median launch (596 vs 49.1 ms per token)")
+    assert unsteady([10.0, 10.5, 9.8], "per token") == ""
+    assert unsteady([10.0, 20.0], "per token").startswith("its two launches differ 2.0x")
+    spec = CellSpec(model="tiny", backend="eager", precision="fp32", device="cpu", gen_len=4, prompt_len=4)
+    fake = FakeLaunches()
+    launches = [fake(spec.to_dict(), 1) for _ in range(3)]
+    launches[2]["samples"]["tpot_ms"] = [[12.0 * v for v in g] for g in launches[2]["samples"]["tpot_ms"]]
+    record = cell_record(spec, launches, 3, 1)
+    assert record["unsteady"].startswith("launch 3 of 3 ran") and record["status"] == "ok"
+    assert record["tpot_ms"]["n"] == 3 * 4 * 3  # the outlier stays in the statistics
