@@ -146,7 +146,8 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
     """The harness's decode tokens/s against generate() timed from outside, within 10%.
 
     Outside: the wall time of generating ``gen_len`` tokens minus that of generating one token
-    (the prefill and its token), over the ``gen_len - 1`` decode steps between them. Both time
+    (the prefill and its token), over the ``gen_len - 1`` decode steps between them; the harness
+    side is the mean of its per-step times, so both are means of the same steps. Both time
     the same loaded model, in turns, because two loads of the same weights can differ in speed
     (where their pages land), which is the launches' business, not this check's.
     """
@@ -170,7 +171,9 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
     harness, outside = [], []
     for _ in range(3):  # in turns, so a drift of the machine touches both alike
         tpot = [step for generation in _repeat(backend, prompts, spec)["tpot_ms"] for step in generation]
-        harness.append(spec.batch / (statistics.median(tpot) / 1e3))
+        # The mean step, as the outside timing is a mean: on a noisy VM the median of skewed steps
+        # sits 10-20% below their mean, a choice of statistic, not an error of the clock.
+        harness.append(spec.batch / (statistics.fmean(tpot) / 1e3))
         full = statistics.median(wall(spec.gen_len) for _ in range(5))
         first = statistics.median(wall(1) for _ in range(5))
         outside.append(spec.batch * (spec.gen_len - 1) / (full - first))

@@ -22,7 +22,7 @@ from reports.html import render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-EXPECTED_CHARTS = 10  # the fixture: 2 models x 4 charts + memory + roofline
+EXPECTED_CHARTS = 12  # the fixture: 2 models x 4 charts + memory + roofline + drift + speed against quality
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run `make chromium` "
                                 "(apt-get install chromium) to test the HTML report in a browser")
