@@ -243,11 +243,6 @@ def cmd_run(args) -> int:
     return EXIT_FAILURE if failed and len(failed) == len(ran) else 0
 
 
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-    return rich_escape(text)
-
-
 class _Progress:
     """A rich progress bar over every launch of the sweep, and a line per finished launch."""
 
@@ -305,6 +300,7 @@ class _Progress:
             line = (f"[green]ok[/]      {cell.spec.label()}: {_fmt(record.get('decode_tok_s'))}{ci} tok/s decode "
                     f"after {record['launches']} launch{'es' if record['launches'] > 1 else ''}")
             if record.get("unsteady"):
+                from rich.markup import escape
                 line += f" [yellow](unsteady: {escape(record['unsteady'])})[/]"
         else:
             line = f"[yellow]{status:<8}[/]{cell.spec.label()}: {record.get('reason', '')}"

@@ -18,8 +18,10 @@ for the report tests all come out of the same arithmetic.
 
 from __future__ import annotations
 
+import statistics
+
 from bench import stats
-from bench.spec import CellSpec, cell_id
+from bench.spec import CellSpec
 
 SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
 # Facts of the cell, not of the process: taken from the first launch that measured them.
@@ -91,9 +93,8 @@ def unsteady(medians: list[float], what: str, factor: float = UNSTEADY_FACTOR) -
         if lo > 0 and hi / lo > factor:
             return f"its two launches differ {hi / lo:.1f}x ({medians[0]:.3g} and {medians[1]:.3g} ms {what})"
         return ""
-    ordered = sorted(medians)
-    n = len(ordered)
-    ref = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2  # the median launch
+    n = len(medians)
+    ref = statistics.median(medians)  # the median launch
     notes = []
     for i, m in enumerate(medians):
         if ref > 0 and m > 0 and max(m / ref, ref / m) > factor:
@@ -117,8 +118,6 @@ def roofline_fields(record: dict, spec: CellSpec) -> dict:
     config = model_config(spec.model, spec.checkpoint)
     past = spec.prompt_len + spec.gen_len // 2  # the mean cache length over the decode steps
     bound = decode_bound(config, spec.batch, past, record.get("precision") or spec.precision, spec.roofline)
-    if not bound:
-        return out
     out["roofline_decode_tok_s"] = bound["roofline_decode_tok_s"]
     out["roofline_bound"] = bound["bound"]
     out["roofline_fraction"] = record["decode_tok_s"] / bound["roofline_decode_tok_s"]
@@ -160,7 +159,3 @@ def cell_record(spec: CellSpec, launches: list[dict], planned: int, n_params: in
 
 def skipped_record(spec: CellSpec, reason: str, n_params: int | None) -> dict:
     return dict(identity_fields(spec), n_params=n_params, status="skipped", reason=reason, launches=0)
-
-
-def is_record(record: dict) -> bool:
-    return isinstance(record, dict) and record.get("cell_id") == cell_id(record)

@@ -85,37 +85,14 @@ def median_ci(samples: Sequence[float], *, confidence: float = 0.95, n_boot: int
     return _interval(_bootstrap_medians(x, n_boot, np.random.default_rng(seed)), confidence)
 
 
-def grouped_median_ci(groups: Sequence[Sequence[float]], *, confidence: float = 0.95, n_boot: int = 2000,
-                      seed: int = 0) -> tuple[float, float]:
-    """Two-level bootstrap interval of the median of samples that come in groups (launches).
-
-    Samples of one process are not independent of each other: where the process landed
-    (its pages, its cores) shifts all of them together. So each resample first draws the
-    groups with replacement, then samples within each drawn group, and takes the median of
-    the pooled draw. With one group this is the ordinary bootstrap.
-    """
-    _check_confidence(confidence)
-    arrays = [_as_array(g) for g in groups]
-    if len(arrays) == 1:
-        return median_ci(arrays[0], confidence=confidence, n_boot=n_boot, seed=seed)
-    rng = np.random.default_rng(seed)
-    medians = np.empty(n_boot)
-    for b in range(n_boot):
-        picks = rng.integers(0, len(arrays), size=len(arrays))
-        draw = [arrays[i][rng.integers(0, arrays[i].size, size=arrays[i].size)] for i in picks]
-        medians[b] = np.median(np.concatenate(draw))
-    return _interval(medians, confidence)
-
-
 def summarize(samples: Sequence[float], *, confidence: float = 0.95, n_boot: int = 2000,
-              seed: int = 0, groups: Sequence[Sequence[float]] | None = None) -> dict:
+              seed: int = 0) -> dict:
     """The statistics dict of ``samples``, with exactly the keys of ``bench.schema.STAT_KEYS``.
 
     Percentiles interpolate linearly between order statistics (numpy's default). ``stdev``
     is the sample standard deviation (n - 1); ``cv`` is stdev / mean. ``ci95_low`` and
     ``ci95_high`` bound the median at ``confidence`` (the key names assume the default 0.95).
-    With ``groups`` (the same samples split by the process that took them), the interval is
-    the two-level bootstrap of ``grouped_median_ci``.
+    Samples taken in launches and generations get their interval from ``summarize_nested``.
     """
     x = _as_array(samples)
     n = int(x.size)
@@ -125,10 +102,7 @@ def summarize(samples: Sequence[float], *, confidence: float = 0.95, n_boot: int
         cv = stdev / abs(mean)
     else:  # only possible with zero or signed samples, never with latencies
         cv = 0.0 if stdev == 0.0 else math.inf
-    if groups is not None and len(groups) > 1:
-        lo, hi = grouped_median_ci(groups, confidence=confidence, n_boot=n_boot, seed=seed)
-    else:
-        lo, hi = median_ci(x, confidence=confidence, n_boot=n_boot, seed=seed)
+    lo, hi = median_ci(x, confidence=confidence, n_boot=n_boot, seed=seed)
     median, p90, p99 = (float(v) for v in np.percentile(x, [50, 90, 99]))
     stats = dict(median=median, p90=p90, p99=p99, mean=mean, stdev=stdev, cv=cv,
                  ci95_low=lo, ci95_high=hi, n=n)

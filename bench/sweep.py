@@ -283,6 +283,7 @@ class _CellState:
     """Where one runnable cell stands in a run: its attempt, its launches so far, its stored row."""
 
     planned: Planned
+    n_params: int | None = None  # read once from the preset or checkpoint config
     attempt: int = 0
     launches: list[dict] = field(default_factory=list)  # this attempt's launch records, in order
     row_id: int | None = None
@@ -361,7 +362,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
         run_id = store.create_run(fingerprint, dict(sweep.to_dict(), sweep_key=sweep.key()), name=name)
     else:
         store.reopen_run(run_id)
-    states = {c.key: _CellState(c) for c in cells if not c.skip_reason}
+    states = {c.key: _CellState(c, _n_params(c.spec)) for c in cells if not c.skip_reason}
     next_round = _resume_state(store, run_id, states) if resume else 0
     if events.on_start:
         events.on_start(run_id, cells, sum(s.ok for s in states.values()) if resume else None)
@@ -392,7 +393,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
                 launch.update(round=round_, attempt=state.attempt, sentinel=reading)
                 store.add_launch(run_id, cell.key, round_, launch)
                 state.launches.append(launch)
-                record = cell_record(cell.spec, state.launches, sweep.launches, _n_params(cell.spec))
+                record = cell_record(cell.spec, state.launches, sweep.launches, state.n_params)
                 record["attempt"] = state.attempt
                 if state.row_id is None:
                     state.row_id = store.add_cell(run_id, record)

@@ -107,17 +107,6 @@ def test_launches_merge_and_the_interval_spans_their_spread():
     assert record["kv_cache_mb"] == launches[0]["kv_cache_mb"] and launches[1]["kv_cache_mb"] is None
 
 
-def test_grouped_interval_is_wider_than_pooled_when_launches_disagree():
-    from bench.stats import summarize
-
-    # Three launches that each agree with themselves and not with each other.
-    a, b, c = ([m + 0.001 * i for i in range(50)] for m in (2.0, 2.5, 3.0))
-    pooled = summarize(a + b + c)
-    grouped = summarize(a + b + c, groups=[a, b, c])
-    assert grouped["median"] == pooled["median"]
-    assert grouped["ci95_high"] - grouped["ci95_low"] > 3 * (pooled["ci95_high"] - pooled["ci95_low"])
-
-
 def test_a_failing_cell_is_a_record_not_an_exception(tmp_path):
     record = run_cell(_spec(model=str(tmp_path / "missing"), checkpoint=True).to_dict(), timeout=300)
     assert record["status"] == "failed"
