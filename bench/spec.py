@@ -17,10 +17,23 @@ from dataclasses import asdict, dataclass, field, fields, replace
 # The identity of a cell: two cells with equal identity measure the same thing.
 IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads", "prompt_len", "gen_len")
 
+# What a cell measures. "inference" is a generation (time to first token, time per output
+# token); other scenarios add the fields that make their cells distinct to the identity.
+SCENARIOS = ("inference",)
+SCENARIO_FIELDS: dict[str, tuple[str, ...]] = {"inference": ()}
+
 
 def cell_id(record: dict) -> str:
-    """The identity of a cell (a spec or a record) as a string: equal strings, same cell."""
-    return json.dumps([record.get(f) for f in IDENTITY_FIELDS])
+    """The identity of a cell (a spec or a record) as a string: equal strings, same cell.
+
+    An inference cell's id is its identity fields alone, as it was before scenarios existed,
+    so stored runs keep comparing with new ones; another scenario's id leads with its name.
+    """
+    scenario = record.get("scenario") or "inference"
+    values = [record.get(f) for f in IDENTITY_FIELDS]
+    if scenario == "inference":
+        return json.dumps(values)
+    return json.dumps([scenario, *values, *(record.get(f) for f in SCENARIO_FIELDS[scenario])])
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ class CellSpec:
     threads: int | None = None  # None: the libraries' own default
     prompt_len: int = 32
     gen_len: int = 16
+    scenario: str = "inference"  # one of SCENARIOS; its SCENARIO_FIELDS join the identity
     # how it is measured
     seed: int = 0
     checkpoint: bool = False  # model is a checkpoint directory
@@ -59,6 +73,8 @@ class CellSpec:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads={self.threads!r} must be a positive integer or None")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario={self.scenario!r} is not one of {', '.join(SCENARIOS)}")
         if not 0.0 <= self.planted_delay < 10.0:
             raise ValueError(f"planted_delay={self.planted_delay!r} must be a fraction in [0, 10)")
 
@@ -67,7 +83,8 @@ class CellSpec:
         return cell_id(asdict(self))
 
     def identity(self) -> dict:
-        return {f: getattr(self, f) for f in IDENTITY_FIELDS}
+        fields_ = IDENTITY_FIELDS + SCENARIO_FIELDS[self.scenario]
+        return {"scenario": self.scenario, **{f: getattr(self, f) for f in fields_}}
 
     def label(self) -> str:
         threads = "default" if self.threads is None else self.threads
