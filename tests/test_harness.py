@@ -15,7 +15,7 @@ from bench.records import cell_record
 from bench.roofline import kv_cache_bytes, weight_bytes
 from bench.spec import CellSpec
 from bench.sweep import Sweep, SweepError, estimate_peak_bytes, parse_list, plan
-from model.gpt import get_config
+from model.gpt import build_model, get_config
 
 AVAILABLE = Probe(True)
 
@@ -131,25 +131,71 @@ def test_killed_and_crashed_cells_are_told_apart():
     assert crashed["status"] == "failed" and "SIGABRT" in crashed["reason"]
 
 
+class _VirtualClock:
+    """A clock that moves only when told: time spent in a step is exactly what the step says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_harness_attributes_prefill_and_decode_time_exactly(monkeypatch):
+    """On a virtual clock that a backend advances by known amounts (prefill 30 ms, each decode
+    7 ms, sampling between steps 0), the harness must report exactly those times: nothing of
+    a step is lost, double-counted or given to its neighbour."""
+    from backends.eager import EagerBackend
+    from bench import measure
+
+    clock = _VirtualClock()
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+
+    class Timed(EagerBackend):
+        def prefill(self, ids, pos=None, mask=None):
+            clock.now += 0.030
+            return super().prefill(ids, pos, mask)
+
+        def decode(self, ids, cache, pos=None, mask=None):
+            clock.now += 0.007
+            return super().decode(ids, cache, pos, mask)
+
+    backend = Timed()
+    backend.load(build_model(get_config("tiny"), seed=0))
+    spec = CellSpec(model="tiny", backend="eager", precision="fp32", device="cpu", batch=2,
+                    prompt_len=8, gen_len=6, min_reps=5, max_reps=5, parity_steps=0)
+    samples = measure._repeat(backend, prompt_ids(spec, 512).tolist(), spec)
+    assert len(samples["ttft_ms"]) == 5
+    assert samples["ttft_ms"] == pytest.approx([30.0] * 5)
+    assert all(g == pytest.approx([7.0] * (spec.gen_len - 1)) for g in samples["tpot_ms"])
+    assert samples["e2e_ms"] == pytest.approx([30.0 + 7.0 * (spec.gen_len - 1)] * 5)
+
+
 def test_harness_decode_rate_agrees_with_an_outside_timing():
     """The harness's decode tokens/s against generate() timed from outside, within 10%.
 
     Outside: the wall time of generating ``gen_len`` tokens minus that of generating one token
     (the prefill and its token), over the ``gen_len - 1`` decode steps between them; the harness
-    side is the mean of its per-step times, so both are means of the same steps. Both time
-    the same loaded model, in turns, because two loads of the same weights can differ in speed
-    (where their pages land), which is the launches' business, not this check's.
+    side is the mean of its per-step times, so both are means of the same steps. Every step
+    also sleeps a fixed 4 ms, so the steps' time is mostly time no other process on a loaded
+    2-core machine can take away, and a disagreement means work timed on one side and not on
+    the other (sampling, a missed synchronize), not a noisy neighbour. The virtual-clock test
+    above checks the attribution exactly; this one checks it against the real clock.
     """
     from backends.eager import EagerBackend
     from bench.measure import _repeat
     from model.generate import generate
-    from model.gpt import build_model
+
+    class Sleepy(EagerBackend):
+        def _forward(self, ids, pos, mask, cache):
+            time.sleep(0.004)
+            return super()._forward(ids, pos, mask, cache)
 
     torch.set_num_threads(1)
-    spec = CellSpec(model="small", backend="eager", precision="fp32", device="cpu", batch=2, threads=1,
+    spec = CellSpec(model="tiny", backend="eager", precision="fp32", device="cpu", batch=2, threads=1,
                     prompt_len=16, gen_len=24, min_reps=5, max_reps=10, budget_s=3, parity_steps=0)
-    backend = EagerBackend(threads=1)
-    backend.load(build_model(get_config("small"), seed=0))
+    backend = Sleepy(threads=1)
+    backend.load(build_model(get_config("tiny"), seed=0))
     prompts = prompt_ids(spec, backend.model.config.vocab_size).tolist()
 
     def wall(n: int) -> float:
@@ -158,10 +204,8 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
         return time.perf_counter() - t
 
     harness, outside = [], []
-    for _ in range(5):  # in turns, so a drift of the machine touches both alike (5: this VM drifts 20% in seconds)
+    for _ in range(3):  # in turns, so a drift of the machine touches both alike
         tpot = [step for generation in _repeat(backend, prompts, spec)["tpot_ms"] for step in generation]
-        # The mean step, as the outside timing is a mean: on a noisy VM the median of skewed steps
-        # sits 10-20% below their mean, a choice of statistic, not an error of the clock.
         harness.append(spec.batch / (statistics.fmean(tpot) / 1e3))
         full = statistics.median(wall(spec.gen_len) for _ in range(5))
         first = statistics.median(wall(1) for _ in range(5))
