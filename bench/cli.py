@@ -1,4 +1,4 @@
-"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality.
+"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality, dashboard.
 
 Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
 exit code 2, never a traceback. A backend that cannot do what was asked is one line and
@@ -674,6 +674,28 @@ def quality_table(results: list[dict], stream: dict) -> Table:
 # -- the parser ------------------------------------------------------------------------------
 
 
+def cmd_dashboard(args) -> int:
+    """A live, read-only page over the store; the store is opened per request, read-only."""
+    import uvicorn
+
+    from bench.compare import compare_runs
+    from bench.store import Store
+    from reports.dashboard import create_app
+
+    Store(args.store, read_only=True).close()  # a missing or foreign store is one line now, not per request
+    if not args.poll > 0:
+        raise UsageError(f"bench dashboard: --poll {args.poll} must be a positive number of seconds")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"bench dashboard: --port {args.port} is not a TCP port (1-65535)")
+    app = create_app(lambda: Store(args.store, read_only=True), compare=compare_runs, poll_s=args.poll)
+    err.print(f"dashboard of {args.store} at http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    app.state.stopping = lambda: server.should_exit  # open event streams end; pages reconnect to the next server
+    server.run()
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -830,6 +852,13 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", choices=("table", "md"), default="table")
     compare.add_argument("--store", default=DEFAULT_STORE)
     compare.set_defaults(fn=cmd_compare)
+
+    dash = sub.add_parser("dashboard", help="a live web page over the store: sweeps, training and serving as they run")
+    dash.add_argument("--store", default=DEFAULT_STORE)
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    dash.add_argument("--poll", type=float, default=0.5, help="seconds between looks at the store (default 0.5)")
+    dash.set_defaults(fn=cmd_dashboard)
     return p
 
 

@@ -22,6 +22,7 @@ The schema version is SQLite's ``user_version``, for future migrations.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import hashlib
@@ -147,18 +148,33 @@ def _key_text(cell: dict) -> str:
 class Store:
     """Runs and cells in one SQLite file (``DEFAULT_STORE`` unless told otherwise)."""
 
-    def __init__(self, path: str | Path = DEFAULT_STORE):
+    def __init__(self, path: str | Path = DEFAULT_STORE, read_only: bool = False):
+        """Open (or create) the store. ``read_only``: open an existing store for reading only,
+        as a viewer that runs beside the writers does (``bench dashboard``): it never creates,
+        migrates or locks the file for writing, and each read is its own short transaction."""
         self.path = Path(path)
+        self.read_only = read_only
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a bench store file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.is_file():
+            raise StoreError(f"no bench store at {self.path}: run `bench run` (or pass --store)")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
+            if read_only:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                          check_same_thread=False)
+                self.db.execute("PRAGMA busy_timeout = 2000")  # wait out a writer's checkpoint, never fail on it
+            else:
+                self.db = sqlite3.connect(self.path)
         except sqlite3.Error as e:  # unwritable directory and the like
             raise StoreError(f"cannot open the bench store {self.path}: {e}") from None
         self.db.row_factory = sqlite3.Row
         try:
-            self._init_schema()
+            if read_only:
+                self._check_version()
+            else:
+                self._init_schema()
         except sqlite3.DatabaseError as e:  # "file is not a database" and kin
             self.db.close()
             raise StoreError(f"{self.path} is not a readable bench store (SQLite said: {e})") from None
@@ -166,11 +182,17 @@ class Store:
             self.db.close()
             raise
 
-    def _init_schema(self) -> None:
+    def _check_version(self) -> int:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema version {version}; this bench reads up to "
                              f"{SCHEMA_VERSION}: upgrade bench or use another --store")
+        if self.read_only and version == 0:
+            raise StoreError(f"{self.path} is not a bench store (no schema version): is it the right --store?")
+        return version
+
+    def _init_schema(self) -> None:
+        version = self._check_version()
         if version == 0:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             foreign = tables - {"runs", "cells", "rounds", "launches", "train_runs", "train_steps", "sqlite_sequence"}
@@ -291,6 +313,37 @@ class Store:
             self.db.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", (run_id,))
 
     # -- reading ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads inside see one state of the store, however many queries they take: one read
+        transaction, ended on leaving the block (keep it short: a writer's checkpoint waits for it)."""
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("ROLLBACK")  # nothing was written: ending the read is all it does
+
+    def change_marker(self) -> tuple:
+        """A value that changes whenever anything is written: a watcher polls it (cheap, indexed
+        reads) and re-reads the store only when it moved."""
+        row = self.db.execute("""
+            SELECT (SELECT max(id) FROM launches), (SELECT max(id) FROM cells), (SELECT count(*) FROM cells),
+                   (SELECT group_concat(run_id || status, ',') FROM runs),
+                   (SELECT count(*) FROM train_steps), (SELECT max(rowid) FROM train_steps),
+                   (SELECT group_concat(run_id || status, ',') FROM train_runs)""").fetchone()
+        return tuple(row)
+
+    def list_training_runs(self) -> list[dict]:
+        """Every training run, newest first, with its step count and last logged metrics."""
+        rows = self.db.execute("""
+            SELECT t.run_id, t.created_at, t.name, t.out_dir, t.status, t.fingerprint_id,
+                   (SELECT count(*) FROM train_steps s WHERE s.run_id = t.run_id) AS n_steps,
+                   (SELECT record FROM train_steps s WHERE s.run_id = t.run_id ORDER BY step DESC LIMIT 1) AS last
+            FROM train_runs t ORDER BY t.created_at DESC, t.rowid DESC""").fetchall()
+        return [dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], out_dir=r["out_dir"],
+                     status=r["status"], fingerprint_id=r["fingerprint_id"], n_steps=r["n_steps"],
+                     last=None if r["last"] is None else json.loads(r["last"])) for r in rows]
+
     def latest_run_id(self) -> str | None:
         row = self.db.execute("SELECT run_id FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1").fetchone()
         return None if row is None else row["run_id"]

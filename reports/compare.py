@@ -89,6 +89,39 @@ def compare_markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_html(result) -> str:
+    """The comparison as an HTML fragment (``bench dashboard``): the counts, any warning, and every
+    matched cell with its verdict, slowest change first. Every value is escaped."""
+    from html import escape
+
+    counts = {v: len(result.by_verdict(v)) for v in (FASTER, SLOWER, SAME, NOT_COMPARABLE)}
+    parts = [f'<p class="lead">{len(result.cells)} matched cells: <strong>{counts[SLOWER]} slower</strong>, '
+             f"<strong>{counts[FASTER]} faster</strong>, {counts[SAME]} no significant change, "
+             f"{counts[NOT_COMPARABLE]} not comparable. Noise floor {result.noise_floor_pct:.1f}% "
+             f"({escape(result.noise_floor_source)}).</p>"]
+    warnings = ([result.drift_warning] if result.drift_warning else []) + (
+        [f"environments differ: {'; '.join(result.fingerprint_diff)}"] if not result.environments_match else [])
+    parts += [f'<p class="warning">Warning: {escape(w)}</p>' for w in warnings]
+    tone = {FASTER: "good", SLOWER: "bad", SAME: "muted", NOT_COMPARABLE: "muted"}
+    order = sorted(result.cells, key=lambda c: (c.verdict != SLOWER, c.verdict != FASTER,
+                                                c.decode.change if c.decode.change is not None else 0,
+                                                sort_key(c.base)))
+    head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for c in order:
+        *cells, verdict = _row(c)
+        tds = "".join(f"<td>{escape(x)}</td>" for x in cells)
+        body.append(f'<tr data-verdict="{escape(c.verdict)}">{tds}'
+                    f'<td class="{tone[c.verdict]}">{escape(verdict)}</td></tr>')
+    parts.append(f'<div class="table-wrap"><table id="table-compare"><thead><tr>{head}</tr></thead>'
+                 f'<tbody>{"".join(body)}</tbody></table></div>')
+    for title, cells in (("Only in base", result.only_base), ("Only in new", result.only_new)):
+        if cells:
+            items = "".join(f"<li>{escape(_where(c))} ({escape(str(c.get('status')))})</li>" for c in cells)
+            parts.append(f"<h3>{escape(title)}</h3><ul>{items}</ul>")
+    return "\n".join(parts)
+
+
 def compare_table(result):
     """The comparison as a rich Table for the terminal: every matched cell, slowest change first."""
     from rich.markup import escape  # terminal only; the other renderers need nothing but the stdlib
