@@ -1,4 +1,4 @@
-"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality.
+"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality, serve, load.
 
 Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
 exit code 2, never a traceback. A backend that cannot do what was asked is one line and
@@ -512,6 +512,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# -- serving -------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from bench.serve import serve
+
+    serve(args.backend, host=args.host, port=args.port, precision=args.precision, model=args.model,
+          checkpoint=args.checkpoint, threads=args.threads, max_batch=args.max_batch, queue_size=args.queue_size,
+          timeout_s=args.timeout, drain_s=args.drain_timeout, announce=lambda line: err.print(line, markup=False))
+    return 0
+
+
 # -- training and quality --------------------------------------------------------------------
 
 
@@ -818,6 +830,23 @@ def make_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true",
                          help="print n_tokens, nll_sum, perplexity, bits per byte and the divergence statistics")
     quality.set_defaults(fn=cmd_quality)
+
+    srv = sub.add_parser("serve", help="serve one backend over HTTP: OpenAI-compatible completions, "
+                                       "continuous batching, /health and /metrics")
+    srv.add_argument("--backend", required=True)
+    srv.add_argument("--precision", default=None)
+    srv.add_argument("--model", help="a preset (random weights)")
+    srv.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer serves text prompts)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+    srv.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (default 8)")
+    srv.add_argument("--queue-size", type=_positive_int, default=64,
+                     help="requests that may wait for a batch row; beyond them the server answers 429 (default 64)")
+    srv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included (default 300)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds a shutdown waits for running requests to finish (default 30)")
+    srv.add_argument("--threads", type=_positive_int, default=None)
+    srv.set_defaults(fn=cmd_serve)
 
     compare = sub.add_parser("compare", help="compare two runs cell by cell")
     compare.add_argument("base")
