@@ -524,6 +524,55 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_load(args) -> int:
+    from bench.load import LoadSpec, parse_rates, parse_slo, run_and_store
+    from bench.machine import fingerprint
+    from bench.store import Store
+
+    slo = dict(parse_slo(x) for x in args.slo or [])
+    specs = [LoadSpec(url=args.url.rstrip("/"), num_requests=args.num_requests, prompt_len=args.prompt_len,
+                      gen_len=args.gen_len, rate=rate, burstiness=args.burstiness,
+                      max_concurrency=args.max_concurrency, slo_ms=slo, seed=args.seed, duration_s=args.duration,
+                      request_timeout_s=args.request_timeout) for rate in parse_rates(args.rate)]
+    store = Store(args.store)
+    cells = []
+
+    def shown(record):
+        cells.append(record)
+        if not args.json:
+            err.print(f"rate {_rate(record['rate'])}: {record['n_ok']} ok, {record['n_errors']} errors, "
+                      f"{_fmt(record['output_tok_s'])} tok/s", markup=False)
+
+    run_id = run_and_store(specs, store, fingerprint(), name=args.name, on_cell=shown)
+    if args.json:
+        print(json.dumps(dict(run_id=run_id, cells=cells), indent=1, default=str))
+    else:
+        out_console().print(load_table(cells, run_id))
+    return 0 if any(c["status"] == "ok" for c in cells) else EXIT_FAILURE
+
+
+def _rate(rate) -> str:
+    return "inf" if rate is None else f"{rate:g}"
+
+
+def load_table(cells: list[dict], run_id: str) -> Table:
+    first = cells[0]
+    table = Table(title=f"Load run {run_id}: {first['model']} on {first['backend']}/{first['precision']}, "
+                        f"max batch {first['batch']}, {first.get('batching')} batching", title_justify="left")
+    for col in ("rate req/s", "ok", "errors", "req/s", "out tok/s", "goodput req/s", "TTFT ms p50/p99",
+                "TPOT ms p50/p99", "ITL ms p50/p99", "latency ms p50/p99"):
+        table.add_column(col, justify="left" if col == "errors" else "right")
+    for c in cells:
+        def pp(key):
+            p = c.get(key) or {}
+            return f"{_fmt(p.get('median'), 2)}/{_fmt(p.get('p99'), 2)}" if p else "-"
+        errors = ", ".join(f"{n} {k}" for k, n in c["errors"].items()) or "-"
+        table.add_row(_rate(c["rate"]), str(c["n_ok"]), errors, _fmt(c["request_throughput"], 2),
+                      _fmt(c["output_tok_s"]), _fmt(c["goodput"], 2) if c["slo_ms"] else "-",
+                      pp("ttft_pct"), pp("tpot_pct"), pp("itl_pct"), pp("e2e_pct"))
+    return table
+
+
 # -- training and quality --------------------------------------------------------------------
 
 
@@ -847,6 +896,29 @@ def make_parser() -> argparse.ArgumentParser:
                      help="seconds a shutdown waits for running requests to finish (default 30)")
     srv.add_argument("--threads", type=_positive_int, default=None)
     srv.set_defaults(fn=cmd_serve)
+
+    load = sub.add_parser("load", help="load a bench serve server (Poisson or gamma arrivals, streaming) and "
+                                       "store TTFT, TPOT, ITL, throughput and goodput as serve cells")
+    load.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    load.add_argument("--num-requests", type=_positive_int, required=True)
+    load.add_argument("--rate", default="inf",
+                      help="requests per second, comma-separated for several load points; inf sends all at once "
+                           "(default inf)")
+    load.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of the arrival gaps: 1 is Poisson, lower is burstier (default 1)")
+    load.add_argument("--max-concurrency", type=_positive_int, default=None, help="requests in flight at most")
+    load.add_argument("--prompt-len", type=_positive_int, default=32, help="prompt tokens per request (default 32)")
+    load.add_argument("--gen-len", type=_positive_int, default=32, help="tokens generated per request (default 32)")
+    load.add_argument("--slo", action="append", metavar="KIND:MS",
+                      help="a service-level objective for goodput: ttft:MS, tpot:MS or e2e:MS (repeatable)")
+    load.add_argument("--seed", type=int, default=0, help="seed of the arrivals and prompts (default 0)")
+    load.add_argument("--duration", type=float, default=600.0,
+                      help="seconds one load point may take at most; what is unfinished then is an error (default 600)")
+    load.add_argument("--request-timeout", type=float, default=300.0, help="client timeout per request, s (default 300)")
+    load.add_argument("--store", default=DEFAULT_STORE)
+    load.add_argument("--name", help="a name to remember the run by")
+    load.add_argument("--json", action="store_true", help="print the run id and cells as JSON")
+    load.set_defaults(fn=cmd_load)
 
     compare = sub.add_parser("compare", help="compare two runs cell by cell")
     compare.add_argument("base")

@@ -690,7 +690,8 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_server(app, *, drain_s: float = DEFAULT_TIMEOUT_S, log_level: str = "warning"):
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_s, lifespan="on")
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_s, lifespan="on",
+                            access_log=False)  # a line per request would swamp a load run
     return uvicorn.Server(config)
 
 

@@ -271,3 +271,73 @@ def test_shutdown_drains_the_running_requests(tiny_model):
     assert done and len(tokens) == 30
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+# -- bench load ------------------------------------------------------------------------------------
+
+
+def test_bench_load_measures_every_request_and_stores_serve_cells(server, tmp_path):
+    from bench.cli import main
+    from bench.compare import SAME, compare_runs
+    from bench.store import Store
+
+    url, _ = server
+    store_path = tmp_path / "bench.sqlite"
+    argv = ["load", "--url", url, "--num-requests", "10", "--rate", "40,inf", "--prompt-len", "8", "--gen-len", "6",
+            "--slo", "ttft:600000", "--slo", "tpot:600000", "--max-concurrency", "6", "--store", str(store_path)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # a second run of the same load points, to compare with
+    store = Store(store_path)
+    base, new = (store.get_run(r["run_id"]) for r in reversed(store.list_runs()))
+    assert [c["rate"] for c in new["cells"]] == [40.0, None]
+    for c in new["cells"]:
+        assert c["scenario"] == "serve" and c["status"] == "ok" and c["backend"] == "eager"
+        assert c["n_ok"] == 10 and c["errors"] == {} and c["batching"] == "continuous"
+        assert c["cell_id"].startswith('["serve"')
+        assert len(c["samples"]["ttft_ms"][0]) == 10
+        assert all(len(steps) == 5 for steps in c["samples"]["tpot_ms"][0])  # 6 tokens: 5 gaps
+        assert all(r["ok"] and r["tokens"] == 6 for r in c["requests"])
+        assert c["goodput"] == c["request_throughput"] > 0  # every request met the (generous) SLOs
+        assert c["output_tok_s"] == pytest.approx(6 * c["request_throughput"])
+        for key in ("ttft_pct", "tpot_pct", "itl_pct", "e2e_pct"):
+            assert c[key]["n"] > 0 and c[key]["median"] <= c[key]["p99"]
+    result = compare_runs(base, new)
+    assert len(result.cells) == 2 and not result.only_base and not result.only_new
+    assert all(c.verdict != "not comparable" and c.metrics["ttft_ms"].ratio is not None for c in result.cells)
+    assert all(c.verdict == SAME for c in compare_runs(new, new).cells)
+
+
+def test_bench_load_counts_refused_requests_by_kind_and_keeps_the_others(tiny_model, tmp_path):
+    from bench.load import LoadSpec, run_load
+
+    app, _ = make_app(tiny_model, delay=0.05, max_batch=1, queue_size=1)  # one request: >= 0.45 s
+    with serving_in_thread(app) as (_, url):
+        record = run_load(LoadSpec(url=url, num_requests=6, prompt_len=4, gen_len=10, rate=None,
+                                   slo_ms={"ttft": 1e-3}))
+    assert record["n_ok"] >= 2 and record["errors"].get("http 429", 0) >= 1
+    assert record["n_ok"] + record["errors"]["http 429"] == 6
+    assert record["goodput"] == 0 and record["status"] == "ok" and "http 429" in record["reason"]
+
+
+def test_arrivals_are_seeded_gamma_gaps_or_all_at_once():
+    from bench.load import arrival_times, parse_rates
+
+    a = arrival_times(200, 10.0, 0.5, seed=3)
+    assert a == arrival_times(200, 10.0, 0.5, seed=3) and a != arrival_times(200, 10.0, 0.5, seed=4)
+    assert a[0] == 0 and all(x <= y for x, y in zip(a, a[1:]))
+    assert arrival_times(5, None, 1.0, seed=0) == [0.0] * 5
+    assert parse_rates("1, 2.5,inf") == [1.0, 2.5, None]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--rate", "fast"], "is not a number"),
+    (["--rate", "-1"], "must be positive"),
+    (["--slo", "ttft"], "expected KIND:MS"),
+    (["--burstiness", "0"], "burstiness"),
+])
+def test_bench_load_bad_options_are_one_line_exit_2(server, tmp_path, capsys, argv, words):
+    from bench.cli import main
+
+    url, _ = server
+    assert main(["load", "--url", url, "--num-requests", "2", "--store", str(tmp_path / "s.sqlite"), *argv]) == 2
+    assert words in capsys.readouterr().err
