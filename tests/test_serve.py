@@ -306,6 +306,15 @@ def test_bench_load_measures_every_request_and_stores_serve_cells(server, tmp_pa
     assert all(c.verdict != "not comparable" and c.metrics["ttft_ms"].ratio is not None for c in result.cells)
     assert all(c.verdict == SAME for c in compare_runs(new, new).cells)
 
+    from reports.html import render_html
+    from reports.markdown import render_markdown
+
+    md, page = render_markdown([new]), render_html([new])
+    assert "## Serving under load" in md and "| tiny | eager · fp32 | continuous | 4 | inf | 10 / 10 |" in md
+    assert "Model tiny" not in md  # serve cells are not read as generations
+    for kind in ("TTFT", "TPOT"):
+        assert f"{kind} against throughput under load" in page
+
 
 def test_bench_load_counts_refused_requests_by_kind_and_keeps_the_others(tiny_model, tmp_path):
     from bench.load import LoadSpec, run_load
