@@ -183,25 +183,30 @@ class Engine:
         while True:
             if self._stop.is_set() and (not self._drain or (self._batch is None and self._pending.empty())):
                 break
-            new: list[Sequence] = []
-            try:
-                new = self._admit()
-                if new:
+            new = self._admit()
+            if new:
+                try:
                     self._prefill(new)
-                if self._batch is not None:
+                except Exception as e:  # a failing prefill fails the requests it held, not the running ones
+                    self._fail(new, e)
+            if self._batch is not None:
+                try:
                     self._decode()
-            except Exception as e:  # a failing step fails its requests, never the server
-                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                for s in (self._batch.seqs if self._batch else []) + new:
-                    if s.finished is None:
-                        self._finish(s, "error", ("error", "internal", msg))
-                self._batch = None
+                except Exception as e:  # a failing step fails the batch it ran, never the server
+                    self._fail(self._batch.seqs, e)
+                    self._batch = None
             self._gauges()
         for s in (self._batch.seqs if self._batch else []):
             if s.finished is None:
                 self._finish(s, "error", ("error", "shutdown", "the server stopped before this request finished"))
         while not self._pending.empty():
             self._finish(self._pending.get_nowait(), "error", ("error", "shutdown", "the server stopped"))
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        for s in seqs:
+            if s.finished is None:
+                self._finish(s, "error", ("error", "internal", msg))
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests that may join now: any, up to the free rows, when batching continuously;
@@ -523,6 +528,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
         if bad:
             return _error(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
                           param="prompt")
+        if body.max_tokens is None:  # OpenAI's null: as much as the context holds
+            body.max_tokens = max(1, engine.block_size - len(prompt))
         if len(prompt) + body.max_tokens > engine.block_size:
             return _error(400, f"this model's maximum context length is {engine.block_size} tokens; the prompt "
                                f"has {len(prompt)} and max_tokens is {body.max_tokens}", param="max_tokens")
@@ -598,11 +605,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
 
     def _check(body) -> tuple[str, str] | None:
         """Settings in OpenAI's schema this server does not implement, or out of range."""
-        if body.max_tokens is None:
-            body.max_tokens = engine.block_size  # as much as the context holds (checked against the prompt below)
-            if isinstance(body.prompt, list):
-                body.max_tokens -= len(body.prompt)
-        if body.max_tokens <= 0:
+        if body.max_tokens is not None and body.max_tokens <= 0:
             return f"max_tokens={body.max_tokens} must be at least 1", "max_tokens"
         if not math.isfinite(body.temperature) or body.temperature < 0:
             return f"temperature={body.temperature} must be >= 0 (0 is greedy)", "temperature"
