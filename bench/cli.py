@@ -202,6 +202,8 @@ def build_sweep(args):
 
 
 def cmd_run(args) -> int:
+    if args.scenario == "serve":
+        return cmd_run_serve(args)
     from backends import registry
     from bench.machine import fingerprint
     from bench.roofline import roofline_for
@@ -241,6 +243,54 @@ def cmd_run(args) -> int:
     ran = [c for c in cells if c["status"] != "skipped"]
     failed = [c for c in ran if c["status"] in ("failed", "timeout", "oom")]
     return EXIT_FAILURE if failed and len(failed) == len(ran) else 0
+
+
+def cmd_run_serve(args) -> int:
+    """bench run --scenario serve: a bench serve process per backend and precision, a load point per rate."""
+    from backends import registry
+    from bench.load import parse_rates, parse_slo, sweep_serve
+    from bench.machine import fingerprint
+    from bench.store import Store
+    from model.gpt import get_config
+
+    if args.config:
+        raise UsageError("bench run --scenario serve takes its settings from the command line, not --config")
+    if (args.model is None) == (args.checkpoint is None):
+        raise UsageError("bench run --scenario serve: give exactly one of --model PRESET or --checkpoint DIR")
+    if args.model is not None:
+        get_config(args.model)
+    elif not Path(args.checkpoint).is_dir():
+        raise UsageError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    backends = registry.names() if args.backend in (None, "all") else [b.strip() for b in args.backend.split(",")]
+    for b in backends:
+        registry.get_backend_class(b)
+    precisions = [p.strip() for p in args.precision.split(",")] if args.precision else [None]
+    threads = _threads(args.threads)[0] if args.threads else None
+    slo = dict(parse_slo(x) for x in args.slo or [])
+    cells = []
+
+    def shown(record):
+        cells.append(record)
+        if record["status"] == "ok":
+            line = (f"ok      {record['backend']}/{record['precision']} rate {_rate(record['rate'])}: "
+                    f"{record['n_ok']} ok, {record['n_errors']} errors, {_fmt(record['output_tok_s'])} tok/s")
+        else:
+            line = f"{record['status']:<8}{record['backend']}/{record['precision']} rate {_rate(record['rate'])}: {record['reason']}"
+        err.print(line, markup=False)
+
+    run_id = sweep_serve(Store(args.store), fingerprint(), backends=backends, model=args.model,
+                         checkpoint=args.checkpoint, precisions=precisions, rates=parse_rates(args.rate),
+                         num_requests=args.num_requests, prompt_len=args.prompt_len or 32,
+                         gen_len=args.gen_len or 32, max_batch=args.max_batch, threads=threads, slo_ms=slo,
+                         name=args.name, on_cell=shown)
+    served = [c for c in cells if c["status"] == "ok"]
+    if args.json:
+        print(json.dumps(dict(run_id=run_id, cells=cells), indent=1, default=str))
+    elif served:
+        for backend in dict.fromkeys((c["backend"], c["precision"]) for c in served):
+            out_console().print(load_table([c for c in served if (c["backend"], c["precision"]) == backend], run_id))
+    ran = [c for c in cells if c["status"] != "skipped"]
+    return EXIT_FAILURE if ran and not served else 0
 
 
 class _Progress:
@@ -796,6 +846,13 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")
     run.add_argument("--name", help="a name to remember the run by")
     run.add_argument("--json", action="store_true", help="print the run's cells as a JSON list")
+    run.add_argument("--scenario", choices=("inference", "serve"), default="inference",
+                     help="inference: generations in fresh processes (the default); serve: a bench serve process "
+                          "per backend and precision, loaded by bench load at each --rate")
+    run.add_argument("--rate", default="1,4,inf", help="serve: request rates, comma-separated (default 1,4,inf)")
+    run.add_argument("--num-requests", type=_positive_int, default=32, help="serve: requests per rate (default 32)")
+    run.add_argument("--max-batch", type=_positive_int, default=8, help="serve: the server's max batch (default 8)")
+    run.add_argument("--slo", action="append", metavar="KIND:MS", help="serve: an SLO for goodput (repeatable)")
     run.set_defaults(fn=cmd_run)
 
     gen = sub.add_parser("generate", help="generate text with one backend")

@@ -27,6 +27,7 @@ change is the inverse of the ITL's, as an inference cell's is of its step time's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -334,4 +335,125 @@ def run_and_store(specs: list[LoadSpec], store, fingerprint: dict, name: str | N
         status = "finished"
     finally:
         store.finish_run(run_id, status if status == "finished" else "interrupted")
+    return run_id
+
+
+# -- bench run --scenario serve --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def server_process(backend: str, *, model: str | None = None, checkpoint: str | None = None,
+                   precision: str | None = None, threads: int | None = None, max_batch: int = 8,
+                   queue_size: int = 64, start_s: float = 300.0):
+    """``bench serve`` in a fresh process (the backend's thread environment set before anything
+    loads, as for a cell) on a free loopback port; yields its URL. Leaving stops it and lets it drain."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.cell import child_environment
+
+    cmd = [sys.executable, "-m", "bench.cli", "serve", "--backend", backend, "--port", "0",
+           "--max-batch", str(max_batch), "--queue-size", str(queue_size)]
+    cmd += ["--checkpoint", checkpoint] if checkpoint else ["--model", str(model)]
+    cmd += ["--precision", precision] if precision else []
+    cmd += ["--threads", str(threads)] if threads else []
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            env=child_environment(backend, threads), start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_s
+        url = None
+        while url is None:
+            log.seek(0)
+            found = re.search(r"serving on (http://\S+)", log.read())
+            if found:
+                url = found.group(1)
+            elif proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = [ln for ln in log.read().splitlines() if ln.strip()][-1:] or ["no output"]
+                raise ServerFailed(f"bench serve --backend {backend} did not start: {tail[0][:300]}")
+            else:
+                time.sleep(0.1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+class ServerFailed(Exception):
+    """A server process that did not come up; its cells fail with the reason."""
+
+
+def sweep_serve(store, fingerprint: dict, *, backends: list[str], model: str | None, checkpoint: str | None,
+                precisions: list[str | None], rates: list[float | None], num_requests: int, prompt_len: int,
+                gen_len: int, max_batch: int = 8, threads: int | None = None, burstiness: float = 1.0,
+                max_concurrency: int | None = None, slo_ms: dict | None = None, seed: int = 0,
+                duration_s: float = 600.0, name: str | None = None, on_cell=None) -> str:
+    """``bench run --scenario serve``: for each backend and precision, start its server, run every
+    load point against it, stop it. Every cell is stored as it lands; a backend that cannot serve
+    leaves skipped or failed cells with the reason, and the others go on."""
+    from pathlib import Path
+
+    from backends import registry
+    from bench.records import skipped_record
+    from bench.spec import CellSpec
+
+    sweep = dict(scenario="serve", backends=backends, model=model or checkpoint, precisions=precisions, rates=rates,
+                 num_requests=num_requests, prompt_len=prompt_len, gen_len=gen_len, max_batch=max_batch,
+                 threads=threads, burstiness=burstiness, max_concurrency=max_concurrency, slo_ms=slo_ms or {},
+                 seed=seed)
+    run_id = store.create_run(fingerprint, sweep, name=name)
+
+    def land(record):
+        store.add_cell(run_id, record)
+        if on_cell:
+            on_cell(record)
+
+    status = "interrupted"
+    try:
+        for backend in backends:
+            cls = registry.get_backend_class(backend)
+            for precision in precisions:
+                resolved = precision or cls.default_precision
+
+                def unserved(state: str, reason: str):
+                    for rate in rates:
+                        spec = CellSpec(model=model or str(Path(checkpoint).resolve()), backend=backend, precision=resolved,
+                                        device=cls.default_device(), batch=max_batch, threads=threads,
+                                        prompt_len=prompt_len, gen_len=gen_len, scenario="serve", rate=rate,
+                                        burstiness=burstiness, max_concurrency=max_concurrency,
+                                        num_requests=num_requests, checkpoint=checkpoint is not None)
+                        land(dict(skipped_record(spec, reason, None), status=state))
+
+                probe = registry.probe_isolated(backend)
+                if not probe.available:
+                    unserved("skipped", f"backend unavailable: {probe.reason}")
+                    continue
+                if resolved not in cls.precisions:
+                    unserved("skipped", f"backend {backend!r} does not support precision {resolved!r}")
+                    continue
+                try:
+                    with server_process(backend, model=model, checkpoint=checkpoint, precision=precision,
+                                        threads=threads, max_batch=max_batch) as url:
+                        health = server_health(url)
+                        for rate in rates:
+                            land(run_load(LoadSpec(url=url, num_requests=num_requests, prompt_len=prompt_len,
+                                                   gen_len=gen_len, rate=rate, burstiness=burstiness,
+                                                   max_concurrency=max_concurrency, slo_ms=dict(slo_ms or {}),
+                                                   seed=seed, duration_s=duration_s), health))
+                except ServerFailed as e:
+                    unserved("failed", str(e))
+        status = "finished"
+    finally:
+        store.finish_run(run_id, status)
     return run_id

@@ -196,6 +196,9 @@ class Engine:
                     self._fail(self._batch.seqs, e)
                     self._batch = None
             self._gauges()
+            # Let the event loop run between steps: it writes the streamed tokens out, and without
+            # a switch here it waits for the interpreter's switch interval, several steps at a time.
+            time.sleep(0)
         for s in (self._batch.seqs if self._batch else []):
             if s.finished is None:
                 self._finish(s, "error", ("error", "shutdown", "the server stopped before this request finished"))
@@ -670,6 +673,11 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
         torch.set_num_threads(threads)
     backend = cls(precision=precision, threads=threads)
     backend.load(gpt)
+    # Warm up (the first calls pay one-time costs: allocation, JIT, graph optimisation) on both
+    # paths the engine takes, unpadded and padded, so the first requests measure serving.
+    from model.generate import generate
+    generate(backend, [[0] * 8, [0] * 4], 4)
+    generate(backend, [[0] * 8], 4)
     tokenizer = load_tokenizer(checkpoint, gpt.config.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     engine = Engine(backend, block_size=gpt.config.block_size, max_batch=max_batch, queue_size=queue_size,

@@ -406,3 +406,23 @@ def test_bench_load_bad_options_are_one_line_exit_2(server, tmp_path, capsys, ar
     url, _ = server
     assert main(["load", "--url", url, "--num-requests", "2", "--store", str(tmp_path / "s.sqlite"), *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_bench_run_scenario_serve_starts_a_server_per_backend_and_sweeps_the_rate(tmp_path, capsys):
+    from bench.cli import main
+    from bench.store import Store
+
+    store = tmp_path / "bench.sqlite"
+    assert main(["run", "--scenario", "serve", "--backend", "eager", "--precision", "fp32,int8", "--model", "tiny",
+                 "--rate", "50,inf", "--num-requests", "4", "--prompt-len", "4", "--gen-len", "4",
+                 "--max-batch", "2", "--store", str(store)]) == 0
+    run = Store(store).get_run("latest")
+    assert run["status"] == "finished"
+    by = {(c["precision"], c["rate"]): c for c in run["cells"]}
+    assert set(by) == {("fp32", 50.0), ("fp32", None), ("int8", 50.0), ("int8", None)}
+    for rate in (50.0, None):
+        served, refused = by[("fp32", rate)], by[("int8", rate)]
+        assert served["status"] == "ok" and served["n_ok"] == 4 and served["batch"] == 2
+        assert served["server"]["backend"] == "eager"
+        assert refused["status"] == "skipped" and "does not support precision 'int8'" in refused["reason"]
+    assert "eager/fp32" in capsys.readouterr().out
