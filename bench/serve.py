@@ -56,6 +56,10 @@ class QueueFull(Exception):
     """The engine's queue is full: the server answers 429."""
 
 
+class ShuttingDown(QueueFull):
+    """The server is draining and takes no new requests: 503."""
+
+
 class ServeError(InputError):
     """A server setting or a request the server cannot serve; the message names the value."""
 
@@ -171,7 +175,7 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         if self._stop.is_set():
-            raise QueueFull("the server is shutting down")
+            raise ShuttingDown("the server is shutting down")
         try:
             self._pending.put_nowait(seq)
         except queue.Full:
@@ -553,6 +557,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
             timeout_s=timeout_s)
         try:
             engine.submit(seq)
+        except ShuttingDown as e:
+            return _error(503, str(e), kind="service_unavailable")
         except QueueFull as e:
             return _error(429, f"{e}; try again later", kind="rate_limit_exceeded")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
