@@ -128,6 +128,19 @@ def serve_key(cell: dict) -> tuple:
             rate is None, rate or 0, _none_last(cell.get("max_concurrency")))
 
 
+def load_text(cell: dict) -> str:
+    """' · rate 8 req/s' for a serve cell (its offered load tells its rows apart); '' otherwise."""
+    if not is_serve(cell):
+        return ""
+    rate = cell.get("rate")
+    out = f" · rate {'inf' if rate is None else num(rate)} req/s"
+    if cell.get("burstiness") not in (None, 1, 1.0):
+        out += f" · burstiness {num(cell['burstiness'])}"
+    if cell.get("max_concurrency"):
+        out += f" · ≤{cell['max_concurrency']} in flight"
+    return out
+
+
 def label(cell: dict) -> str:
     return f"{cell.get('backend')} · {cell.get('precision')}"
 

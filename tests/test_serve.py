@@ -58,6 +58,22 @@ def server(tiny_model):
         yield url, engine
 
 
+def test_join_caches_left_pads_the_shorter_past_and_trim_keeps_the_last_positions(tiny_model):
+    import torch
+
+    backend = EagerBackend()
+    backend.load(tiny_model)
+    _, short = backend.prefill(torch.tensor([[1, 2, 3]]))
+    _, long = backend.prefill(torch.tensor([[4, 5, 6, 7, 8], [9, 8, 7, 6, 5]]))
+    joined = backend.join_caches([short, long])
+    assert backend.cache_length(joined) == 5 and len(joined) == tiny_model.config.n_layer
+    for (k, v), (ks, vs), (kl, vl) in zip(joined, short, long):
+        assert k.shape[0] == 3 and bool((k[0, :, :2] == 0).all()) and torch.equal(k[0, :, 2:], ks[0])
+        assert torch.equal(v[1:], vl) and torch.equal(v[0, :, 2:], vs[0])
+    trimmed = backend.trim_cache(joined, 3)
+    assert backend.cache_length(trimmed) == 3 and torch.equal(trimmed[0][0][0], short[0][0][0])
+
+
 def stream_tokens(url: str, body: dict) -> tuple[list[int], str, str | None]:
     """Token ids, text and finish reason of one streamed completion."""
     tokens, text, finish = [], "", None
@@ -359,6 +375,10 @@ def test_bench_load_measures_every_request_and_stores_serve_cells(server, tmp_pa
     assert len(result.cells) == 2 and not result.only_base and not result.only_new
     assert all(c.verdict != "not comparable" and c.metrics["ttft_ms"].ratio is not None for c in result.cells)
     assert all(c.verdict == SAME for c in compare_runs(new, new).cells)
+    from reports.compare import compare_markdown
+
+    table = compare_markdown(result)
+    assert "eager · fp32 · rate 40.0 req/s · ≤6 in flight" in table and "rate inf req/s" in table
 
     from reports.html import render_html
     from reports.markdown import render_markdown
@@ -426,3 +446,23 @@ def test_bench_run_scenario_serve_starts_a_server_per_backend_and_sweeps_the_rat
         assert served["server"]["backend"] == "eager"
         assert refused["status"] == "skipped" and "does not support precision 'int8'" in refused["reason"]
     assert "eager/fp32" in capsys.readouterr().out
+
+
+def test_bench_compare_calls_a_slower_server_slower(tiny_model, tmp_path):
+    """The same load point against the same (eager, tiny) server, once with every decode step made
+    at least 30 ms long: compare matches the cells and calls the change."""
+    from bench.compare import SLOWER, compare_runs
+    from bench.load import LoadSpec, run_and_store
+    from bench.store import Store
+
+    store = Store(tmp_path / "bench.sqlite")
+    fingerprint = {"cpu": {"brand": "test"}}
+    runs = []
+    for delay in (0.0, 0.03):
+        app, _ = make_app(tiny_model, delay=delay)
+        with serving_in_thread(app) as (_, url):
+            runs.append(run_and_store([LoadSpec(url=url, num_requests=8, prompt_len=4, gen_len=8, rate=None)],
+                                      store, fingerprint))
+    result = compare_runs(*(store.get_run(r) for r in runs))
+    (cell,) = result.cells
+    assert cell.verdict == SLOWER and cell.metrics["tpot_ms"].ratio > 1
