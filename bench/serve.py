@@ -522,6 +522,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model not in (model_name, model_name.rstrip("/").rsplit("/", 1)[-1]):
+            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                          param="model")
         problem = _check(body)
         if problem:
             return _error(400, problem[0], param=problem[1])

@@ -176,6 +176,7 @@ def test_a_seeded_sample_is_reproduced_alone_and_in_a_batch(server, tiny_model):
     ('{"max_tokens": 3}', 400, "missing required argument: prompt"),
     ('[1, 2]', 400, "JSON object"),
     ('{"prompt": [1], "n": 2}', 400, "n=1"),
+    ('{"prompt": [1], "model": "gpt-4"}', 404, "the model 'gpt-4' does not exist; this server serves 'tiny'"),
 ])
 def test_bad_requests_get_a_one_line_reason_and_the_server_keeps_serving(server, body, status, words):
     url, _ = server
