@@ -291,7 +291,7 @@ def environment(machine: Machine) -> list[tuple[str, str]]:
     versions = fp.get("versions") or {}
     thread_env = {k: v for k, v in (fp.get("thread_env") or {}).items() if v is not None}
     gpus = fp.get("gpus") or []
-    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells}, key=str)
+    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells + machine.serve_cells}, key=str)
     lines = [
         ("CPU", f"{cpu.get('brand', '?')} ({cpu.get('arch', '?')}), {cpu.get('cores_physical', '?')} "
                 f"physical / {cpu.get('cores_logical', '?')} logical cores"),
@@ -746,6 +746,8 @@ def serve_table(machine: Machine) -> Table:
     for c in machine.serve_cells:
         rate = c.get("rate")
         errors = ", ".join(f"{n} {k}" for k, n in (c.get("errors") or {}).items())
+        if not is_ok(c):
+            errors = f"{c.get('status')}: {c.get('reason') or 'no reason recorded'}"
         ok = c.get("n_ok") or 0
         rows.append((text(model_name(c.get("model"))), text(label(c)), text(str(c.get("batching") or DASH)),
                      number(c.get("batch"), str(c.get("batch"))),
@@ -764,6 +766,8 @@ def serve_table(machine: Machine) -> Table:
 
 def sections(machine: Machine) -> list[Section]:
     """The report of one machine, in reading order."""
+    if machine.serve_cells and not machine.cells:  # load runs only: nothing of generations to show
+        return [Section("serving", "Serving under load", SERVE_TEXT, (serve_table(machine),))]
     names = models(list(machine.cells))
     size = {c.get("model"): c.get("n_params") for c in machine.cells}
     nothing = "No cell ran to the end, so there is nothing to show here."
