@@ -14,7 +14,10 @@ backend through the same few verbs:
     close()                       free everything; also runs on leaving a ``with`` block
 
 The cache is opaque to callers: only the backend that made it reads it, reorders it
-(``reorder_cache``, for beam search) or measures it (``cache_bytes``).
+(``reorder_cache``, for beam search) or measures it (``cache_bytes``). A backend whose
+``supports_join`` is true can also join caches along the batch axis (``join_caches``) and drop
+leading positions that every sequence masks (``trim_cache``): that is what lets a server batch
+continuously, sequences joining and leaving a running batch between decode steps.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from model.errors import InputError
 
@@ -96,6 +100,9 @@ class Backend(ABC):
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     default_precision: ClassVar[str] = "fp32"
     description: ClassVar[str] = ""
+    # Whether join_caches and trim_cache work: a graph runtime whose cache lives in its own
+    # buffers may not, and a server then runs one batch at a time (bench.serve).
+    supports_join: ClassVar[bool] = False
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, **options: Any):
@@ -188,6 +195,19 @@ class Backend(ABC):
         return tuple((k.index_select(0, index.to(k.device)), v.index_select(0, index.to(v.device)))
                      for k, v in cache)
 
+    def join_caches(self, caches: list):
+        """One cache of the sequences of ``caches``, in order along the batch axis.
+
+        Caches of different lengths are left-padded to the longest; the caller's mask must hide
+        the padded positions (False there), as it hides the left padding of a prompt.
+        """
+        raise BackendError(f"backend {self.name!r} cannot join caches (supports_join is False)")
+
+    def trim_cache(self, cache, keep: int):
+        """The cache without its first positions: only the last ``keep`` remain (for positions
+        every sequence masks, so a long-running batch does not grow without bound)."""
+        raise BackendError(f"backend {self.name!r} cannot trim caches (supports_join is False)")
+
     def weight_bytes(self) -> int | None:
         """Bytes of the weights as this backend holds them, where it can tell."""
         return None
@@ -212,6 +232,20 @@ class Backend(ABC):
 
 class TorchBackend(Backend):
     """Shared body for backends that run the PyTorch module itself (eager, mkl, ipex, cuda, int8)."""
+
+    supports_join: ClassVar[bool] = True
+
+    def join_caches(self, caches: list):
+        longest = max(self.cache_length(c) for c in caches)
+
+        def padded(t):  # (B, n_head, T, head_dim) -> (B, n_head, longest, head_dim), zeros on the left
+            return F.pad(t, (0, 0, longest - t.shape[2], 0))
+
+        return tuple((torch.cat([padded(c[i][0]) for c in caches], dim=0),
+                      torch.cat([padded(c[i][1]) for c in caches], dim=0)) for i in range(len(caches[0])))
+
+    def trim_cache(self, cache, keep: int):
+        return tuple((k[:, :, -keep:], v[:, :, -keep:]) for k, v in cache)  # (B, n_head, keep, head_dim)
 
     def load(self, model: torch.nn.Module) -> None:
         self.model = self.prepare(model.eval())

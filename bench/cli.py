@@ -1,4 +1,4 @@
-"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality, dashboard.
+"""The ``bench`` command: info, run, generate, runs, export, report, compare, train, quality, serve, load, dashboard.
 
 Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
 exit code 2, never a traceback. A backend that cannot do what was asked is one line and
@@ -202,6 +202,8 @@ def build_sweep(args):
 
 
 def cmd_run(args) -> int:
+    if args.scenario == "serve":
+        return cmd_run_serve(args)
     from backends import registry
     from bench.machine import fingerprint
     from bench.roofline import roofline_for
@@ -241,6 +243,54 @@ def cmd_run(args) -> int:
     ran = [c for c in cells if c["status"] != "skipped"]
     failed = [c for c in ran if c["status"] in ("failed", "timeout", "oom")]
     return EXIT_FAILURE if failed and len(failed) == len(ran) else 0
+
+
+def cmd_run_serve(args) -> int:
+    """bench run --scenario serve: a bench serve process per backend and precision, a load point per rate."""
+    from backends import registry
+    from bench.load import parse_rates, parse_slo, sweep_serve
+    from bench.machine import fingerprint
+    from bench.store import Store
+    from model.gpt import get_config
+
+    if args.config:
+        raise UsageError("bench run --scenario serve takes its settings from the command line, not --config")
+    if (args.model is None) == (args.checkpoint is None):
+        raise UsageError("bench run --scenario serve: give exactly one of --model PRESET or --checkpoint DIR")
+    if args.model is not None:
+        get_config(args.model)
+    elif not Path(args.checkpoint).is_dir():
+        raise UsageError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    backends = registry.names() if args.backend in (None, "all") else [b.strip() for b in args.backend.split(",")]
+    for b in backends:
+        registry.get_backend_class(b)
+    precisions = [p.strip() for p in args.precision.split(",")] if args.precision else [None]
+    threads = _threads(args.threads)[0] if args.threads else None
+    slo = dict(parse_slo(x) for x in args.slo or [])
+    cells = []
+
+    def shown(record):
+        cells.append(record)
+        if record["status"] == "ok":
+            line = (f"ok      {record['backend']}/{record['precision']} rate {_rate(record['rate'])}: "
+                    f"{record['n_ok']} ok, {record['n_errors']} errors, {_fmt(record['output_tok_s'])} tok/s")
+        else:
+            line = f"{record['status']:<8}{record['backend']}/{record['precision']} rate {_rate(record['rate'])}: {record['reason']}"
+        err.print(line, markup=False)
+
+    run_id = sweep_serve(Store(args.store), fingerprint(), backends=backends, model=args.model,
+                         checkpoint=args.checkpoint, precisions=precisions, rates=parse_rates(args.rate),
+                         num_requests=args.num_requests, prompt_len=args.prompt_len or 32,
+                         gen_len=args.gen_len or 32, max_batch=args.max_batch, threads=threads, slo_ms=slo,
+                         name=args.name, on_cell=shown)
+    served = [c for c in cells if c["status"] == "ok"]
+    if args.json:
+        print(json.dumps(dict(run_id=run_id, cells=cells), indent=1, default=str))
+    elif served:
+        for backend in dict.fromkeys((c["backend"], c["precision"]) for c in served):
+            out_console().print(load_table([c for c in served if (c["backend"], c["precision"]) == backend], run_id))
+    ran = [c for c in cells if c["status"] != "skipped"]
+    return EXIT_FAILURE if ran and not served else 0
 
 
 class _Progress:
@@ -512,6 +562,67 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# -- serving -------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from bench.serve import serve
+
+    serve(args.backend, host=args.host, port=args.port, precision=args.precision, model=args.model,
+          checkpoint=args.checkpoint, threads=args.threads, max_batch=args.max_batch, queue_size=args.queue_size,
+          timeout_s=args.timeout, drain_s=args.drain_timeout, announce=lambda line: err.print(line, markup=False))
+    return 0
+
+
+def cmd_load(args) -> int:
+    from bench.load import LoadSpec, parse_rates, parse_slo, run_and_store
+    from bench.machine import fingerprint
+    from bench.store import Store
+
+    slo = dict(parse_slo(x) for x in args.slo or [])
+    specs = [LoadSpec(url=args.url.rstrip("/"), num_requests=args.num_requests, prompt_len=args.prompt_len,
+                      gen_len=args.gen_len, rate=rate, burstiness=args.burstiness,
+                      max_concurrency=args.max_concurrency, slo_ms=slo, seed=args.seed, duration_s=args.duration,
+                      request_timeout_s=args.request_timeout) for rate in parse_rates(args.rate)]
+    store = Store(args.store)
+    cells = []
+
+    def shown(record):
+        cells.append(record)
+        if not args.json:
+            err.print(f"rate {_rate(record['rate'])}: {record['n_ok']} ok, {record['n_errors']} errors, "
+                      f"{_fmt(record['output_tok_s'])} tok/s", markup=False)
+
+    run_id = run_and_store(specs, store, fingerprint(), name=args.name, on_cell=shown)
+    if args.json:
+        print(json.dumps(dict(run_id=run_id, cells=cells), indent=1, default=str))
+    else:
+        out_console().print(load_table(cells, run_id))
+    return 0 if any(c["status"] == "ok" for c in cells) else EXIT_FAILURE
+
+
+def _rate(rate) -> str:
+    return "inf" if rate is None else f"{rate:g}"
+
+
+def load_table(cells: list[dict], run_id: str) -> Table:
+    first = cells[0]
+    table = Table(title=f"Load run {run_id}: {first['model']} on {first['backend']}/{first['precision']}, "
+                        f"max batch {first['batch']}, {first.get('batching')} batching", title_justify="left")
+    for col in ("rate req/s", "ok", "errors", "req/s", "out tok/s", "goodput req/s", "TTFT ms p50/p99",
+                "TPOT ms p50/p99", "ITL ms p50/p99", "latency ms p50/p99"):
+        table.add_column(col, justify="left" if col == "errors" else "right")
+    for c in cells:
+        def pp(key):
+            p = c.get(key) or {}
+            return f"{_fmt(p.get('median'), 2)}/{_fmt(p.get('p99'), 2)}" if p else "-"
+        errors = ", ".join(f"{n} {k}" for k, n in c["errors"].items()) or "-"
+        table.add_row(_rate(c["rate"]), str(c["n_ok"]), errors, _fmt(c["request_throughput"], 2),
+                      _fmt(c["output_tok_s"]), _fmt(c["goodput"], 2) if c["slo_ms"] else "-",
+                      pp("ttft_pct"), pp("tpot_pct"), pp("itl_pct"), pp("e2e_pct"))
+    return table
+
+
 # -- training and quality --------------------------------------------------------------------
 
 
@@ -757,6 +868,13 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")
     run.add_argument("--name", help="a name to remember the run by")
     run.add_argument("--json", action="store_true", help="print the run's cells as a JSON list")
+    run.add_argument("--scenario", choices=("inference", "serve"), default="inference",
+                     help="inference: generations in fresh processes (the default); serve: a bench serve process "
+                          "per backend and precision, loaded by bench load at each --rate")
+    run.add_argument("--rate", default="1,4,inf", help="serve: request rates, comma-separated (default 1,4,inf)")
+    run.add_argument("--num-requests", type=_positive_int, default=32, help="serve: requests per rate (default 32)")
+    run.add_argument("--max-batch", type=_positive_int, default=8, help="serve: the server's max batch (default 8)")
+    run.add_argument("--slo", action="append", metavar="KIND:MS", help="serve: an SLO for goodput (repeatable)")
     run.set_defaults(fn=cmd_run)
 
     gen = sub.add_parser("generate", help="generate text with one backend")
@@ -840,6 +958,46 @@ def make_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", action="store_true",
                          help="print n_tokens, nll_sum, perplexity, bits per byte and the divergence statistics")
     quality.set_defaults(fn=cmd_quality)
+
+    srv = sub.add_parser("serve", help="serve one backend over HTTP: OpenAI-compatible completions, "
+                                       "continuous batching, /health and /metrics")
+    srv.add_argument("--backend", required=True)
+    srv.add_argument("--precision", default=None)
+    srv.add_argument("--model", help="a preset (random weights)")
+    srv.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer serves text prompts)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+    srv.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (default 8)")
+    srv.add_argument("--queue-size", type=_positive_int, default=64,
+                     help="requests that may wait for a batch row; beyond them the server answers 429 (default 64)")
+    srv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included (default 300)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds a shutdown waits for running requests to finish (default 30)")
+    srv.add_argument("--threads", type=_positive_int, default=None)
+    srv.set_defaults(fn=cmd_serve)
+
+    load = sub.add_parser("load", help="load a bench serve server (Poisson or gamma arrivals, streaming) and "
+                                       "store TTFT, TPOT, ITL, throughput and goodput as serve cells")
+    load.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    load.add_argument("--num-requests", type=_positive_int, required=True)
+    load.add_argument("--rate", default="inf",
+                      help="requests per second, comma-separated for several load points; inf sends all at once "
+                           "(default inf)")
+    load.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of the arrival gaps: 1 is Poisson, lower is burstier (default 1)")
+    load.add_argument("--max-concurrency", type=_positive_int, default=None, help="requests in flight at most")
+    load.add_argument("--prompt-len", type=_positive_int, default=32, help="prompt tokens per request (default 32)")
+    load.add_argument("--gen-len", type=_positive_int, default=32, help="tokens generated per request (default 32)")
+    load.add_argument("--slo", action="append", metavar="KIND:MS",
+                      help="a service-level objective for goodput: ttft:MS, tpot:MS or e2e:MS (repeatable)")
+    load.add_argument("--seed", type=int, default=0, help="seed of the arrivals and prompts (default 0)")
+    load.add_argument("--duration", type=float, default=600.0,
+                      help="seconds one load point may take at most; what is unfinished then is an error (default 600)")
+    load.add_argument("--request-timeout", type=float, default=300.0, help="client timeout per request, s (default 300)")
+    load.add_argument("--store", default=DEFAULT_STORE)
+    load.add_argument("--name", help="a name to remember the run by")
+    load.add_argument("--json", action="store_true", help="print the run id and cells as JSON")
+    load.set_defaults(fn=cmd_load)
 
     compare = sub.add_parser("compare", help="compare two runs cell by cell")
     compare.add_argument("base")

@@ -19,8 +19,14 @@ IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads"
 
 # What a cell measures. "inference" is a generation (time to first token, time per output
 # token); other scenarios add the fields that make their cells distinct to the identity.
-SCENARIOS = ("inference",)
-SCENARIO_FIELDS: dict[str, tuple[str, ...]] = {"inference": ()}
+SCENARIOS = ("inference", "serve")
+# "serve": a load run against bench serve (bench.load); batch is the server's max batch, and the
+# offered load (request rate, None for all at once; burstiness; concurrency cap; request count)
+# makes one load point distinct from another.
+SCENARIO_FIELDS: dict[str, tuple[str, ...]] = {
+    "inference": (),
+    "serve": ("rate", "burstiness", "max_concurrency", "num_requests"),
+}
 
 
 def cell_id(record: dict) -> str:
@@ -50,6 +56,11 @@ class CellSpec:
     prompt_len: int = 32
     gen_len: int = 16
     scenario: str = "inference"  # one of SCENARIOS; its SCENARIO_FIELDS join the identity
+    # serve: the offered load (bench.load)
+    rate: float | None = None  # requests per second; None: all at once
+    burstiness: float | None = None  # the gamma shape of the arrival gaps; 1 is Poisson
+    max_concurrency: int | None = None  # requests in flight at most; None: no cap
+    num_requests: int | None = None
     # how it is measured
     seed: int = 0
     checkpoint: bool = False  # model is a checkpoint directory

@@ -7,7 +7,7 @@ these renderers take its result (a ``Comparison``) and only draw it, like every 
 
 from __future__ import annotations
 
-from reports.format import label, num, signed_pct, sort_key, threads_label
+from reports.format import label, load_text, num, signed_pct, sort_key, threads_label
 from reports.markdown import md_escape
 
 FASTER, SLOWER, SAME, NOT_COMPARABLE = "faster", "slower", "no significant change", "not comparable"
@@ -26,12 +26,12 @@ def change_text(m) -> str:
 
 def _where(c: dict) -> str:
     return (f"{c.get('model')} · {label(c)} · batch {c.get('batch')} · "
-            f"{threads_label(c.get('threads'))} thr")
+            f"{threads_label(c.get('threads'))} thr{load_text(c)}")
 
 
 def _row(c) -> list[str]:
     d = c.decode
-    return [str(c.base.get("model")), label(c.base), str(c.base.get("batch")),
+    return [str(c.base.get("model")), label(c.base) + load_text(c.base), str(c.base.get("batch")),
             threads_label(c.base.get("threads")),
             f"{num(d.base)} → {num(d.new)}" if d.ratio is not None else "—",
             change_text(d), change_text(c.metrics["ttft_ms"]), change_text(c.metrics["tpot_ms"]),

@@ -116,6 +116,31 @@ def is_ok(cell: dict) -> bool:
     return cell.get("status") == "ok"
 
 
+def is_serve(cell: dict) -> bool:
+    """A load point against bench serve, not a generation: it has tables and charts of its own."""
+    return cell.get("scenario") == "serve"
+
+
+def serve_key(cell: dict) -> tuple:
+    """Model, backend, precision, then the offered load (all at once last)."""
+    rate = cell.get("rate")
+    return (str(cell.get("model")), str(cell.get("backend")), str(cell.get("precision")), _none_last(cell.get("batch")),
+            rate is None, rate or 0, _none_last(cell.get("max_concurrency")))
+
+
+def load_text(cell: dict) -> str:
+    """' · rate 8 req/s' for a serve cell (its offered load tells its rows apart); '' otherwise."""
+    if not is_serve(cell):
+        return ""
+    rate = cell.get("rate")
+    out = f" · rate {'inf' if rate is None else num(rate)} req/s"
+    if cell.get("burstiness") not in (None, 1, 1.0):
+        out += f" · burstiness {num(cell['burstiness'])}"
+    if cell.get("max_concurrency"):
+        out += f" · ≤{cell['max_concurrency']} in flight"
+    return out
+
+
 def label(cell: dict) -> str:
     return f"{cell.get('backend')} · {cell.get('precision')}"
 
@@ -227,7 +252,8 @@ class Machine:
     fingerprint_id: str
     fingerprint: dict
     runs: tuple[dict, ...]  # the run records without their cells, oldest first
-    cells: tuple[dict, ...]  # sorted by sort_key
+    cells: tuple[dict, ...]  # inference cells, sorted by sort_key
+    serve_cells: tuple[dict, ...] = ()  # load points against bench serve (scenario "serve")
 
 
 def group_runs(runs: list[dict]) -> list[Machine]:
@@ -247,9 +273,11 @@ def group_runs(runs: list[dict]) -> list[Machine]:
         for r in group:
             for c in r["cells"]:
                 merged[cell_id(c)] = c
+        cells = sorted(merged.values(), key=sort_key)
         machines.append(Machine(fp_id, group[-1].get("fingerprint") or {},
                                 tuple({k: v for k, v in r.items() if k != "cells"} for r in group),
-                                tuple(sorted(merged.values(), key=sort_key))))
+                                tuple(c for c in cells if not is_serve(c)),
+                                tuple(sorted((c for c in cells if is_serve(c)), key=serve_key))))
     return sorted(machines, key=lambda m: str(m.runs[0].get("created_at")))
 
 
@@ -263,7 +291,7 @@ def environment(machine: Machine) -> list[tuple[str, str]]:
     versions = fp.get("versions") or {}
     thread_env = {k: v for k, v in (fp.get("thread_env") or {}).items() if v is not None}
     gpus = fp.get("gpus") or []
-    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells}, key=str)
+    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells + machine.serve_cells}, key=str)
     lines = [
         ("CPU", f"{cpu.get('brand', '?')} ({cpu.get('arch', '?')}), {cpu.get('cores_physical', '?')} "
                 f"physical / {cpu.get('cores_logical', '?')} logical cores"),
@@ -698,8 +726,48 @@ def drift_text(machine: Machine) -> str:
             + (f"Over these runs {moved}." if moved else "Only one reading was taken."))
 
 
+SERVE_TEXT = (
+    "bench load against bench serve: requests arrive at the offered rate (gamma gaps, \"inf\": all at once) "
+    "and stream their tokens. TTFT is arrival to first token; TPOT is (latency − TTFT) / (tokens − 1) per "
+    "request; ITL is every gap between streamed tokens; all are percentiles over the requests. Throughput "
+    "counts successful requests and their tokens from the first send to the last completion; goodput counts "
+    "only the requests that met every SLO. Batching is continuous when new requests join the running batch "
+    "between decode steps, static when a batch must finish before the next starts.")
+
+
+def _pair(c: dict, key: str) -> str:
+    p = c.get(key) or {}
+    return f"{num(p.get('median'))} / {num(p.get('p99'))}" if p else DASH
+
+
+def serve_table(machine: Machine) -> Table:
+    """One row per load point: the offered load, what was served, and the latencies."""
+    rows = []
+    for c in machine.serve_cells:
+        rate = c.get("rate")
+        errors = ", ".join(f"{n} {k}" for k, n in (c.get("errors") or {}).items())
+        if not is_ok(c):
+            errors = f"{c.get('status')}: {c.get('reason') or 'no reason recorded'}"
+        ok = c.get("n_ok") or 0
+        rows.append((text(model_name(c.get("model"))), text(label(c)), text(str(c.get("batching") or DASH)),
+                     number(c.get("batch"), str(c.get("batch"))),
+                     number(rate, "inf" if rate is None else num(rate)),
+                     number(ok, f"{ok} / {c.get('num_requests')}", tone="bad" if errors else ""),
+                     text(errors or DASH, tone="bad" if errors else "muted"),
+                     number(c.get("request_throughput")), number(c.get("output_tok_s")),
+                     number(c.get("goodput")) if c.get("slo_ms") else text(DASH, tone="muted"),
+                     text(_pair(c, "ttft_pct")), text(_pair(c, "tpot_pct")), text(_pair(c, "itl_pct"))))
+    return Table("serving", ("model", "backend · precision", "batching", "max batch", "rate req/s", "ok",
+                             "errors", "req/s", "output tok/s", "goodput req/s", "TTFT ms p50 / p99",
+                             "TPOT ms p50 / p99", "ITL ms p50 / p99"),
+                 tuple(rows), (False, False, False, True, True, True, False, True, True, True, True, True, True),
+                 caption="Load points against bench serve")
+
+
 def sections(machine: Machine) -> list[Section]:
     """The report of one machine, in reading order."""
+    if machine.serve_cells and not machine.cells:  # load runs only: nothing of generations to show
+        return [Section("serving", "Serving under load", SERVE_TEXT, (serve_table(machine),))]
     names = models(list(machine.cells))
     size = {c.get("model"): c.get("n_params") for c in machine.cells}
     nothing = "No cell ran to the end, so there is nothing to show here."
@@ -727,6 +795,8 @@ def sections(machine: Machine) -> list[Section]:
         training = training_table(machine)
         out.append(Section("quality", "Quality on a trained model", QUALITY_TEXT,
                            (quality,) + ((training,) if training is not None else ())))
+    if machine.serve_cells:
+        out.append(Section("serving", "Serving under load", SERVE_TEXT, (serve_table(machine),)))
     drift_tables = tuple(t for t in (drift_table(machine), unsteady_table(machine)) if t is not None)
     out.append(Section("drift", "Machine drift during the run", drift_text(machine), drift_tables))
     problems = [t for t in (parity_table(machine), quality_failures_table(machine), problems_table(machine))

@@ -370,6 +370,26 @@ def drift_chart(m: Machine) -> str | None:
                            note="above 1: the machine ran the fixed workload slower than in round 1")
 
 
+def serve_latency(m: Machine, model: str, kind: str) -> str | None:
+    """Median latency (TTFT or TPOT) against output throughput, one line per backend over its load points."""
+    cells = [c for c in m.serve_cells if c.get("model") == model and is_ok(c) and (c.get(f"{kind}_pct") or {})
+             .get("median") and c.get("output_tok_s")]
+    if not cells:
+        return None
+    pal = charts.colors([label(c) for c in m.serve_cells])
+    series = []
+    for lab in sorted({label(c) for c in cells}):
+        cs = [c for c in cells if label(c) == lab]
+        series.append(Series(lab, tuple((c["output_tok_s"], c[f"{kind}_pct"]["median"]) for c in cs), pal[lab],
+                             tips=tuple(f"{lab}, rate {'inf' if c.get('rate') is None else num(c['rate'])} req/s: "
+                                        f"{num(c['output_tok_s'])} tok/s, {kind.upper()} p50 "
+                                        f"{num(c[f'{kind}_pct']['median'])} ms" for c in cs)))
+    name = {"ttft": "time to first token", "tpot": "time per output token"}[kind]
+    return charts.xy_chart(f"{kind.upper()} against throughput under load — {model_name(model)}", series,
+                           x_label="output tokens/s (all requests)", y_label=f"median {name} (ms)",
+                           note="one point per offered request rate")
+
+
 def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
     if s.id.startswith("model-"):
         model = next(n for n in models(list(m.cells)) if f"model-{model_name(n)}" == s.id)
@@ -380,6 +400,9 @@ def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
         made = [memory_vs_size(m, pal), roofline(m, pal)]
     elif s.id == "drift":
         made = [drift_chart(m)]
+    elif s.id == "serving":
+        names = sorted({c.get("model") for c in m.serve_cells}, key=str)
+        made = [serve_latency(m, n, kind) for n in names for kind in ("ttft", "tpot")]
     elif s.id == "quality":
         made = [speed_quality(m, pal), *loss_curves(m)]
     else:
@@ -416,7 +439,7 @@ def machine_html(m: Machine, prefix: str, level: int) -> tuple[str, int, list[tu
 def render_html(runs: list[dict]) -> str:
     """The whole report as one HTML document that needs nothing but a browser."""
     machines = group_runs(runs)
-    n_cells = sum(len(m.cells) for m in machines)
+    n_cells = sum(len(m.cells) + len(m.serve_cells) for m in machines)
     blocks, nav, n_charts = [], [], 0
     for i, m in enumerate(machines, 1):
         several = len(machines) > 1

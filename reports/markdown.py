@@ -57,7 +57,7 @@ def machine_md(m: Machine, level: int) -> list[str]:
 def render_markdown(runs: list[dict]) -> str:
     """The whole report. Runs that share a fingerprint are merged; others get a section each."""
     machines = group_runs(runs)
-    n_cells = sum(len(m.cells) for m in machines)
+    n_cells = sum(len(m.cells) + len(m.serve_cells) for m in machines)
     lines = ["# Benchmark report", "",
              f"{len(runs)} run{'s' * (len(runs) != 1)}, {n_cells} cells"
              + (f", {len(machines)} environments (never mixed in one table)" if len(machines) > 1 else "")

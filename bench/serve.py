@@ -1,0 +1,745 @@
+"""``bench serve``: an OpenAI-compatible completions server over any backend, batching continuously.
+
+The server is a scenario of the harness: it drives one ``backends.base.Backend`` through the
+same verbs the sweep does (prefill, decode, reorder_cache) and reuses the generation code's
+pieces (``model.generate``: left padding, sampling, the per-request ``torch.Generator``).
+
+Engine: one thread owns the backend, so torch work never runs on the event loop. Requests wait
+in a bounded queue (full: HTTP 429). At every decode-step boundary the engine admits waiting
+requests: it prefills them together (left-padded, with their mask and positions) and joins
+their cache to the running batch's along the batch axis, the shorter past padded on the left
+(``Backend.join_caches``); the mask, one row per sequence, hides every padded position, and
+each sequence carries its own next position, so a row computes exactly what it would alone.
+Sequences that finish (a stop token or string, ``max_tokens``, a timeout, a client that went
+away) leave the batch by ``reorder_cache``; positions that every remaining row masks are
+trimmed (``Backend.trim_cache``), so a batch that never empties does not grow without bound.
+A backend whose cache cannot be joined (``supports_join`` false: the graph runtimes keep it in
+their own buffers) batches statically instead: a new batch starts when the last one has
+finished. ``/health`` and the load results say which ("batching": "continuous" | "static").
+
+HTTP (FastAPI on uvicorn): ``POST /v1/completions`` takes OpenAI's completions request (a text
+prompt or token ids; max_tokens, temperature, top_p, top_k, seed, stop, stream) and answers in
+OpenAI's shape, streaming by server-sent events; each choice also carries its ``token_ids``.
+Bad requests get a 4xx with a one-line reason in OpenAI's error shape. ``GET /health`` says
+what is served; ``GET /metrics`` is Prometheus text (queue depth, running sequences, tokens
+generated, TTFT/TPOT/latency histograms). Shutting down stops accepting and drains: running
+and queued requests finish before the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import InputError
+from model.generate import _left_pad, _sample
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_TIMEOUT_S = 300.0
+IDLE_POLL_S = 0.05  # how long an idle engine waits for a request before looking at its stop flag
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: the server answers 429."""
+
+
+class ShuttingDown(QueueFull):
+    """The server is draining and takes no new requests: 503."""
+
+
+class ServeError(InputError):
+    """A server setting or a request the server cannot serve; the message names the value."""
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation, shared by the HTTP side and the engine thread.
+
+    ``emit`` is called from the engine thread with ``("token", id)``, then once with
+    ``("done", finish_reason)`` or ``("error", kind, message)``; it must be thread-safe.
+    ``cancel()`` (a client that went away) makes the engine drop the sequence at its next step.
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[tuple], None]
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_check: Callable[[list[int]], bool] | None = None  # stop strings: true once the text holds one
+    timeout_s: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished: str | None = None  # the finish reason, once finished
+    _cancelled: bool = False
+
+    def __post_init__(self):
+        self.generator = None
+        if not self.greedy:  # a private generator per request: the same seed gives the same sample
+            self.generator = torch.Generator()
+            if self.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.seed)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def expired(self, now: float) -> bool:
+        return self.timeout_s is not None and now - self.arrived > self.timeout_s
+
+
+@dataclass
+class _Batch:
+    """The running batch: its sequences and their state, one row each."""
+
+    seqs: list[Sequence]
+    cache: Any
+    mask: torch.Tensor  # (B, S): True where the cache holds a real token of that row
+    pos: torch.Tensor  # (B,): each row's next position (its real tokens so far)
+    last: torch.Tensor  # (B,): each row's last chosen token, the next decode's input
+
+
+class Engine:
+    """Generation over one loaded backend, in its own thread, with a bounded queue of requests."""
+
+    def __init__(self, backend, *, block_size: int, max_batch: int = DEFAULT_MAX_BATCH,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, pad_token_id: int = 0, metrics: Metrics | None = None):
+        if max_batch < 1:
+            raise ServeError(f"max_batch={max_batch} must be at least 1")
+        if queue_size < 1:
+            raise ServeError(f"queue_size={queue_size} must be at least 1")
+        self.backend = backend
+        self.block_size = block_size
+        self.max_batch = max_batch
+        self.queue_size = queue_size
+        self.pad_token_id = pad_token_id
+        self.continuous = bool(getattr(backend, "supports_join", False))
+        self.metrics = metrics
+        self._pending: queue.Queue[Sequence] = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self._batch: _Batch | None = None
+        self.steps = 0  # decode steps run
+        self.peak_running = 0  # the most sequences one step has run together
+        self.joins = 0  # prefilled groups joined to a batch already running
+
+    @property
+    def batching(self) -> str:
+        return "continuous" if self.continuous else "static"
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending.qsize()
+
+    @property
+    def running(self) -> int:
+        batch = self._batch
+        return 0 if batch is None else len(batch.seqs)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="bench-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the engine: with ``drain``, after every running and queued request has finished."""
+        self._drain = drain
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        if self._stop.is_set():
+            raise ShuttingDown("the server is shutting down")
+        try:
+            self._pending.put_nowait(seq)
+        except queue.Full:
+            raise QueueFull(f"the queue is full ({self.queue_size} requests waiting)") from None
+        self._gauges()
+
+    # -- the loop (engine thread) ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if self._stop.is_set() and (not self._drain or (self._batch is None and self._pending.empty())):
+                break
+            new = self._admit()
+            if new:
+                try:
+                    self._prefill(new)
+                except Exception as e:  # a failing prefill fails the requests it held, not the running ones
+                    self._fail(new, e)
+            if self._batch is not None:
+                try:
+                    self._decode()
+                except Exception as e:  # a failing step fails the batch it ran, never the server
+                    self._fail(self._batch.seqs, e)
+                    self._batch = None
+            self._gauges()
+            # Let the event loop run between steps: it writes the streamed tokens out, and without
+            # a switch here it waits for the interpreter's switch interval, several steps at a time.
+            time.sleep(0)
+        for s in (self._batch.seqs if self._batch else []):
+            if s.finished is None:
+                self._finish(s, "error", ("error", "shutdown", "the server stopped before this request finished"))
+        while not self._pending.empty():
+            self._finish(self._pending.get_nowait(), "error", ("error", "shutdown", "the server stopped"))
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        for s in seqs:
+            if s.finished is None:
+                self._finish(s, "error", ("error", "internal", msg))
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting requests that may join now: any, up to the free rows, when batching continuously;
+        only into an empty batch when not."""
+        batch = self._batch
+        if batch is not None and not self.continuous:
+            return []
+        room = self.max_batch - (0 if batch is None else len(batch.seqs))
+        out: list[Sequence] = []
+        now = time.perf_counter()
+        while len(out) < room:
+            try:
+                seq = self._pending.get(timeout=IDLE_POLL_S) if batch is None and not out else \
+                    self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if self._drop(seq, now):
+                continue
+            out.append(seq)
+        return out
+
+    def _drop(self, seq: Sequence, now: float) -> bool:
+        """Finish a cancelled or timed-out sequence; whether it was."""
+        if seq.cancelled:
+            self._finish(seq, "cancelled", ("done", "cancelled"))
+            return True
+        if seq.expired(now):
+            self._finish(seq, "timeout", ("error", "timeout", f"the request timed out after {seq.timeout_s:g} s"))
+            return True
+        return False
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        ids, mask, pos = _left_pad([s.prompt for s in new], self.pad_token_id)
+        logits, cache = self.backend.prefill(ids, pos, mask)
+        if mask is None:  # equal lengths took the unmasked path; the batch keeps an explicit mask
+            mask = torch.ones(ids.shape, dtype=torch.bool)
+        last = self._choose(logits, new)
+        group = _Batch(new, cache, mask, mask.sum(1), last)
+        if self._batch is None:
+            self._batch = group
+        else:
+            old = self._batch
+            self.joins += 1
+            S = max(old.mask.shape[1], mask.shape[1])
+            self._batch = _Batch(
+                old.seqs + new, self.backend.join_caches([old.cache, cache]),
+                torch.cat([F.pad(old.mask, (S - old.mask.shape[1], 0), value=False),
+                           F.pad(mask, (S - mask.shape[1], 0), value=False)]),  # (B_old + B_new, S)
+                torch.cat([old.pos, group.pos]), torch.cat([old.last, last]))
+        self._leave()
+
+    def _decode(self) -> None:
+        b = self._batch
+        mask = torch.cat([b.mask, torch.ones(len(b.seqs), 1, dtype=torch.bool)], dim=1)  # (B, S + 1)
+        if bool(mask.all()):  # no padding anywhere: the unmasked fast path, as generate takes it
+            logits, cache = self.backend.decode(b.last.unsqueeze(1), b.cache)
+        else:
+            logits, cache = self.backend.decode(b.last.unsqueeze(1), b.cache, b.pos.unsqueeze(1), mask)
+        self.steps += 1
+        self.peak_running = max(self.peak_running, len(b.seqs))
+        b.cache, b.mask, b.pos = cache, mask, b.pos + 1
+        b.last = self._choose(logits, b.seqs)
+        self._leave()
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Each row's next token (B,), by its own settings; emits it and finishes what should finish."""
+        tok = logits.argmax(-1)  # (B,)
+        for i, s in enumerate(seqs):
+            if not s.greedy:
+                tok[i] = _sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
+        now = time.perf_counter()
+        for s, t in zip(seqs, tok.tolist()):
+            if s.finished is not None:
+                continue
+            if s.first_token_at is None:
+                s.first_token_at = now
+            if t in s.stop_token_ids:  # a stop token ends the text and is not part of it
+                self._finish(s, "stop", ("done", "stop"))
+                continue
+            s.tokens.append(t)
+            if self.metrics:
+                self.metrics.tokens.inc()
+            s.emit(("token", t))
+            if s.stop_check is not None and s.stop_check(s.tokens):
+                self._finish(s, "stop", ("done", "stop"))
+            elif len(s.tokens) >= s.max_tokens:
+                self._finish(s, "length", ("done", "length"))
+        return tok
+
+    def _leave(self) -> None:
+        """Let finished, cancelled and timed-out sequences leave the batch; trim what all rows mask."""
+        b = self._batch
+        now = time.perf_counter()
+        for s in b.seqs:
+            if s.finished is None:
+                self._drop(s, now)
+        keep = [i for i, s in enumerate(b.seqs) if s.finished is None]
+        if not keep:
+            self._batch = None
+            return
+        if len(keep) < len(b.seqs):
+            idx = torch.tensor(keep, dtype=torch.long)
+            b.seqs = [b.seqs[i] for i in keep]
+            b.cache = self.backend.reorder_cache(b.cache, idx)
+            b.mask, b.pos, b.last = b.mask[idx], b.pos[idx], b.last[idx]
+        if self.continuous:
+            lead = int((~b.mask.any(0)).int().cumprod(0).sum())  # leading columns no row uses
+            if lead:
+                b.cache = self.backend.trim_cache(b.cache, b.mask.shape[1] - lead)
+                b.mask = b.mask[:, lead:]
+
+    def _finish(self, seq: Sequence, outcome: str, event: tuple) -> None:
+        seq.finished = event[1] if event[0] == "done" else outcome
+        if self.metrics:
+            self.metrics.observe(seq, outcome)
+        seq.emit(event)
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self.queue_depth)
+            self.metrics.running.set(self.running)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several servers in one process)."""
+
+    LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("bench_serve_queue_depth", "Requests waiting to join the batch", registry=r)
+        self.running = Gauge("bench_serve_running_sequences", "Sequences in the running batch", registry=r)
+        self.tokens = Counter("bench_serve_generated_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("bench_serve_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.ttft = Histogram("bench_serve_ttft_seconds", "Time to first token", buckets=self.LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("bench_serve_tpot_seconds", "Time per output token after the first",
+                              buckets=self.LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("bench_serve_e2e_latency_seconds", "Request latency, arrival to last token",
+                                 buckets=self.LATENCY_BUCKETS, registry=r)
+
+    def observe(self, seq: Sequence, outcome: str) -> None:
+        now = time.perf_counter()
+        self.requests.labels(outcome=outcome).inc()
+        if seq.first_token_at is None:
+            return
+        ttft = seq.first_token_at - seq.arrived
+        self.ttft.observe(ttft)
+        self.latency.observe(now - seq.arrived)
+        if len(seq.tokens) > 1:
+            self.tpot.observe((now - seq.first_token_at) / (len(seq.tokens) - 1))
+
+    def text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """The text of a growing list of tokens, released only where it can no longer change: not a
+    partial UTF-8 character (it decodes as U+FFFD), not the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.sent = 0  # characters released
+
+    def stop_at(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def delta(self, tokens: list[int], final: bool) -> str:
+        text = self.tokenizer.decode(tokens)
+        cut = self.stop_at(text)
+        if cut is not None:
+            text = text[:cut]
+        elif not final:
+            text = text.rstrip("\ufffd")
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - hold]
+        out = text[self.sent:] if len(text) > self.sent else ""
+        self.sent = max(self.sent, len(text))
+        return out
+
+
+# -- the HTTP API ----------------------------------------------------------------------------------
+
+
+from fastapi import Request  # noqa: E402  (module level: FastAPI reads the handlers' annotations from here)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr  # noqa: E402
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request. Types are strict (a string is not a number); OpenAI refuses
+    arguments it does not know ("Unrecognized request argument supplied"), and so does this."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    prompt: StrictStr | list[StrictInt]
+    max_tokens: StrictInt | None = 16  # OpenAI's default
+    temperature: StrictInt | StrictFloat = 1.0
+    top_p: StrictInt | StrictFloat = 1.0
+    top_k: StrictInt | None = None  # an extension, as in vLLM; None or -1: off
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False  # an extension, as in vLLM: generate max_tokens whatever comes
+    stop_token_ids: list[StrictInt] = Field(default_factory=list)  # an extension, as in vLLM
+    n: StrictInt = 1
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+    presence_penalty: StrictInt | StrictFloat = 0.0
+    frequency_penalty: StrictInt | StrictFloat = 0.0
+    user: StrictStr | None = None
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"error": {
+        "message": " ".join(str(message).split()), "type": kind, "param": param, "code": None}})
+
+
+def _validation_message(exc) -> tuple[str, str | None]:
+    """One line for pydantic's first complaint, naming the field."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # A union names each alternative it tried (prompt.str, prompt.list[int]); the field is the first.
+    param = loc[0] if loc else None
+    if e.get("type") == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param
+    if e.get("type") == "missing":
+        return f"missing required argument: {param}", param
+    if param == "prompt":
+        return f"prompt must be a string or a list of token ids (got {e.get('input')!r})", param
+    if e.get("type") == "model_attributes_type":
+        return "the body must be a JSON object", None
+    return f"{param}: {e.get('msg')} (got {e.get('input')!r})" if param else str(e.get("msg")), param
+
+
+def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeout_s: float = DEFAULT_TIMEOUT_S,
+               vocab_size: int | None = None, eos_token_id: int | None = None):
+    """The FastAPI app over a (not yet started) engine; its lifespan starts the engine and drains it."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    vocab_size = vocab_size or getattr(tokenizer, "vocab_size", None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:  # uvicorn has let the open requests finish; the engine drains what is left
+            await asyncio.to_thread(engine.stop, True, timeout_s)
+
+    app = FastAPI(title="bench serve", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        message, param = _validation_message(exc)
+        return _error(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return _error(exc.status_code, exc.detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.get("/health")
+    async def health():
+        return dict(info, status="ok", batching=engine.batching, max_batch=engine.max_batch,
+                    queue_size=engine.queue_size, queue_depth=engine.queue_depth, running=engine.running,
+                    peak_running=engine.peak_running, decode_steps=engine.steps, block_size=engine.block_size, vocab_size=vocab_size, timeout_s=timeout_s, model=model_name)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, kind = engine.metrics.text()
+        return Response(body, media_type=kind)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "bench"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model not in (model_name, model_name.rstrip("/").rsplit("/", 1)[-1]):
+            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                          param="model")
+        problem = _check(body)
+        if problem:
+            return _error(400, problem[0], param=problem[1])
+        if isinstance(body.prompt, str):
+            prompt = tokenizer.encode(body.prompt)
+        else:
+            prompt = list(body.prompt)
+        if not prompt:
+            return _error(400, "prompt is empty: give at least one token", param="prompt")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            return _error(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
+                          param="prompt")
+        if body.max_tokens is None:  # OpenAI's null: as much as the context holds
+            body.max_tokens = max(1, engine.block_size - len(prompt))
+        if len(prompt) + body.max_tokens > engine.block_size:
+            return _error(400, f"this model's maximum context length is {engine.block_size} tokens; the prompt "
+                               f"has {len(prompt)} and max_tokens is {body.max_tokens}", param="max_tokens")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        text = TextStream(tokenizer, stops)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        stop_ids = set(body.stop_token_ids)
+        if eos_token_id is not None and not body.ignore_eos:
+            stop_ids.add(eos_token_id)
+        greedy = body.temperature == 0  # temperature 0 is greedy, as OpenAI and vLLM read it
+        seq = Sequence(
+            prompt=prompt, max_tokens=body.max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            greedy=greedy, temperature=float(body.temperature), top_p=float(body.top_p),
+            top_k=None if body.top_k in (None, -1) else body.top_k, seed=body.seed,
+            stop_token_ids=frozenset(stop_ids),
+            stop_check=(lambda toks: text.stop_at(tokenizer.decode(toks)) is not None) if stops else None,
+            timeout_s=timeout_s)
+        try:
+            engine.submit(seq)
+        except ShuttingDown as e:
+            return _error(503, str(e), kind="service_unavailable")
+        except QueueFull as e:
+            return _error(429, f"{e}; try again later", kind="rate_limit_exceeded")
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(delta: str, tokens: list[int], finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish,
+                                 "token_ids": tokens}]}
+
+        def usage() -> dict:
+            return {"prompt_tokens": len(prompt), "completion_tokens": len(seq.tokens),
+                    "total_tokens": len(prompt) + len(seq.tokens)}
+
+        if body.stream:
+            async def sse():
+                got: list[int] = []  # the engine may be steps ahead of what this stream has sent
+                try:
+                    while True:
+                        ev = await events.get()
+                        if ev[0] == "token":
+                            got.append(ev[1])
+                            yield _sse(chunk(text.delta(got, final=False), [ev[1]], None))
+                        elif ev[0] == "done":
+                            yield _sse(chunk(text.delta(got, final=True), [], ev[1]))
+                            if body.stream_options and body.stream_options.include_usage:
+                                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                            "model": model_name, "choices": [], "usage": usage()})
+                            break
+                        else:
+                            yield _sse({"error": {"message": ev[2], "type": ev[1], "param": None, "code": None}})
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # the client went away, or we are done: either way the slot is free
+                    seq.cancel()
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    seq.cancel()
+                    return Response(status_code=499)  # nobody is listening; the slot is freed
+                continue
+            if ev[0] == "done":
+                out = chunk(text.delta(seq.tokens, final=True), list(seq.tokens), ev[1])
+                out["usage"] = usage()
+                return out
+            if ev[0] == "error":
+                status = {"timeout": 504, "shutdown": 503}.get(ev[1], 500)
+                return _error(status, ev[2], kind=ev[1])
+
+    def _check(body) -> tuple[str, str] | None:
+        """Settings in OpenAI's schema this server does not implement, or out of range."""
+        if body.max_tokens is not None and body.max_tokens <= 0:
+            return f"max_tokens={body.max_tokens} must be at least 1", "max_tokens"
+        if not math.isfinite(body.temperature) or body.temperature < 0:
+            return f"temperature={body.temperature} must be >= 0 (0 is greedy)", "temperature"
+        if not 0 < body.top_p <= 1:
+            return f"top_p={body.top_p} must be in (0, 1]", "top_p"
+        if body.top_k is not None and body.top_k != -1 and body.top_k < 1:
+            return f"top_k={body.top_k} must be >= 1 (or -1 for no limit)", "top_k"
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            return "stop takes up to 4 non-empty strings", "stop"
+        unsupported = [(body.n != 1, "n", "only n=1 is served"), (body.echo, "echo", "echo is not supported"),
+                       (body.logprobs is not None, "logprobs", "logprobs are not supported"),
+                       (body.best_of not in (None, 1), "best_of", "only best_of=1 is served"),
+                       (body.suffix is not None, "suffix", "suffix is not supported"),
+                       (body.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported"),
+                       (body.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported")]
+        for bad, param, message in unsupported:
+            if bad:
+                return message, param
+        return None
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# -- running it ------------------------------------------------------------------------------------
+
+
+def build(backend_name: str, *, precision: str | None = None, model: str | None = None,
+          checkpoint: str | None = None, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+          queue_size: int = DEFAULT_QUEUE_SIZE, timeout_s: float = DEFAULT_TIMEOUT_S, weights_seed: int = 0):
+    """The app for a backend and a preset or checkpoint, the model loaded (``bench serve``'s work)."""
+    from pathlib import Path
+
+    from backends import registry
+    from backends.base import BackendUnavailable
+    from model.checkpoint import load_checkpoint
+    from model.gpt import build_model, get_config
+    from model.tokenizer import load_tokenizer
+
+    if (model is None) == (checkpoint is None):
+        raise ServeError("give exactly one of --model PRESET or --checkpoint DIR")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ServeError(f"timeout={timeout_s} must be a positive number of seconds")
+    cls = registry.get_backend_class(backend_name)
+    probe = registry.probe(backend_name)
+    if not probe.available:
+        raise BackendUnavailable(f"backend {backend_name!r} is unavailable: {probe.reason}"
+                                 + (f" (fix: {probe.fix})" if probe.fix else ""))
+    if checkpoint is not None:
+        if not Path(checkpoint).is_dir():
+            raise ServeError(f"checkpoint directory {checkpoint!r} does not exist")
+        gpt = load_checkpoint(checkpoint)
+        name = str(Path(checkpoint).resolve())
+    else:
+        gpt = build_model(get_config(model), seed=weights_seed)
+        name = model
+    if threads:
+        torch.set_num_threads(threads)
+    backend = cls(precision=precision, threads=threads)
+    backend.load(gpt)
+    # Warm up (the first calls pay one-time costs: allocation, JIT, graph optimisation) on both
+    # paths the engine takes, unpadded and padded, so the first requests measure serving.
+    from model.generate import generate
+    generate(backend, [[0] * 8, [0] * 4], 4)
+    generate(backend, [[0] * 8], 4)
+    tokenizer = load_tokenizer(checkpoint, gpt.config.vocab_size)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    engine = Engine(backend, block_size=gpt.config.block_size, max_batch=max_batch, queue_size=queue_size,
+                    pad_token_id=pad, metrics=Metrics())
+    info = dict(backend=backend.name, precision=backend.precision, device=backend.device, threads=threads,
+                checkpoint=checkpoint is not None, n_params=gpt.config.n_params,
+                tokenizer=type(tokenizer).__name__)
+    return create_app(engine, tokenizer, model_name=name, info=info, timeout_s=timeout_s,
+                      vocab_size=gpt.config.vocab_size, eos_token_id=tokenizer.eos_token_id)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one); bound before the server starts, so no race for it."""
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as e:
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def uvicorn_server(app, *, drain_s: float = DEFAULT_TIMEOUT_S, log_level: str = "warning"):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_s, lifespan="on",
+                            access_log=False)  # a line per request would swamp a load run
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, host: str = "127.0.0.1", port: int = 0, drain_s: float = 30.0, start_s: float = 60.0):
+    """Run the app on uvicorn in a thread; yields (server, base URL). Leaving shuts it down gracefully."""
+    sock = bind(host, port)
+    server = uvicorn_server(app, drain_s=drain_s)
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), name="bench-serve-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield server, f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(drain_s + 30)
+        sock.close()
+
+
+def serve(backend: str, *, host: str = "127.0.0.1", port: int = 8000, drain_s: float = 30.0,
+          announce: Callable[[str], None] = print, **kwargs) -> None:
+    """``bench serve``: build, listen, serve until interrupted, then drain."""
+    app = build(backend, **kwargs)
+    sock = bind(host, port)
+    announce(f"serving on http://{host}:{sock.getsockname()[1]} (POST /v1/completions, GET /health, GET /metrics)")
+    uvicorn_server(app, drain_s=drain_s, log_level="info").run(sockets=[sock])
+
