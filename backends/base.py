@@ -30,7 +30,7 @@ import torch
 
 from model.errors import InputError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")  # int8/int4: the weights' bits
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -96,6 +96,9 @@ class Backend(ABC):
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     default_precision: ClassVar[str] = "fp32"
     description: ClassVar[str] = ""
+    # A peer is not one of our adapters but what a user would run instead (backends/hf.py,
+    # optimum_*.py); reports mark its rows and rate our backends against the best peer.
+    peer: ClassVar[bool] = False
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, **options: Any):
@@ -142,7 +145,8 @@ class Backend(ABC):
 
     def info(self) -> dict:
         """What this instance really runs with, recorded beside every result."""
-        return dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads)
+        return dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads,
+                    peer=self.peer)
 
     # -- the verbs -----------------------------------------------------------------------
     @abstractmethod

@@ -24,6 +24,10 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:ONNXRuntimeBackend",
     "openvino": "backends.openvino:OpenVINOBackend",
     "int8": "backends.int8:Int8Backend",
+    # Peers: what a user would run instead, on the same weights (``Backend.peer``).
+    "hf": "backends.hf:HFBackend",
+    "optimum-onnxruntime": "backends.optimum_onnxruntime:OptimumORTBackend",
+    "optimum-openvino": "backends.optimum_openvino:OptimumOVBackend",
 }
 
 
