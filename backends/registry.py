@@ -46,6 +46,17 @@ def get_backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
+def is_peer(name: str) -> bool:
+    """Whether ``name`` is a peer (``Backend.peer``): what a user would run instead of our adapters.
+    An adapter that cannot be imported is not known to be one."""
+    try:
+        return bool(get_backend_class(name).peer)
+    except UnknownBackend:
+        raise
+    except Exception:
+        return False
+
+
 def create(name: str, **kwargs) -> Backend:
     return get_backend_class(name)(**kwargs)
 

@@ -413,6 +413,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- bench convert ---------------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from model.hf import convert
+
+    out = convert(args.out, to=args.to, preset=args.model, seed=args.seed, checkpoint=args.checkpoint,
+                  force=args.force)
+    print(out)
+    return 0
+
+
 # -- stored runs -----------------------------------------------------------------------------
 
 
@@ -757,6 +769,15 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=_positive_int, default=None)
     gen.add_argument("--json", action="store_true", help="print a JSON object with token_ids")
     gen.set_defaults(fn=cmd_generate)
+
+    convert = sub.add_parser("convert", help="write a preset or checkpoint as a local Hugging Face GPT-2 directory")
+    convert.add_argument("--to", default="hf", help="the format to write (hf: a Hugging Face GPT-2 directory)")
+    convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
+    convert.add_argument("--model", help="a preset (random weights from --seed)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    convert.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer is written too)")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    convert.set_defaults(fn=cmd_convert)
 
     runs = sub.add_parser("runs", help="list stored runs")
     runs.add_argument("--store", default=DEFAULT_STORE)
