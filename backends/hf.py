@@ -19,17 +19,36 @@ INSTALL_HINT = "pip install 'transformers>=4.57,<4.58'"
 ATTENTION = ("sdpa", "eager")
 
 
-def probe_transformers() -> Probe | None:
-    """None when transformers imports and has GPT-2; otherwise the unavailable Probe (shared by the peers)."""
+def probe_transformers(fix: str = INSTALL_HINT) -> Probe | None:
+    """None when transformers imports with what the peers use (GPT-2, ``DynamicCache.layers``, 4.56 on);
+    otherwise the unavailable Probe, with ``fix``."""
     try:
         import transformers
-        from transformers import GPT2LMHeadModel  # noqa: F401
+        from transformers import DynamicCache, GPT2LMHeadModel  # noqa: F401
     except ImportError as e:
-        return Probe(False, reason=f"cannot import {e.name or e}", fix=INSTALL_HINT)
-    major = int(transformers.__version__.split(".")[0])
-    if major != 4:
-        return Probe(False, reason=f"transformers {transformers.__version__} is not the 4.x line the peers "
-                     f"are pinned to (optimum 2.1 needs transformers < 4.58)", fix=INSTALL_HINT)
+        return Probe(False, reason=f"cannot import {e.name or e}", fix=fix)
+    if not hasattr(DynamicCache(), "layers"):
+        return Probe(False, reason=f"transformers {transformers.__version__} has no DynamicCache.layers "
+                     f"(4.56 or later has)", fix=fix)
+    return None
+
+
+def version_mismatch(dist: str, dependency: str, fix: str) -> Probe | None:
+    """None when the installed ``dependency`` satisfies what the installed ``dist`` declares it needs;
+    otherwise the unavailable Probe naming both versions (optimum pins transformers tightly)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    try:
+        declared = [Requirement(r) for r in requires(dist) or []]
+        have = version(dependency)
+    except PackageNotFoundError as e:
+        return Probe(False, reason=f"{e.name or e} is not installed", fix=fix)
+    for req in declared:
+        if req.name == dependency and (req.marker is None or req.marker.evaluate({"extra": ""})):
+            if not req.specifier.contains(have, prereleases=True):
+                return Probe(False, reason=f"{dist} {version(dist)} needs {dependency}{req.specifier}, "
+                             f"but {dependency} {have} is installed", fix=fix)
     return None
 
 

@@ -17,7 +17,7 @@ import torch
 
 from backends import export
 from backends.base import Backend, BackendError, BackendUnavailable, Probe, model_fingerprint
-from backends.hf import probe_transformers
+from backends.hf import probe_transformers, version_mismatch
 
 INSTALL_HINT = "pip install 'optimum==2.1.*' 'optimum-onnx==0.1.*' onnxruntime 'transformers>=4.57,<4.58'"
 
@@ -41,9 +41,9 @@ class OptimumORTBackend(Backend):
 
     @classmethod
     def probe(cls) -> Probe:
-        missing = probe_transformers()
+        missing = probe_transformers(INSTALL_HINT)
         if missing is not None:
-            return Probe(False, reason=missing.reason, fix=INSTALL_HINT)
+            return missing
         try:
             import onnxruntime as ort
             import optimum.version
@@ -53,6 +53,9 @@ class OptimumORTBackend(Backend):
         except Exception as e:  # optimum checks versions at import and raises its own errors
             return Probe(False, reason=f"optimum.onnxruntime does not import: {type(e).__name__}: {e}",
                          fix=INSTALL_HINT)
+        mismatch = version_mismatch("optimum-onnx", "transformers", INSTALL_HINT)
+        if mismatch is not None:
+            return mismatch
         import transformers
         return Probe(True, devices=("cpu",), versions={
             "optimum": optimum.version.__version__, "optimum-onnx": _version("optimum-onnx"),
@@ -114,6 +117,17 @@ class OptimumORTBackend(Backend):
             out = self.ort_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos.long(),
                                  past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :].float(), out.past_key_values  # ((k, v) per layer), torch tensors
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position at once: optimum's graph returns the logits of all of them."""
+        if self.ort_model is None:
+            raise BackendError(f"backend {self.name!r}: call load() before logits")
+        B, T = ids.shape
+        with torch.inference_mode():
+            out = self.ort_model(input_ids=ids, attention_mask=torch.ones(B, T, dtype=torch.int64),
+                                 position_ids=torch.arange(T).unsqueeze(0).expand(B, T), use_cache=True)
+        assert out.logits.shape[:2] == (B, T), "optimum's graph returns every position's logits"
+        return out.logits.float()
 
     def weight_bytes(self) -> int | None:
         return self._meta.get("weight_bytes")

@@ -27,7 +27,7 @@ import torch
 from backends import export
 from backends.base import (Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision,
                            isa_has_native_bf16, model_fingerprint)
-from backends.hf import probe_transformers
+from backends.hf import probe_transformers, version_mismatch
 
 INSTALL_HINT = "pip install 'optimum-intel==1.27.*' 'optimum==2.1.*' openvino nncf 'transformers>=4.57,<4.58'"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # int8/int4: weights only
@@ -69,9 +69,9 @@ class OptimumOVBackend(Backend):
 
     @classmethod
     def probe(cls) -> Probe:
-        missing = probe_transformers()
+        missing = probe_transformers(INSTALL_HINT)
         if missing is not None:
-            return Probe(False, reason=missing.reason, fix=INSTALL_HINT)
+            return missing
         try:
             import openvino as ov
             from optimum.intel import OVModelForCausalLM  # noqa: F401
@@ -80,6 +80,9 @@ class OptimumOVBackend(Backend):
             return Probe(False, reason=f"cannot import {e.name or e}", fix=INSTALL_HINT)
         except Exception as e:  # optimum-intel checks its dependencies' versions at import
             return Probe(False, reason=f"optimum.intel does not import: {type(e).__name__}: {e}", fix=INSTALL_HINT)
+        mismatch = version_mismatch("optimum-intel", "transformers", INSTALL_HINT)
+        if mismatch is not None:
+            return mismatch
         import transformers
         versions = {"optimum-intel": optimum_intel_version, "openvino": ov.get_version(),
                     "transformers": transformers.__version__}
@@ -184,6 +187,18 @@ class OptimumOVBackend(Backend):
                             past_key_values=None if cache is None else ((),), use_cache=True)
         self._step += 1
         return out.logits[:, -1, :].float(), OVStateHandle(past_len + T, B, self._step)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position at once, from one prefill (which starts a new sequence in the state)."""
+        if self.ov_model is None:
+            raise BackendError(f"backend {self.name!r}: call load() before logits")
+        B, T = ids.shape
+        out = self.ov_model(input_ids=ids, attention_mask=torch.ones(B, T, dtype=torch.int64),
+                            position_ids=torch.arange(T).unsqueeze(0).expand(B, T), past_key_values=None,
+                            use_cache=True)
+        self._step += 1  # the state now holds this sequence: earlier handles are stale
+        assert out.logits.shape[:2] == (B, T), "optimum-intel's model returns every position's logits"
+        return out.logits.float()
 
     def _check_current(self, cache: OVStateHandle) -> None:
         if not isinstance(cache, OVStateHandle) or cache.step != self._step:
