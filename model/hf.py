@@ -105,6 +105,7 @@ def _fast_tokenizer(tokenizer):
     from model.tokenizer import BOS_TEXT, EOS_TEXT, PAD_TEXT, UNK_TEXT
 
     raw = tokenizer.tokenizer
+    raw = getattr(raw, "_tokenizer", raw)  # GPT-2's vocab.json/merges.txt load as a wrapper around one
     present = {t for t in (BOS_TEXT, EOS_TEXT, PAD_TEXT, UNK_TEXT) if raw.token_to_id(t) is not None}
     special = dict(bos_token=BOS_TEXT, eos_token=EOS_TEXT, pad_token=PAD_TEXT, unk_token=UNK_TEXT)
     return PreTrainedTokenizerFast(tokenizer_object=raw,
