@@ -99,6 +99,7 @@ class Backend(ABC):
     # A peer is not one of our adapters but what a user would run instead (backends/hf.py,
     # optimum_*.py); reports mark its rows and rate our backends against the best peer.
     peer: ClassVar[bool] = False
+    peer_of: ClassVar[str | None] = None  # a peer's counterpart among ours, on the same runtime
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, **options: Any):
@@ -145,8 +146,11 @@ class Backend(ABC):
 
     def info(self) -> dict:
         """What this instance really runs with, recorded beside every result."""
-        return dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads,
+        info = dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads,
                     peer=self.peer)
+        if self.peer_of:
+            info["peer_of"] = self.peer_of
+        return info
 
     # -- the verbs -----------------------------------------------------------------------
     @abstractmethod

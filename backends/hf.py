@@ -57,6 +57,7 @@ class HFBackend(Backend):
     precisions = ("fp32", "bf16")
     default_precision = "fp32"
     peer = True
+    peer_of = "eager"
     description = "peer: Hugging Face transformers GPT2LMHeadModel, eager PyTorch, its own DynamicCache"
 
     def __init__(self, precision=None, threads=None, device=None, attn_implementation: str = "sdpa", **options):

@@ -27,6 +27,7 @@ class OptimumORTBackend(Backend):
     precisions = ("fp32",)
     default_precision = "fp32"
     peer = True
+    peer_of = "onnxruntime"
     description = "peer: optimum ORTModelForCausalLM (optimum's ONNX export, its KV cache and I/O binding)"
 
     def __init__(self, precision=None, threads=None, device=None, **options):

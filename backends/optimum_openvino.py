@@ -50,6 +50,7 @@ class OptimumOVBackend(Backend):
     precisions = ("fp32", "bf16", "int8", "int4")
     default_precision = "fp32"
     peer = True
+    peer_of = "openvino"
     description = "peer: optimum-intel OVModelForCausalLM (stateful export); int8/int4 by its weight compression"
 
     def __init__(self, precision=None, threads=None, device=None, **options):

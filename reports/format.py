@@ -375,7 +375,8 @@ def _peer_candidate(c: dict) -> bool:
 
 def peer_ratios(cells: list[dict]) -> list[dict]:
     """For each ok cell of our backends: the fastest peer cell at the same model, precision, batch and
-    threads (``None`` when there is none) and our decode rate over the peer's."""
+    threads (``None`` when there is none) and our decode rate over the peer's; and the same for the
+    peer on our backend's own runtime (``backend_info.peer_of``: optimum-onnxruntime for onnxruntime)."""
     key = lambda c: (c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"))  # noqa: E731
     best: dict[tuple, dict] = {}
     for c in sorted(cells, key=sort_key):
@@ -387,9 +388,22 @@ def peer_ratios(cells: list[dict]) -> list[dict]:
         if is_peer(c) or not is_ok(c) or not _finite(c.get("decode_tok_s")):
             continue
         peer = best.get(key(c))
-        ratio = c["decode_tok_s"] / peer["decode_tok_s"] if peer and peer["decode_tok_s"] > 0 else None
-        out.append(dict(cell=c, peer=peer, ratio=ratio))
+        twin = next((p for p in sorted(cells, key=sort_key) if is_peer(p) and _peer_candidate(p)
+                     and key(p) == key(c) and (p.get("backend_info") or {}).get("peer_of") == c.get("backend")),
+                    None)
+        out.append(dict(cell=c, peer=peer, ratio=_rate_ratio(c, peer), twin=twin, twin_ratio=_rate_ratio(c, twin)))
     return out
+
+
+def _rate_ratio(c: dict, peer: dict | None) -> float | None:
+    return c["decode_tok_s"] / peer["decode_tok_s"] if peer and peer["decode_tok_s"] > 0 else None
+
+
+def _ratio_cells(peer: dict | None, ratio: float | None) -> list[Cell]:
+    if peer is None:
+        return [Cell(("no peer",), None, tone="muted"), text(DASH), text(DASH)]
+    return [text(str(peer.get("backend"))), Cell((decode_text(peer),), peer["decode_tok_s"]),
+            number(ratio, f"×{ratio:.2f}", tone="good" if ratio >= 1 else "bad")]
 
 
 def peers_table(machine: Machine) -> Table | None:
@@ -399,28 +413,26 @@ def peers_table(machine: Machine) -> Table | None:
         return None
     out = []
     for r in peer_ratios(cells):
-        c, peer, ratio = r["cell"], r["peer"], r["ratio"]
+        c = r["cell"]
         row = [text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
                text(threads_label(c.get("threads"))), Cell((decode_text(c),), c["decode_tok_s"], strong=True)]
-        if peer is None:
-            row += [Cell(("no peer",), None, tone="muted"), text(DASH), text(DASH)]
-        else:
-            row += [text(str(peer.get("backend"))), Cell((decode_text(peer),), peer["decode_tok_s"]),
-                    number(ratio, f"×{ratio:.2f}", tone="good" if ratio >= 1 else "bad")]
+        row += _ratio_cells(r["peer"], r["ratio"]) + _ratio_cells(r["twin"], r["twin_ratio"])
         out.append(tuple(row))
     return Table("peers", ("model", "backend · precision", "batch", "threads", "decode tok/s", "best peer",
-                           "peer decode tok/s", "ours ÷ peer"), tuple(out),
-                 (False, False, True, True, True, False, True, True),
-                 caption="Decode tokens/s of each of our backends over the fastest peer at the same model, "
-                         "precision, batch and threads")
+                           "peer decode tok/s", "ours ÷ best peer", "same-runtime peer", "its decode tok/s",
+                           "ours ÷ it"), tuple(out),
+                 (False, False, True, True, True, False, True, True, False, True, True),
+                 caption="Decode tokens/s of each of our backends over the fastest peer, and over the peer on "
+                         "the same runtime, at the same model, precision, batch and threads")
 
 
 PEERS_TEXT = (
     "Peers are what a user would run instead of our adapters, on the same weights: Hugging Face transformers "
     "(hf), optimum's ONNX Runtime model (optimum-onnxruntime) and optimum-intel's OpenVINO model "
     "(optimum-openvino). Their rows are marked (peer) everywhere. Each of our backends is rated against the "
-    "fastest peer whose parity, where checked, passed, at the same model, precision, batch and thread count; "
-    "\"no peer\" where no peer ran at that point."
+    "fastest peer whose parity, where checked, passed, and against the peer on its own runtime (eager against "
+    "hf, onnxruntime against optimum-onnxruntime, openvino against optimum-openvino), at the same model, "
+    "precision, batch and thread count; \"no peer\" where none ran at that point."
 )
 
 

@@ -146,6 +146,7 @@ def test_sinusoidal_positions_are_refused(tmp_path):
 
 def test_peer_is_marked_and_recorded(peer):
     assert type(peer).peer is True and peer.info()["peer"] is True
+    assert peer.info()["peer_of"] in registry.names() and not registry.is_peer(peer.info()["peer_of"])
     assert EagerBackend.peer is False and EagerBackend().info()["peer"] is False
     assert registry.is_peer(peer.name) and not registry.is_peer("onnxruntime")
 
@@ -231,7 +232,8 @@ def with_peers() -> dict:
 
     for ours, peer_name, factor in (("onnxruntime", "optimum-onnxruntime", 0.5), ("eager", "hf", 0.25)):
         c = copy.deepcopy(find(ours))
-        c.update(backend=peer_name, peer=True, cell_id=c["cell_id"] + "-" + peer_name)
+        c.update(backend=peer_name, peer=True, cell_id=c["cell_id"] + "-" + peer_name,
+                 backend_info=dict(c["backend_info"] or {}, backend=peer_name, peer=True, peer_of=ours))
         c["decode_tok_s"] *= factor
         c["tpot_ms"] = {k: (v / factor if k in ("median", "ci95_low", "ci95_high") else v)
                         for k, v in c["tpot_ms"].items()}
@@ -252,12 +254,15 @@ def test_report_marks_peers_and_rates_ours_against_the_best_peer():
     eager = ratios[("tiny", "eager", "fp32", 1, 1)]
     assert eager["peer"]["backend"] == "optimum-onnxruntime"  # the best peer there, not hf
     assert eager["ratio"] == pytest.approx(eager["cell"]["decode_tok_s"] / ort["peer"]["decode_tok_s"])
+    assert eager["twin"]["backend"] == "hf" and eager["twin_ratio"] == pytest.approx(4.0)  # its own runtime's peer
+    assert ort["twin"]["backend"] == "optimum-onnxruntime" and ort["twin_ratio"] == pytest.approx(2.0)
+    assert ratios[("tiny", "openvino", "fp32", 1, 1)]["twin"] is None  # no optimum-openvino cell
     assert ratios[("tiny", "eager", "fp32", 2, 1)]["peer"] is None  # no peer ran at batch 2
     assert all(not r["cell"].get("peer") for r in ratios.values())  # peers are not rated
 
     md = render_markdown([run])
     assert "## Against the peers" in md
-    assert "| tiny | onnxruntime · fp32 | 1 | 1 |" in md and "×2.00" in md
+    assert "| tiny | onnxruntime · fp32 | 1 | 1 |" in md and "×2.00" in md and "×4.00" in md
     assert "no peer" in md
     assert "hf · fp32 (peer)" in md and "optimum-onnxruntime · fp32 (peer)" in md
     machine = group_runs([run])[0]
