@@ -8,8 +8,11 @@ the model's fingerprint and the compression settings.
 
 Precision is an explicit hint (``INFERENCE_PRECISION_HINT`` f32 or bf16) and read back from
 the compiled model, as in our ``openvino`` backend: a bf16 request that compiles to f32 is
-refused. What int8/int4 compression really did (bytes of weights per element type: a 4-bit
-export keeps the embeddings and the head in 8 bits) is read from the exported IR and recorded.
+refused. So is the KV cache's precision (``KV_CACHE_PRECISION``): the CPU plugin stores a
+stateful model's cache in f16 by default, so it is set to follow the precision (f32 for fp32,
+int8 and int4, bf16 for bf16) unless the ``kv_cache_precision`` option asks for another.
+What int8/int4 compression really did (bytes of weights per element type: a 4-bit export
+keeps the embeddings and the head in 8 bits) is read from the exported IR and recorded.
 
 The cache is internal: the cache object this backend returns is a handle (its length, batch
 and which step made it). Only the latest handle is valid; passing an older one raises rather
@@ -22,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backends import export
@@ -31,6 +35,10 @@ from backends.hf import probe_transformers, version_mismatch
 
 INSTALL_HINT = "pip install 'optimum-intel==1.27.*' 'optimum==2.1.*' openvino nncf 'transformers>=4.57,<4.58'"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # int8/int4: weights only
+# The CPU plugin keeps a stateful model's KV cache in f16 unless told otherwise, which an "fp32"
+# row must not do; by default the cache follows the precision (f32 as our openvino backend's).
+KV_PRECISIONS = ("f32", "bf16", "f16", "u8")
+KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
 # What optimum-intel's OVWeightQuantizationConfig is asked for: per-channel int8 (asymmetric, as
 # optimum's default 8-bit mode), and int4 in groups of 128 as its documentation's example.
 WEIGHT_BITS = {"int8": dict(bits=8, sym=False), "int4": dict(bits=4, sym=True, group_size=128, ratio=1.0)}
@@ -53,10 +61,14 @@ class OptimumOVBackend(Backend):
     peer_of = "openvino"
     description = "peer: optimum-intel OVModelForCausalLM (stateful export); int8/int4 by its weight compression"
 
-    def __init__(self, precision=None, threads=None, device=None, **options):
+    def __init__(self, precision=None, threads=None, device=None, kv_cache_precision: str | None = None,
+                 **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown optimum-openvino options: {', '.join(sorted(options))}")
+        if kv_cache_precision is not None and kv_cache_precision not in KV_PRECISIONS:
+            raise ValueError(f"kv_cache_precision={kv_cache_precision!r} is not one of {', '.join(KV_PRECISIONS)}")
+        self.kv_cache_precision = kv_cache_precision or OV_PRECISION[self.precision]
         if self.device != "cpu":
             raise BackendUnavailable(f"optimum-openvino backend: device {self.device!r} is not supported; "
                                      f"it runs on the CPU")
@@ -106,6 +118,7 @@ class OptimumOVBackend(Backend):
                           weight_bytes_by_type=meta["weight_bytes_by_type"], stateful=meta.get("stateful"))
         requested = OV_PRECISION[self.precision]
         ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": requested,
+                     "KV_CACHE_PRECISION": self.kv_cache_precision,
                      "CACHE_DIR": str(export.cache_dir() / "openvino-blobs")}
         if self.threads is not None:
             ov_config["INFERENCE_NUM_THREADS"] = str(self.threads)
@@ -120,12 +133,14 @@ class OptimumOVBackend(Backend):
             raise BackendError(f"optimum-intel could not load {path}: {type(e).__name__}: {e}") from e
         compiled = self.ov_model.request.get_compiled_model()
         got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if got != requested:  # the plugin substituted a precision: refuse rather than mislabel
+        kv = compiled.get_property("KV_CACHE_PRECISION").get_type_name()
+        if got != requested or kv != self.kv_cache_precision:  # substituted: refuse rather than mislabel
             self.ov_model = None
-            raise UnsupportedPrecision(f"optimum-openvino was asked for {requested} but compiled {got} "
-                                       f"(bf16 needs AVX-512 BF16 or AMX)")
+            raise UnsupportedPrecision(f"optimum-openvino was asked for {requested} with a {self.kv_cache_precision} "
+                                       f"KV cache but compiled {got} with a {kv} one (bf16 needs AVX-512 BF16 or AMX)")
         self.compiled_properties = {
             "inference_precision": got,
+            "kv_cache_precision": kv,
             "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")),
             "inference_num_threads": compiled.get_property("INFERENCE_NUM_THREADS"),
             "dynamic_quantization_group_size": compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"),
@@ -211,7 +226,9 @@ class OptimumOVBackend(Backend):
 
     def cache_bytes(self, cache: OVStateHandle) -> int:
         self._check_current(cache)
-        return int(sum(s.state.get_byte_size() for s in self.ov_model.request.query_state()))
+        # The states report f32 shapes whatever the plugin stores: count elements, at the cache's precision.
+        elements = sum(int(np.prod(s.state.get_shape())) for s in self.ov_model.request.query_state())
+        return elements * KV_BYTES[self.compiled_properties["kv_cache_precision"]]
 
     def reorder_cache(self, cache: OVStateHandle, index: torch.Tensor) -> OVStateHandle:
         """Beam search: the next step gathers the internal state by ``index`` (its ``beam_idx`` input)."""

@@ -183,6 +183,8 @@ def test_stateful_openvino_refuses_a_stale_cache():
         pytest.skip("optimum-openvino unavailable")
     with registry.create("optimum-openvino") as backend:
         backend.load(lively_model())
+        # an fp32 row keeps an fp32 cache (the CPU plugin's default for a stateful model is f16)
+        assert backend.info()["kv_cache_precision"] == "f32" and backend.info()["inference_precision"] == "f32"
         ids = torch.tensor([[1, 2, 3]])
         _, old = backend.prefill(ids)
         _, new = backend.decode(ids[:, :1], old)
