@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from model.errors import InputError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")  # int8/int4: the weights' bits
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,6 +103,10 @@ class Backend(ABC):
     # Whether join_caches and trim_cache work: a graph runtime whose cache lives in its own
     # buffers may not, and a server then runs one batch at a time (bench.serve).
     supports_join: ClassVar[bool] = False
+    # A peer is not one of our adapters but what a user would run instead (backends/hf.py,
+    # optimum_*.py); reports mark its rows and rate our backends against the best peer.
+    peer: ClassVar[bool] = False
+    peer_of: ClassVar[str | None] = None  # a peer's counterpart among ours, on the same runtime
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, **options: Any):
@@ -149,7 +153,11 @@ class Backend(ABC):
 
     def info(self) -> dict:
         """What this instance really runs with, recorded beside every result."""
-        return dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads)
+        info = dict(backend=self.name, precision=self.precision, device=self.device, threads=self.threads,
+                    peer=self.peer)
+        if self.peer_of:
+            info["peer_of"] = self.peer_of
+        return info
 
     # -- the verbs -----------------------------------------------------------------------
     @abstractmethod

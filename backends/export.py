@@ -245,3 +245,20 @@ def graph_positions_and_mask(ids: torch.Tensor, pos, mask, cache):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past_len + T)} "
                          f"(batch, past + new tokens)")
     return pos, mask
+
+
+def hf_dir(model: nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
+    """The cached Hugging Face GPT-2 directory of ``model`` (``model.hf.save_hf``), which the peer
+    backends (hf, optimum-onnxruntime, optimum-openvino) load or export from: (dir, meta, hit)."""
+    import transformers
+
+    from model.hf import save_hf
+    parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), source=source_digest("model.hf"),
+                 transformers=transformers.__version__)
+    key = cache_key("hf-gpt2", **parts)
+
+    def build(tmp: Path) -> dict:
+        save_hf(model, tmp)
+        return dict(parts, key=key)
+
+    return cached("hf-gpt2", key, build)

@@ -24,6 +24,10 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:ONNXRuntimeBackend",
     "openvino": "backends.openvino:OpenVINOBackend",
     "int8": "backends.int8:Int8Backend",
+    # Peers: what a user would run instead, on the same weights (``Backend.peer``).
+    "hf": "backends.hf:HFBackend",
+    "optimum-onnxruntime": "backends.optimum_onnxruntime:OptimumORTBackend",
+    "optimum-openvino": "backends.optimum_openvino:OptimumOVBackend",
 }
 
 
@@ -40,6 +44,17 @@ def get_backend_class(name: str) -> type[Backend]:
         raise UnknownBackend(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def is_peer(name: str) -> bool:
+    """Whether ``name`` is a peer (``Backend.peer``): what a user would run instead of our adapters.
+    An adapter that cannot be imported is not known to be one."""
+    try:
+        return bool(get_backend_class(name).peer)
+    except UnknownBackend:
+        raise
+    except Exception:
+        return False
 
 
 def create(name: str, **kwargs) -> Backend:

@@ -463,6 +463,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- bench convert ---------------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from model.hf import convert
+
+    out = convert(args.out, to=args.to, preset=args.model, seed=args.seed, checkpoint=args.checkpoint,
+                  force=args.force)
+    print(out)
+    return 0
+
+
 # -- stored runs -----------------------------------------------------------------------------
 
 
@@ -848,7 +860,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
     run.add_argument("--checkpoint", help="checkpoint directories, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
-    run.add_argument("--precision", help="fp32, bf16, fp16, int8, comma-separated (default: each backend's own)")
+    run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
     run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for one per physical core; 'default' for the libraries' choice")
     run.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per sequence (default 32)")
@@ -897,6 +909,15 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=_positive_int, default=None)
     gen.add_argument("--json", action="store_true", help="print a JSON object with token_ids")
     gen.set_defaults(fn=cmd_generate)
+
+    convert = sub.add_parser("convert", help="write a preset or checkpoint as a local Hugging Face GPT-2 directory")
+    convert.add_argument("--to", default="hf", help="the format to write (hf: a Hugging Face GPT-2 directory)")
+    convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
+    convert.add_argument("--model", help="a preset (random weights from --seed)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    convert.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer is written too)")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    convert.set_defaults(fn=cmd_convert)
 
     runs = sub.add_parser("runs", help="list stored runs")
     runs.add_argument("--store", default=DEFAULT_STORE)

@@ -125,8 +125,11 @@ def roofline_fields(record: dict, spec: CellSpec) -> dict:
 
 
 def identity_fields(spec: CellSpec) -> dict:
-    """The record's leading fields: its identity, its id and how it was measured."""
-    return dict(spec.identity(), cell_id=spec.id, planted_delay=spec.planted_delay)
+    """The record's leading fields: its identity, its id, how it was measured and whether its backend
+    is a peer (``Backend.peer``), so reports can tell peers apart without importing ``backends/``."""
+    from backends.registry import is_peer
+
+    return dict(spec.identity(), cell_id=spec.id, planted_delay=spec.planted_delay, peer=is_peer(spec.backend))
 
 
 def cell_record(spec: CellSpec, launches: list[dict], planned: int, n_params: int | None = None) -> dict:

@@ -18,8 +18,9 @@ STAT_KEYS = ("median", "p90", "p99", "mean", "stdev", "cv", "ci95_low", "ci95_hi
 CELL_FIELDS = {
     # identity
     "cell_id": "the cell's identity as a string (bench.spec.cell_id): runs and reports match cells by it",
-    "backend": "backend name (eager, mkl, ipex, cuda, onnxruntime, openvino, int8)",
-    "precision": "precision actually used: fp32, bf16, fp16 or int8",
+    "backend": "backend name (eager, mkl, ipex, cuda, onnxruntime, openvino, int8; peers hf, optimum-onnxruntime, optimum-openvino)",
+    "peer": "true for a peer backend (what a user would run instead: hf, optimum-*), false for ours",
+    "precision": "precision actually used: fp32, bf16, fp16, int8 or int4",
     "device": "device the model ran on (cpu, cuda, xpu, ...)",
     "model": "preset name, or the checkpoint directory",
     "n_params": "parameter count of the model",

@@ -141,8 +141,16 @@ def load_text(cell: dict) -> str:
     return out
 
 
+def is_peer(cell: dict) -> bool:
+    """A peer's cell (hf, optimum-*): what a user would run instead; the harness stores the flag."""
+    return bool(cell.get("peer") or (cell.get("backend_info") or {}).get("peer"))
+
+
+PEER_MARK = " (peer)"
+
+
 def label(cell: dict) -> str:
-    return f"{cell.get('backend')} · {cell.get('precision')}"
+    return f"{cell.get('backend')} · {cell.get('precision')}" + (PEER_MARK if is_peer(cell) else "")
 
 
 def threads_label(threads: int | None) -> str:
@@ -359,9 +367,10 @@ def model_table(machine: Machine, model: str) -> Table:
     batches = sorted({c.get("batch") for c in cells}, key=_none_last)
     several_threads = len(thread_counts(machine.cells)) > 1
     best = best_by_threads(cells)
+    peers = {c.get("backend") for c in cells if is_peer(c)}
     out = []
     for backend, precision in rows(cells):
-        row = [text(f"{backend} · {precision}")]
+        row = [text(f"{backend} · {precision}" + (PEER_MARK if backend in peers else ""))]
         for b in batches:
             group = [c for c in cells if (c.get("backend"), c.get("precision"), c.get("batch"))
                      == (backend, precision, b)]
@@ -384,6 +393,75 @@ def model_table(machine: Machine, model: str) -> Table:
     return Table(f"model-{model_name(model)}", ("backend · precision", *(f"batch {b}" for b in batches)),
                  tuple(out), (False, *([True] * len(batches))),
                  caption=f"Decode tokens/s (95% interval), {model_name(model)}")
+
+
+def _peer_candidate(c: dict) -> bool:
+    """An ok cell with a decode rate whose parity, where checked, passed."""
+    p = c.get("parity")
+    return is_ok(c) and _finite(c.get("decode_tok_s")) and not (isinstance(p, dict) and not p.get("passed"))
+
+
+def peer_ratios(cells: list[dict]) -> list[dict]:
+    """For each ok cell of our backends: the fastest peer cell at the same model, precision, batch and
+    threads (``None`` when there is none) and our decode rate over the peer's; and the same for the
+    peer on our backend's own runtime (``backend_info.peer_of``: optimum-onnxruntime for onnxruntime)."""
+    key = lambda c: (c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"))  # noqa: E731
+    best: dict[tuple, dict] = {}
+    for c in sorted(cells, key=sort_key):
+        if is_peer(c) and _peer_candidate(c) and (key(c) not in best
+                                                 or c["decode_tok_s"] > best[key(c)]["decode_tok_s"]):
+            best[key(c)] = c
+    out = []
+    for c in sorted(cells, key=sort_key):
+        if is_peer(c) or not is_ok(c) or not _finite(c.get("decode_tok_s")):
+            continue
+        peer = best.get(key(c))
+        twin = next((p for p in sorted(cells, key=sort_key) if is_peer(p) and _peer_candidate(p)
+                     and key(p) == key(c) and (p.get("backend_info") or {}).get("peer_of") == c.get("backend")),
+                    None)
+        out.append(dict(cell=c, peer=peer, ratio=_rate_ratio(c, peer), twin=twin, twin_ratio=_rate_ratio(c, twin)))
+    return out
+
+
+def _rate_ratio(c: dict, peer: dict | None) -> float | None:
+    return c["decode_tok_s"] / peer["decode_tok_s"] if peer and peer["decode_tok_s"] > 0 else None
+
+
+def _ratio_cells(peer: dict | None, ratio: float | None) -> list[Cell]:
+    if peer is None:
+        return [Cell(("no peer",), None, tone="muted"), text(DASH), text(DASH)]
+    return [text(str(peer.get("backend"))), Cell((decode_text(peer),), peer["decode_tok_s"]),
+            number(ratio, f"×{ratio:.2f}", tone="good" if ratio >= 1 else "bad")]
+
+
+def peers_table(machine: Machine) -> Table | None:
+    """Our backends against the best peer at the same model, precision, batch and threads; None without peers."""
+    cells = list(machine.cells)
+    if not any(is_peer(c) for c in cells):
+        return None
+    out = []
+    for r in peer_ratios(cells):
+        c = r["cell"]
+        row = [text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
+               text(threads_label(c.get("threads"))), Cell((decode_text(c),), c["decode_tok_s"], strong=True)]
+        row += _ratio_cells(r["peer"], r["ratio"]) + _ratio_cells(r["twin"], r["twin_ratio"])
+        out.append(tuple(row))
+    return Table("peers", ("model", "backend · precision", "batch", "threads", "decode tok/s", "best peer",
+                           "peer decode tok/s", "ours ÷ best peer", "same-runtime peer", "its decode tok/s",
+                           "ours ÷ it"), tuple(out),
+                 (False, False, True, True, True, False, True, True, False, True, True),
+                 caption="Decode tokens/s of each of our backends over the fastest peer, and over the peer on "
+                         "the same runtime, at the same model, precision, batch and threads")
+
+
+PEERS_TEXT = (
+    "Peers are what a user would run instead of our adapters, on the same weights: Hugging Face transformers "
+    "(hf), optimum's ONNX Runtime model (optimum-onnxruntime) and optimum-intel's OpenVINO model "
+    "(optimum-openvino). Their rows are marked (peer) everywhere. Each of our backends is rated against the "
+    "fastest peer whose parity, where checked, passed, and against the peer on its own runtime (eager against "
+    "hf, onnxruntime against optimum-onnxruntime, openvino against optimum-openvino), at the same model, "
+    "precision, batch and thread count; \"no peer\" where none ran at that point."
+)
 
 
 def scaling_rows(cells: list[dict]) -> list[dict]:
@@ -565,8 +643,8 @@ def all_cells_table(machine: Machine) -> Table:
     for c in machine.cells:
         tpot = c.get("tpot_ms") if isinstance(c.get("tpot_ms"), dict) else {}
         ok = is_ok(c)
-        out.append((text(model_name(c.get("model"))), text(str(c.get("backend"))), text(str(c.get("precision"))),
-                    number(c.get("batch"), str(c.get("batch"))),
+        out.append((text(model_name(c.get("model"))), text(str(c.get("backend")) + (PEER_MARK if is_peer(c) else "")),
+                    text(str(c.get("precision"))), number(c.get("batch"), str(c.get("batch"))),
                     text(threads_label(c.get("threads")), sort=c.get("threads")),
                     text(str(c.get("status")), tone="" if ok else "bad"),
                     Cell((decode_text(c),), c.get("decode_tok_s")),
@@ -780,6 +858,9 @@ def sections(machine: Machine) -> list[Section]:
         out.append(Section(f"model-{model_name(m)}", f"Model {model_name(m)} ({params(size.get(m))})",
                            "Rows are backend and precision, columns batch sizes.",
                            (model_table(machine, m),)))
+    peers = peers_table(machine)
+    if peers is not None:
+        out.append(Section("peers", "Against the peers", PEERS_TEXT, (peers,)))
     scaling = scaling_table(machine)
     if scaling is not None:
         out.append(Section("thread-scaling", "Thread scaling",

@@ -1,0 +1,285 @@
+"""The peers (hf, optimum-onnxruntime, optimum-openvino): conversion, answers, probes, reports.
+
+The conversion writes our model as a local Hugging Face GPT-2 directory (``model.hf``); nothing
+is downloaded (conftest sets HF_HUB_OFFLINE=1). Each peer is loaded once per module (optimum's
+exports take seconds) from a "lively" tiny model: seeded weights scaled up so that greedy
+generation does not just repeat the last token, which would make the comparisons with eager
+trivially true. Parity at every precision is tests/test_parity.py's, over the registry.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from backends import registry
+from backends.base import BackendError
+from backends.eager import EagerBackend
+from bench.cli import main
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.generate import generate
+from model.gpt import build_model, get_config
+
+transformers = pytest.importorskip("transformers", reason="transformers is missing: pip install transformers")
+
+PEERS = ("hf", "optimum-onnxruntime", "optimum-openvino")
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3]]  # unequal: generate left-pads the second
+STEPS = 10
+
+
+def lively_model():
+    """tiny, seed 0, with larger weights and non-zero biases and LayerNorms (HF-style checks need them)."""
+    model = build_model(get_config("tiny"), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.mul_(6)
+    return model
+
+
+@pytest.fixture(scope="module")
+def eager():
+    with EagerBackend() as backend:
+        backend.load(lively_model())
+        yield backend
+
+
+@pytest.fixture(scope="module", params=PEERS)
+def peer(request):
+    probe = registry.probe(request.param)
+    if not probe.available:
+        pytest.skip(f"{request.param} unavailable: {probe.reason}")
+    with registry.create(request.param, threads=1) as backend:
+        backend.load(lively_model())
+        yield backend
+
+
+# -- the conversion -------------------------------------------------------------------------------
+
+def test_hf_model_computes_our_logits(tmp_path):
+    from model.hf import save_hf
+    ours = lively_model()
+    save_hf(ours, tmp_path)
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, local_files_only=True).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, _ = ours(ids)
+        got = hf(ids).logits
+    assert want.abs().max() > 1.0  # not two near-zero tensors
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    back = load_checkpoint(tmp_path)  # and our loader reads it back, bit for bit
+    for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_tokenizer_is_written_as_a_fast_tokenizer(tmp_path):
+    from model.hf import convert
+    from model.tokenizer import load_tokenizer, train_bpe
+    texts = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog"] * 20
+    tok = train_bpe(texts, vocab_size=300)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(build_model(get_config("tiny"), seed=3), ckpt)
+    tok.save(ckpt)
+    out = convert(tmp_path / "hf", checkpoint=ckpt)
+    fast = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert isinstance(fast, transformers.PreTrainedTokenizerFast)
+    ours = load_tokenizer(ckpt, 512)
+    text = "the lazy fox returns x + 1"
+    assert fast.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert (fast.pad_token_id, fast.bos_token_id, fast.eos_token_id, fast.unk_token_id) == (0, 1, 2, 3)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+
+
+def test_bench_convert_writes_a_loadable_directory(tmp_path, capsys):
+    out = tmp_path / "gpt"
+    assert main(["convert", "--to", "hf", "--model", "tiny", "--seed", "4", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()
+    ours = build_model(get_config("tiny"), seed=4)
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[0], atol=1e-5, rtol=0)
+    # --force replaces a non-empty directory
+    assert main(["convert", "--model", "tiny", "--seed", "5", "--out", str(out), "--force"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "gguf", "--model", "tiny"], "unknown conversion target 'gguf'; valid targets: hf"),
+    (["--model", "tiny", "--checkpoint", "x"], "exactly one of a preset"),
+    ([], "exactly one of a preset"),
+    (["--model", "gpt5"], "unknown model preset 'gpt5'"),
+    (["--checkpoint", "/no/such/dir"], "does not exist"),
+    (["--model", "tiny", "NONEMPTY"], "is not empty; pass --force"),
+])
+def test_bench_convert_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    if "NONEMPTY" in args:
+        args = [a for a in args if a != "NONEMPTY"]
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    assert main(["convert", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    if (out / "keep.txt").exists():
+        assert (out / "keep.txt").read_text() == "mine"  # nothing was removed
+
+
+def test_sinusoidal_positions_are_refused(tmp_path):
+    from model.hf import ConvertError, save_hf
+    model = build_model(get_config("tiny", pos_encoding="sinusoidal"), seed=0)
+    with pytest.raises(ConvertError, match="pos_encoding='sinusoidal'"):
+        save_hf(model, tmp_path)
+
+
+# -- the peers' answers ---------------------------------------------------------------------------
+
+def test_peer_is_marked_and_recorded(peer):
+    assert type(peer).peer is True and peer.info()["peer"] is True
+    assert peer.info()["peer_of"] in registry.names() and not registry.is_peer(peer.info()["peer_of"])
+    assert EagerBackend.peer is False and EagerBackend().info()["peer"] is False
+    assert registry.is_peer(peer.name) and not registry.is_peer("onnxruntime")
+
+
+def test_peer_greedy_generation_equals_eager(peer, eager):
+    for prompt in PROMPTS:
+        want = generate(eager, [prompt], STEPS)
+        assert len(set(want[0])) > 2  # the lively model does not just repeat a token
+        assert generate(peer, [prompt], STEPS) == want
+
+
+def test_peer_left_padded_batch_equals_eager(peer, eager):
+    want = generate(eager, PROMPTS, STEPS, pad_token_id=0)
+    assert generate(peer, PROMPTS, STEPS, pad_token_id=0) == want
+    # and each row is what that prompt gives alone
+    assert want == [generate(eager, [p], STEPS)[0] for p in PROMPTS]
+
+
+def test_peer_beam_search_equals_eager(peer, eager):
+    assert generate(peer, PROMPTS, 6, num_beams=3) == generate(eager, PROMPTS, 6, num_beams=3)
+
+
+def test_peer_logits_and_cache(peer, eager):
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(peer.logits(ids), eager.logits(ids), atol=1e-3, rtol=0)
+    _, cache = peer.prefill(ids)
+    _, cache = peer.decode(ids[:, :1], cache)
+    assert peer.cache_length(cache) == 10
+    assert peer.cache_bytes(cache) == 2 * 2 * 2 * 10 * 128 * 4  # layers x (k, v) x batch x len x C x fp32
+
+
+def test_stateful_openvino_refuses_a_stale_cache():
+    if not registry.probe("optimum-openvino").available:
+        pytest.skip("optimum-openvino unavailable")
+    with registry.create("optimum-openvino") as backend:
+        backend.load(lively_model())
+        # an fp32 row keeps an fp32 cache (the CPU plugin's default for a stateful model is f16)
+        assert backend.info()["kv_cache_precision"] == "f32" and backend.info()["inference_precision"] == "f32"
+        ids = torch.tensor([[1, 2, 3]])
+        _, old = backend.prefill(ids)
+        _, new = backend.decode(ids[:, :1], old)
+        with pytest.raises(BackendError, match="only the cache returned by the latest"):
+            backend.decode(ids[:, :1], old)
+        backend.decode(ids[:, :1], new)  # the latest one still works
+
+
+# -- probes -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, blocked", [("hf", "transformers"), ("optimum-onnxruntime", "optimum"),
+                                           ("optimum-openvino", "optimum")])
+def test_probe_names_a_missing_module_and_the_fix(name, blocked, monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(mod, *args, **kwargs):
+        if mod == blocked or mod.startswith(blocked + "."):
+            raise ModuleNotFoundError(f"No module named {blocked!r}", name=blocked)
+        return real_import(mod, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    probe = registry.get_backend_class(name).probe()
+    assert not probe.available
+    assert blocked in probe.reason and probe.fix.startswith("pip install")
+
+
+def test_probe_names_a_version_mismatch(monkeypatch):
+    import importlib.metadata as md
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda d: "9.0.0" if d == "transformers" else real(d))
+    probe = registry.get_backend_class("optimum-onnxruntime").probe()
+    assert not probe.available
+    assert "needs transformers" in probe.reason and "transformers 9.0.0 is installed" in probe.reason
+
+
+# -- reports --------------------------------------------------------------------------------------
+
+def with_peers() -> dict:
+    """run_a with two peer cells: optimum-onnxruntime at half onnxruntime's decode rate and hf at a
+    quarter of eager's, both at tiny, fp32, batch 1, one thread."""
+    run = json.loads((Path(__file__).parent / "fixtures" / "run_a.json").read_text())
+    cells = run["cells"]
+
+    def find(backend):
+        return next(c for c in cells if (c["model"], c["backend"], c["precision"], c["batch"], c["threads"])
+                    == ("tiny", backend, "fp32", 1, 1) and c["status"] == "ok")
+
+    for ours, peer_name, factor in (("onnxruntime", "optimum-onnxruntime", 0.5), ("eager", "hf", 0.25)):
+        c = copy.deepcopy(find(ours))
+        c.update(backend=peer_name, peer=True, cell_id=c["cell_id"] + "-" + peer_name,
+                 backend_info=dict(c["backend_info"] or {}, backend=peer_name, peer=True, peer_of=ours))
+        c["decode_tok_s"] *= factor
+        c["tpot_ms"] = {k: (v / factor if k in ("median", "ci95_low", "ci95_high") else v)
+                        for k, v in c["tpot_ms"].items()}
+        c["parity"] = dict(c["parity"] or {}, passed=True, reference=False)
+        cells.append(c)
+    return run
+
+
+def test_report_marks_peers_and_rates_ours_against_the_best_peer():
+    from reports.format import group_runs, peer_ratios, sections
+    from reports.markdown import render_markdown
+    run = with_peers()
+    ratios = {(r["cell"]["model"], r["cell"]["backend"], r["cell"]["precision"], r["cell"]["batch"],
+               r["cell"]["threads"]): r for r in peer_ratios(run["cells"])}
+    ort = ratios[("tiny", "onnxruntime", "fp32", 1, 1)]
+    assert ort["peer"]["backend"] == "optimum-onnxruntime"  # faster than hf at the same point
+    assert ort["ratio"] == pytest.approx(2.0)
+    eager = ratios[("tiny", "eager", "fp32", 1, 1)]
+    assert eager["peer"]["backend"] == "optimum-onnxruntime"  # the best peer there, not hf
+    assert eager["ratio"] == pytest.approx(eager["cell"]["decode_tok_s"] / ort["peer"]["decode_tok_s"])
+    assert eager["twin"]["backend"] == "hf" and eager["twin_ratio"] == pytest.approx(4.0)  # its own runtime's peer
+    assert ort["twin"]["backend"] == "optimum-onnxruntime" and ort["twin_ratio"] == pytest.approx(2.0)
+    assert ratios[("tiny", "openvino", "fp32", 1, 1)]["twin"] is None  # no optimum-openvino cell
+    assert ratios[("tiny", "eager", "fp32", 2, 1)]["peer"] is None  # no peer ran at batch 2
+    assert all(not r["cell"].get("peer") for r in ratios.values())  # peers are not rated
+
+    md = render_markdown([run])
+    assert "## Against the peers" in md
+    assert "| tiny | onnxruntime · fp32 | 1 | 1 |" in md and "×2.00" in md and "×4.00" in md
+    assert "no peer" in md
+    assert "hf · fp32 (peer)" in md and "optimum-onnxruntime · fp32 (peer)" in md
+    machine = group_runs([run])[0]
+    peers = next(s for s in sections(machine) if s.id == "peers")
+    assert len(peers.tables[0].rows) == len(ratios)
+
+
+def test_report_without_peers_has_no_peer_section():
+    from reports.markdown import render_markdown
+    run = json.loads((Path(__file__).parent / "fixtures" / "run_a.json").read_text())
+    md = render_markdown([run])
+    assert "Against the peers" not in md and "(peer)" not in md
+
+
+def test_html_report_marks_peers():
+    from reports.html import render_html
+    html = render_html([with_peers()])
+    assert "Against the peers" in html and "(peer)" in html
