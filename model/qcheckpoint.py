@@ -65,13 +65,13 @@ class QuantizedCheckpoint:
     def precision(self) -> str:
         return self.meta["precision"]
 
-    def check_for(self, backend: str, precision: str | None) -> None:
+    def check_for(self, backend: str, precision: str) -> None:
         """Refuse a backend or precision this file is not for, saying which one reads it."""
-        if backend != self.backend or (precision or self.precision) != self.precision:
+        if backend != self.backend or precision != self.precision:
             raise QuantizedCheckpointError(
                 f"{self.directory}: a quantised checkpoint for backend {self.backend!r} at precision "
                 f"{self.precision!r} ({self.meta['scheme']}); it cannot run on {backend!r} at "
-                f"{precision or 'its default precision'!r}: use --backend {self.backend} "
+                f"{precision!r}: use --backend {self.backend} "
                 f"--precision {self.precision}, or the fp32 source checkpoint for other backends")
 
 
