@@ -809,7 +809,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
     run.add_argument("--checkpoint", help="checkpoint directories, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
-    run.add_argument("--precision", help="fp32, bf16, fp16, int8, comma-separated (default: each backend's own)")
+    run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
     run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for one per physical core; 'default' for the libraries' choice")
     run.add_argument("--prompt-len", type=_positive_int, help="prompt tokens per sequence (default 32)")
