@@ -16,6 +16,8 @@ compiles to f32 is refused rather than recorded as bf16.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,17 @@ class OpenVINOBackend(Backend):
         key = export.cache_key(kind, **parts)
 
         def build(tmp: Path) -> dict:
+            # NNCF logs its bit-width table through a handler on stdout and draws a progress bar
+            # there, which would corrupt `bench ... --json`: both go to stderr while it compresses.
+            from nncf.common.logging.logger import stdout_handler
+            stream = stdout_handler.setStream(sys.stderr)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    return compress(tmp)
+            finally:
+                stdout_handler.setStream(stream)
+
+        def compress(tmp: Path) -> dict:
             model = ov.Core().read_model(fp32_path)
             if self.precision == "int8":
                 mode = nncf.CompressWeightsMode.INT8_ASYM if self.int8_mode == "asym" else nncf.CompressWeightsMode.INT8_SYM
