@@ -7,7 +7,8 @@ fp32 (``compress_to_fp16=False``) and cached; int8 is NNCF weight compression of
 cached too, and still computes with f32 activations. int4 is NNCF's INT4_ASYM or INT4_SYM
 weight compression (``int4_mode``), ``group_size`` weights per scale, ``ratio`` of the layers in
 int4 and the rest in NNCF's backup int8; NNCF keeps the embedding and the last layer (the LM
-head) in int8 too unless ``all_layers``. Activations stay f32 as for int8.
+head) in int8 too unless ``all_layers``. Activations stay f32 for both unless
+``dynamic_quantization_group_size`` > 0 asks the CPU plugin to quantise them to int8 per group.
 
 Precision is asked for explicitly and read back: the CPU plugin quietly runs f32 when bf16
 is requested on a CPU without native bf16 (no AVX-512 BF16 or AMX), so a bf16 request that
@@ -51,7 +52,8 @@ class OpenVINOBackend(Backend):
     description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
-                 group_size: int = 128, ratio: float = 1.0, all_layers: bool = False, **options):
+                 group_size: int = 128, ratio: float = 1.0, all_layers: bool = False,
+                 dynamic_quantization_group_size: int = 0, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown openvino options: {', '.join(sorted(options))}")
@@ -63,6 +65,10 @@ class OpenVINOBackend(Backend):
             raise ValueError(f"group_size={group_size!r} must be an integer of at least 2")
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
+        if not isinstance(dynamic_quantization_group_size, int) or dynamic_quantization_group_size < 0:
+            raise ValueError(f"dynamic_quantization_group_size={dynamic_quantization_group_size!r} must be an "
+                             f"integer >= 0 (0: f32 activations)")
+        self.dynamic_quantization_group_size = dynamic_quantization_group_size
         self.int8_mode = int8_mode
         self.int4_mode, self.group_size, self.ratio, self.all_layers = int4_mode, group_size, float(ratio), bool(all_layers)
         self.ov_device = self.device.upper()  # "cpu" -> "CPU", "gpu.1" -> "GPU.1"
@@ -127,7 +133,9 @@ class OpenVINOBackend(Backend):
         if self.precision in ("int8", "int4") and self.ov_device == "CPU":
             # The CPU plugin may quantise activations on the fly for compressed weights;
             # int8 here means int8 weights with f32 activations, so turn that off.
-            config[hints.dynamic_quantization_group_size] = 0
+            # (dynamic_quantization_group_size > 0 asks for it explicitly: the CPU plugin then
+            # quantises activations to int8 in groups of that size, its fast path for int4 weights.)
+            config[hints.dynamic_quantization_group_size] = self.dynamic_quantization_group_size
         try:
             compiled = core.compile_model(core.read_model(path), self.ov_device, config)
         except RuntimeError as e:
@@ -267,10 +275,11 @@ class OpenVINOBackend(Backend):
         info.update(self._meta, openvino=ov.get_version())
         info.update(getattr(self, "compiled_properties", {}))
         if self.precision == "int8":
-            info.update(int8_mode=self.int8_mode, activations="f32")
+            info.update(int8_mode=self.int8_mode, activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
         if self.precision == "int4":
             info.update(int4_mode=self.int4_mode, group_size=self.group_size, ratio=self.ratio,
-                        all_layers=self.all_layers, backup_mode="int8_asym (NNCF default)", activations="f32")
+                        all_layers=self.all_layers, backup_mode="int8_asym (NNCF default)",
+                        activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
         return info
 
     def close(self) -> None:
