@@ -1,4 +1,6 @@
-"""`int8`: PyTorch dynamic quantisation: int8 weights, activations quantised on the fly, CPU.
+"""`int8`: PyTorch weight quantisation on the CPU: dynamic int8, or int4 weight-only.
+
+precision int8: dynamic quantisation, int8 weights, activations quantised on the fly.
 
 ``torch.ao.quantization.quantize_dynamic`` swaps every ``nn.Linear`` (the LM head included) for
 a quantised linear holding prepacked int8 weights; each call quantises its input per batch,
@@ -8,6 +10,22 @@ Everything else (embeddings, LayerNorm, attention over the fp32 KV cache) stays 
 The LM head shares its weight with the token embedding. Quantising it gives the head its own
 int8 copy and leaves the embedding's fp32 table as it was, so this costs the embedding's
 bytes once more in int8 and changes nothing upstream.
+
+``int8_scheme`` chooses the weight scales: ``per_tensor`` (one scale per matrix, the default and
+what ``quantize_dynamic`` does unasked) or ``per_channel`` (one per output row, its
+``per_channel_dynamic_qconfig``); both symmetric, from torch's MinMax observers.
+
+precision int4: weight-only, group-wise asymmetric 4-bit codes (``group_size`` columns share a
+scale and a zero; default 128), run by torch's own CPU kernel
+``aten._weight_int4pack_mm_for_cpu``, weights packed once at load by
+``aten._convert_weight_to_int4pack_for_cpu``. Every Linear, the LM head included. The kernel
+takes its activations, scales and zeros in bf16 (its vectorised path; measured here with
+fp32 activations it ran 20x slower than with bf16), so each int4 Linear casts its input to
+bf16 and its output back to fp32; the file keeps the scales in fp32.
+
+Both precisions go through one tensor set (``quantized_state``: integer weights, scales, zero
+points, the fp32 rest), the layout of a quantised checkpoint (``model/qcheckpoint.py``), and one
+builder (``build_quantized``), so a model quantised afresh and one loaded from a file are the same.
 
 ``torch.ao.quantization`` is deprecated in favour of torchao (``torchao.quantization.quantize_``);
 this stays on the built-in API because torchao is not a dependency of the project yet.
@@ -22,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from backends.base import BackendError, BackendUnavailable, Probe, TorchBackend
+from model.errors import InputError
 
 
 def quantized_engine() -> str:
@@ -29,14 +48,17 @@ def quantized_engine() -> str:
     return "fbgemm" if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else "qnnpack"
 
 
-def quantize_linears(model: nn.Module, engine: str) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 on ``engine``."""
+def quantize_linears(model: nn.Module, engine: str, per_channel: bool = False) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 on ``engine``,
+    one weight scale per tensor, or per output channel."""
     torch.backends.quantized.engine = engine
     with warnings.catch_warnings():
         # torch 2.8 warns on every call that torch.ao.quantization moves to torchao.
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated",
                                 category=DeprecationWarning)
-        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
+        quantized = torch.ao.quantization.quantize_dynamic(
+            model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig} if per_channel else {nn.Linear},
+            dtype=torch.qint8, inplace=False)
     for name, module in quantized.named_modules():
         if isinstance(module, nn.Linear):  # quantised linears are not nn.Linear subclasses
             raise BackendError(f"backend 'int8': layer {name} was not quantised")
@@ -67,11 +89,163 @@ def quantized_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+INT8_SCHEMES = ("per_tensor", "per_channel")
+DEFAULT_GROUP_SIZE = 128
+INT4_SCHEME = "groupwise_asym"
+INT4_ACTIVATIONS = torch.bfloat16  # what the int4 kernel computes in (its fast path)
+INT4_PACK_N = 16  # the CPU int4 pack wants a multiple of 16 output rows; the LM head is padded
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int):
+    """Group-wise asymmetric 4-bit codes of ``weight`` (N, K): (packed uint8 (N, K/2), scales
+    (N, K/G), zeros (N, K/G)), with w ~ (q - 8) * scale + zero (tinygemm's convention, which
+    torch's int4 kernels compute: the zero is the value of code 8)."""
+    N, K = weight.shape
+    if K % group_size:
+        raise BackendError(f"backend 'int8': group_size={group_size} does not divide in_features={K}")
+    w = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, groups, G)
+    lo, hi = w.amin(-1), w.amax(-1)  # (N, groups)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    codes = ((w - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2): column 2j low nibble, 2j+1 high
+    return packed.contiguous(), scales.contiguous(), (lo + 8 * scales).contiguous()
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is held as torch's CPU int4 pack with group-wise scales and zeros."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        N, K = packed.shape[0], packed.shape[1] * 2
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(N, K).to(torch.int32)  # (N, K)
+        pad = -N % INT4_PACK_N
+        if pad:  # padded rows: code 8, scale 1, zero 0, so their outputs are 0 and are cut off
+            codes = torch.cat([codes, torch.full((pad, K), 8, dtype=torch.int32)])
+            scales = torch.cat([scales, torch.ones(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
+        self.register_buffer("weight_int4pack", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # (K/G, N_padded, 2): the kernel's layout of scale and zero per group and output row
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+                             .to(INT4_ACTIVATIONS).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(INT4_ACTIVATIONS).contiguous(), self.weight_int4pack,
+            self.group_size, self.scales_and_zeros)  # (M, N_padded)
+        y = y[:, :self.out_features].float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_tensor",
+                    group_size: int = DEFAULT_GROUP_SIZE) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of ``model`` quantised as ``precision`` asks, in the quantised-checkpoint
+    layout (``model/qcheckpoint.py``), and the "quantization" metadata that describes them."""
+    layers = quantizable_linears(model)
+    tensors: dict[str, torch.Tensor] = {}
+    if precision == "int8":
+        quantized = quantize_linears(model, quantized_engine(), per_channel=int8_scheme == "per_channel")
+        for name in layers:
+            module = quantized.get_submodule(name)
+            weight, bias = module._packed_params._weight_bias()
+            tensors[f"{name}.qweight"] = weight.int_repr().contiguous()
+            if int8_scheme == "per_channel":
+                scales, zps = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            else:
+                scales, zps = torch.tensor([weight.q_scale()]), torch.tensor([weight.q_zero_point()])
+            tensors[f"{name}.scales"] = scales.float()
+            tensors[f"{name}.zero_points"] = zps.to(torch.int64)
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.detach().float()
+        scheme, group = int8_scheme, None
+    elif precision == "int4":
+        for name in layers:
+            module = model.get_submodule(name)
+            packed, scales, zeros = quantize_int4(module.weight, group_size)
+            tensors.update({f"{name}.qweight": packed, f"{name}.scales": scales, f"{name}.zero_points": zeros})
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().float()
+        scheme, group = INT4_SCHEME, group_size
+    else:
+        raise BackendError(f"backend 'int8': no quantised state for precision {precision!r}")
+    quantized_params = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
+    for name, p in model.state_dict().items():
+        if name not in quantized_params:
+            tensors[name] = p.detach().float().contiguous()
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    meta = dict(backend="int8", precision=precision, scheme=scheme, group_size=group, layers=layers,
+                libraries={"torch": torch.__version__}, engine=quantized_engine() if precision == "int8" else None)
+    return tensors, meta
+
+
+def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.Module:
+    """The model from a quantised tensor set: fp32 rest, each listed Linear replaced by its
+    quantised module. Nothing is quantised here; the integer weights are used as they are."""
+    from model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    layers = set(meta["layers"])
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in layers:
+            continue
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+    if meta["precision"] == "int8":
+        torch.backends.quantized.engine = quantized_engine()
+    for name in meta["layers"]:
+        q, scales, zps = (tensors[f"{name}.{k}"] for k in ("qweight", "scales", "zero_points"))
+        bias = tensors.get(f"{name}.bias")
+        if meta["precision"] == "int8":
+            N, K = q.shape
+            module = torch.ao.nn.quantized.dynamic.Linear(K, N, bias_=bias is not None, dtype=torch.qint8)
+            if meta["scheme"] == "per_channel":
+                qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), zps, 0)
+            else:
+                qweight = torch._make_per_tensor_quantized_tensor(q, float(scales[0]), int(zps[0]))
+            module.set_weight_bias(qweight, bias)
+        else:
+            module = Int4Linear(q, scales, zps, bias, meta["group_size"])
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, leaf, module)
+    for name, p in model.named_parameters():
+        if p.is_meta:  # a bug in the tensor set, not bad input: the reader checked every name
+            raise BackendError(f"backend 'int8': quantised model has no tensor for {name}")
+    return model.eval()
+
+
 class Int8Backend(TorchBackend):
     name = "int8"
-    precisions = ("int8",)
+    precisions = ("int8", "int4")
     default_precision = "int8"
-    description = "PyTorch dynamic quantisation: int8 weights for every Linear (FBGEMM/QNNPACK), CPU"
+    description = ("PyTorch quantised Linears on the CPU: dynamic int8 (FBGEMM/QNNPACK, per-tensor or per-channel), "
+                   "or int4 weight-only with group-wise scales (torch's CPU int4 kernel)")
+
+    def __init__(self, precision=None, threads=None, device=None, int8_scheme: str | None = None,
+                 group_size: int | None = None, **options):
+        super().__init__(precision, threads, device, **options)
+        if int8_scheme is not None and int8_scheme not in INT8_SCHEMES:
+            raise InputError(f"int8_scheme={int8_scheme!r} is not one of {', '.join(INT8_SCHEMES)}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+            raise InputError(f"group_size={group_size!r} must be an even integer of at least 2")
+        if int8_scheme is not None and self.precision != "int8":
+            raise InputError(f"int8_scheme is an option of precision int8, not {self.precision}")
+        if group_size is not None and self.precision != "int4":
+            raise InputError(f"group_size is an option of precision int4, not {self.precision}")
+        self.asked = dict(int8_scheme=int8_scheme, group_size=group_size)
+        self.int8_scheme = int8_scheme or "per_tensor"
+        self.group_size = group_size or DEFAULT_GROUP_SIZE
+        self._meta: dict = {}
 
     @classmethod
     def probe(cls) -> Probe:
@@ -84,32 +258,60 @@ class Int8Backend(TorchBackend):
                          versions=versions)
         return Probe(True, devices=("cpu",), versions=versions)
 
-    def load(self, model: torch.nn.Module) -> None:
+    def load(self, model) -> None:
+        """``model``: an fp32 ``GPT`` (quantised here) or a ``QuantizedCheckpoint`` (used as it is)."""
+        from model.qcheckpoint import QuantizedCheckpoint, QuantizedCheckpointError
+
         self.engine = quantized_engine()
         if self.engine not in torch.backends.quantized.supported_engines:
             raise BackendUnavailable(f"backend 'int8': quantised engine {self.engine!r} is not in this "
                                      f"torch build ({', '.join(torch.backends.quantized.supported_engines)})")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        if isinstance(model, QuantizedCheckpoint):
+            model.check_for(self.name, self.precision)
+            file_scheme = dict(int8_scheme=model.meta["scheme"] if self.precision == "int8" else None,
+                               group_size=model.meta.get("group_size"))
+            for key, asked in self.asked.items():
+                if asked is not None and asked != file_scheme[key]:
+                    raise QuantizedCheckpointError(f"{model.directory}: holds {key}={file_scheme[key]!r}, "
+                                                   f"but {key}={asked!r} was asked for")
+            self.int8_scheme = file_scheme["int8_scheme"] or self.int8_scheme
+            self.group_size = file_scheme["group_size"] or self.group_size
+            self.model = build_quantized(model.config, model.tensors, model.meta)
+            self._meta = dict(quantized_checkpoint=str(model.directory), requantized=False,
+                              source_digest=model.meta.get("source", {}).get("digest"))
+            return
         super().load(model)
+        self._meta = dict(requantized=True)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return quantize_linears(model, self.engine)
+        # Through the checkpoint's tensor set, so a model quantised here and one loaded from a
+        # quantised checkpoint are built by the same code from the same numbers.
+        tensors, meta = quantized_state(model, self.precision, self.int8_scheme, self.group_size)
+        return build_quantized(model.config, tensors, meta)
 
     def weight_bytes(self) -> int | None:
         model = getattr(self, "model", None)
         return None if model is None else quantized_weight_bytes(model)
 
     def info(self) -> dict:
-        info = dict(super().info(), intra_op_threads=torch.get_num_threads())
+        info = dict(super().info(), intra_op_threads=torch.get_num_threads(), **self._meta)
         model = getattr(self, "model", None)
         if model is None:
             return info
+        if self.precision == "int4":
+            return dict(info, quantized_linears=sum(isinstance(m, Int4Linear) for m in model.modules()),
+                        weight_dtype=f"int4 group-wise asymmetric, group_size {self.group_size}, bf16 scales and zeros",
+                        scheme=INT4_SCHEME, group_size=self.group_size,
+                        kernel="aten._weight_int4pack_mm_for_cpu", activations="bf16 in the int4 Linears, fp32 elsewhere",
+                        weight_bytes=quantized_weight_bytes(model))
         return dict(
             info,
             quantized_engine=self.engine,
             quantized_linears=sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()),
-            weight_dtype="qint8 per-tensor affine",
+            weight_dtype=f"qint8 {self.int8_scheme.replace('_', '-')} symmetric",
+            int8_scheme=self.int8_scheme,
             activations="fp32, quantised per call",
             weight_bytes=quantized_weight_bytes(model),
         )

@@ -1,7 +1,12 @@
-"""`onnxruntime`: the exported ONNX graph on ONNX Runtime, fp32 or dynamically quantised int8.
+"""`onnxruntime`: the exported ONNX graph on ONNX Runtime: fp32, dynamic int8, or int4 weight-only.
 
 The model is exported once (``backends.export``) and cached; int8 is
-``onnxruntime.quantization.quantize_dynamic`` of that fp32 graph, cached beside it. The KV
+``onnxruntime.quantization.quantize_dynamic`` of that fp32 graph (``int8_scheme``: one weight
+scale per tensor, the default, or per output channel), cached beside it; int4 is ORT's 4-bit
+weight quantiser (``MatMulNBitsQuantizer``, round-to-nearest) turning every constant-weight
+MatMul into a ``MatMulNBits`` with ``block_size`` weights per scale, asymmetric unless
+``symmetric``, computing at ``accuracy_level`` (4: int8 activations, quantised per block, ORT's
+fast x86 path; 0/1: fp32), cached too. The KV
 cache stays in ORT's own ``OrtValue``s: I/O binding lets each step's present tensors be
 fed back as the next past without copying them through numpy.
 """
@@ -21,6 +26,7 @@ INSTALL_HINT = "pip install onnxruntime onnx (onnxruntime-gpu for device='cuda')
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")  # -> GraphOptimizationLevel.ORT_*
 WEIGHT_TYPES = ("qint8", "quint8")
+INT8_SCHEMES = ("per_tensor", "per_channel")
 
 
 def cpu_has_vnni() -> bool:
@@ -43,12 +49,14 @@ class ORTCache:
 
 class ONNXRuntimeBackend(Backend):
     name = "onnxruntime"
-    precisions = ("fp32", "int8")
+    precisions = ("fp32", "int8", "int4")
     default_precision = "fp32"
-    description = "ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation"
+    description = ("ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation, "
+                   "int4 by MatMulNBits")
 
     def __init__(self, precision=None, threads=None, device=None, graph_optimization_level: str = "all",
-                 weight_type: str = "qint8", reduce_range: bool | None = None, **options):
+                 weight_type: str = "qint8", reduce_range: bool | None = None, int8_scheme: str = "per_tensor",
+                 block_size: int = 128, accuracy_level: int = 4, symmetric: bool = False, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown onnxruntime options: {', '.join(sorted(options))}")
@@ -60,6 +68,14 @@ class ONNXRuntimeBackend(Backend):
                              f"{', '.join(OPT_LEVELS)}")
         if weight_type not in WEIGHT_TYPES:
             raise ValueError(f"weight_type={weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
+        if int8_scheme not in INT8_SCHEMES:
+            raise ValueError(f"int8_scheme={int8_scheme!r} is not one of {', '.join(INT8_SCHEMES)}")
+        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size={block_size!r} must be a power of two, at least 16")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level={accuracy_level!r} is not one of 0-4 (MatMulNBits)")
+        self.int8_scheme, self.block_size = int8_scheme, block_size
+        self.accuracy_level, self.symmetric = accuracy_level, bool(symmetric)
         self.graph_optimization_level = graph_optimization_level
         # int8 weights (QInt8): ORT's dynamic quantisation always makes uint8 activations,
         # and u8 x s8 is the fast path on x86 (VPMADDUBSW). Without VNNI that instruction
@@ -98,8 +114,8 @@ class ONNXRuntimeBackend(Backend):
         fingerprint = model_fingerprint(model)
         path, meta, hit = export.onnx_fp32(model, fingerprint)
         self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
-        if self.precision == "int8":
-            path, meta, hit = self._quantized(path, meta)
+        if self.precision in ("int8", "int4"):
+            path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
         self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
                           cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
@@ -132,7 +148,8 @@ class ONNXRuntimeBackend(Backend):
         from onnxruntime.quantization.shape_inference import quant_pre_process
         parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__),
                      onnxruntime=ort.__version__, weight_type=self.weight_type,
-                     reduce_range=self.reduce_range, per_channel=False, op_types=["MatMul"])
+                     reduce_range=self.reduce_range, per_channel=self.int8_scheme == "per_channel",
+                     op_types=["MatMul"])
         key = export.cache_key("onnx-int8", **parts)
 
         # Protobuf stops at 2 GB: bigger models (gpt2-large up) keep their weights in side files.
@@ -148,7 +165,8 @@ class ONNXRuntimeBackend(Backend):
                               all_tensors_to_one_file=True)
             out = tmp / "model.onnx"
             quantize_dynamic(
-                pre, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=self.reduce_range,
+                pre, out, op_types_to_quantize=["MatMul"], per_channel=parts["per_channel"],
+                reduce_range=self.reduce_range,
                 weight_type=QuantType.QInt8 if self.weight_type == "qint8" else QuantType.QUInt8,
                 use_external_data_format=large)
             for f in tmp.iterdir():  # the pre-processed model and its side file are not needed now
@@ -158,6 +176,38 @@ class ONNXRuntimeBackend(Backend):
             return dict(parts, key=key, opset=fp32_meta["opset"], weight_bytes=export.onnx_weight_bytes(out))
 
         entry, meta, hit = export.cached("onnx-int8", key, build)
+        return entry / "model.onnx", meta, hit
+
+    def _int4(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
+        """The cached MatMulNBits (4-bit weight-only) version of the fp32 graph."""
+        import onnxruntime as ort
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        except ImportError as e:  # it imports onnx_ir, an extra of onnxruntime's quantiser
+            raise BackendUnavailable(f"onnxruntime int4 needs onnxruntime.quantization.matmul_nbits_quantizer, "
+                                     f"which cannot be imported ({e}); fix: pip install onnx-ir") from e
+        parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__), onnxruntime=ort.__version__,
+                     bits=4, block_size=self.block_size, symmetric=self.symmetric,
+                     accuracy_level=self.accuracy_level, algorithm="RTN", op_types=["MatMul"])
+        key = export.cache_key("onnx-int4", **parts)
+        large = sum(f.stat().st_size for f in fp32_path.parent.iterdir()) > 2**31 - 2**26
+
+        def build(tmp: Path) -> dict:
+            import onnx
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(str(fp32_path)), bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
+                accuracy_level=self.accuracy_level, op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            out = tmp / "model.onnx"
+            quantizer.model.save_model_to_file(str(out), large)
+            export.check_onnx(out)
+            n = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(out), load_external_data=False).graph.node)
+            if n == 0:
+                raise BackendError("onnxruntime int4: the quantiser left no MatMulNBits in the graph")
+            return dict(parts, key=key, opset=fp32_meta["opset"], matmulnbits_nodes=n,
+                        weight_bytes=export.onnx_weight_bytes(out))
+
+        entry, meta, hit = export.cached("onnx-int4", key, build)
         return entry / "model.onnx", meta, hit
 
     # -- run -------------------------------------------------------------------------------
@@ -212,7 +262,11 @@ class ONNXRuntimeBackend(Backend):
                 intra_op_num_threads=opts.intra_op_num_threads, inter_op_num_threads=opts.inter_op_num_threads,
                 execution_mode=str(opts.execution_mode), graph_optimization_level=str(opts.graph_optimization_level))
         if self.precision == "int8":
-            info.update(weight_type=self.weight_type, reduce_range=self.reduce_range, per_channel=False)
+            info.update(weight_type=self.weight_type, reduce_range=self.reduce_range,
+                        per_channel=self.int8_scheme == "per_channel", int8_scheme=self.int8_scheme)
+        if self.precision == "int4":
+            info.update(bits=4, block_size=self.block_size, symmetric=self.symmetric,
+                        accuracy_level=self.accuracy_level, quantizer="MatMulNBitsQuantizer (RTN)")
         return info
 
     def close(self) -> None:

@@ -4,7 +4,11 @@
 (``backends.export.KVCacheGraph``) through OpenVINO's PyTorch frontend, straight from the
 module, so no ONNX round trip sits between the model and the IR. The IR is saved in full
 fp32 (``compress_to_fp16=False``) and cached; int8 is NNCF weight compression of that IR,
-cached too, and still computes with f32 activations.
+cached too, and still computes with f32 activations. int4 is NNCF's INT4_ASYM or INT4_SYM
+weight compression (``int4_mode``), ``group_size`` weights per scale, ``ratio`` of the layers in
+int4 and the rest in NNCF's backup int8; NNCF keeps the embedding and the last layer (the LM
+head) in int8 too unless ``all_layers``. Activations stay f32 for both unless
+``dynamic_quantization_group_size`` > 0 asks the CPU plugin to quantise them to int8 per group.
 
 Precision is asked for explicitly and read back: the CPU plugin quietly runs f32 when bf16
 is requested on a CPU without native bf16 (no AVX-512 BF16 or AMX), so a bf16 request that
@@ -13,6 +17,8 @@ compiles to f32 is refused rather than recorded as bf16.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,8 @@ from backends.base import (Backend, BackendError, BackendUnavailable, Probe, Uns
 
 INSTALL_HINT = "pip install openvino nncf"
 INT8_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT8_ASYM / INT8_SYM
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 weights, f32 activations
+INT4_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT4_ASYM / INT4_SYM
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # int weights, f32 activations
 
 
 @dataclass
@@ -40,17 +47,30 @@ class OVCache:
 
 class OpenVINOBackend(Backend):
     name = "openvino"
-    precisions = ("fp32", "bf16", "int8")
+    precisions = ("fp32", "bf16", "int8", "int4")
     default_precision = "fp32"
-    description = "OpenVINO IR from the PyTorch frontend; int8 by NNCF weight compression"
+    description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 
-    def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", **options):
+    def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
+                 group_size: int = 128, ratio: float = 1.0, all_layers: bool = False,
+                 dynamic_quantization_group_size: int = 0, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown openvino options: {', '.join(sorted(options))}")
         if int8_mode not in INT8_MODES:
             raise ValueError(f"int8_mode={int8_mode!r} is not one of {', '.join(INT8_MODES)}")
+        if int4_mode not in INT4_MODES:
+            raise ValueError(f"int4_mode={int4_mode!r} is not one of {', '.join(INT4_MODES)}")
+        if not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"group_size={group_size!r} must be an integer of at least 2")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
+        if not isinstance(dynamic_quantization_group_size, int) or dynamic_quantization_group_size < 0:
+            raise ValueError(f"dynamic_quantization_group_size={dynamic_quantization_group_size!r} must be an "
+                             f"integer >= 0 (0: f32 activations)")
+        self.dynamic_quantization_group_size = dynamic_quantization_group_size
         self.int8_mode = int8_mode
+        self.int4_mode, self.group_size, self.ratio, self.all_layers = int4_mode, group_size, float(ratio), bool(all_layers)
         self.ov_device = self.device.upper()  # "cpu" -> "CPU", "gpu.1" -> "GPU.1"
         self.request = None
         self._meta: dict = {}
@@ -96,7 +116,7 @@ class OpenVINOBackend(Backend):
         self.config = model.config
         path, meta, hit = self._fp32_ir(model, model_fingerprint(model))
         self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
-        if self.precision == "int8":
+        if self.precision in ("int8", "int4"):
             path, meta, hit = self._int8_ir(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
         self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"],
@@ -110,10 +130,12 @@ class OpenVINOBackend(Backend):
         }
         if self.threads is not None:
             config[props.inference_num_threads] = self.threads
-        if self.precision == "int8" and self.ov_device == "CPU":
+        if self.precision in ("int8", "int4") and self.ov_device == "CPU":
             # The CPU plugin may quantise activations on the fly for compressed weights;
             # int8 here means int8 weights with f32 activations, so turn that off.
-            config[hints.dynamic_quantization_group_size] = 0
+            # (dynamic_quantization_group_size > 0 asks for it explicitly: the CPU plugin then
+            # quantises activations to int8 in groups of that size, its fast path for int4 weights.)
+            config[hints.dynamic_quantization_group_size] = self.dynamic_quantization_group_size
         try:
             compiled = core.compile_model(core.read_model(path), self.ov_device, config)
         except RuntimeError as e:
@@ -172,18 +194,42 @@ class OpenVINOBackend(Backend):
         except ImportError as e:
             raise BackendUnavailable(f"openvino int8 needs nncf, which cannot be imported ({e}); "
                                      f"fix: pip install nncf") from e
-        parts = dict(fp32_key=fp32_meta["key"], nncf=nncf.__version__, openvino=ov.get_version(),
-                     mode=f"int8_{self.int8_mode}")
-        key = export.cache_key("openvino-int8", **parts)
+        kind = f"openvino-{self.precision}"
+        if self.precision == "int8":
+            parts = dict(fp32_key=fp32_meta["key"], nncf=nncf.__version__, openvino=ov.get_version(),
+                         mode=f"int8_{self.int8_mode}")
+        else:
+            parts = dict(fp32_key=fp32_meta["key"], nncf=nncf.__version__, openvino=ov.get_version(),
+                         mode=f"int4_{self.int4_mode}", group_size=self.group_size, ratio=self.ratio,
+                         all_layers=self.all_layers)
+        key = export.cache_key(kind, **parts)
 
         def build(tmp: Path) -> dict:
-            mode = nncf.CompressWeightsMode.INT8_ASYM if self.int8_mode == "asym" else nncf.CompressWeightsMode.INT8_SYM
-            # Per-channel int8 of every MatMul and embedding weight, LM head included.
-            compressed = nncf.compress_weights(ov.Core().read_model(fp32_path), mode=mode)
+            # NNCF logs its bit-width table through a handler on stdout and draws a progress bar
+            # there, which would corrupt `bench ... --json`: both go to stderr while it compresses.
+            from nncf.common.logging.logger import stdout_handler
+            stream = stdout_handler.setStream(sys.stderr)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    return compress(tmp)
+            finally:
+                stdout_handler.setStream(stream)
+
+        def compress(tmp: Path) -> dict:
+            model = ov.Core().read_model(fp32_path)
+            if self.precision == "int8":
+                mode = nncf.CompressWeightsMode.INT8_ASYM if self.int8_mode == "asym" else nncf.CompressWeightsMode.INT8_SYM
+                # Per-channel int8 of every MatMul and embedding weight, LM head included.
+                compressed = nncf.compress_weights(model, mode=mode)
+            else:
+                mode = nncf.CompressWeightsMode.INT4_ASYM if self.int4_mode == "asym" else nncf.CompressWeightsMode.INT4_SYM
+                # Data-free (no dataset): round to nearest per group, as the other runtimes' int4.
+                compressed = nncf.compress_weights(model, mode=mode, group_size=self.group_size, ratio=self.ratio,
+                                                   all_layers=self.all_layers)
             ov.save_model(compressed, tmp / "model.xml", compress_to_fp16=False)
             return dict(parts, key=key, weight_bytes=ir_weight_bytes(compressed))
 
-        entry, meta, hit = export.cached("openvino-int8", key, build)
+        entry, meta, hit = export.cached(kind, key, build)
         return entry / "model.xml", meta, hit
 
     # -- run -------------------------------------------------------------------------------
@@ -229,7 +275,11 @@ class OpenVINOBackend(Backend):
         info.update(self._meta, openvino=ov.get_version())
         info.update(getattr(self, "compiled_properties", {}))
         if self.precision == "int8":
-            info.update(int8_mode=self.int8_mode, activations="f32")
+            info.update(int8_mode=self.int8_mode, activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
+        if self.precision == "int4":
+            info.update(int4_mode=self.int4_mode, group_size=self.group_size, ratio=self.ratio,
+                        all_layers=self.all_layers, backup_mode="int8_asym (NNCF default)",
+                        activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
         return info
 
     def close(self) -> None:

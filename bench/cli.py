@@ -168,6 +168,8 @@ def build_sweep(args):
         for p in sweep.precisions:
             if p not in PRECISIONS:
                 raise SweepError(f"--precision: unknown precision {p!r}; valid: {', '.join(PRECISIONS)}")
+    if sweep.checkpoint or "model" in values:
+        _check_quantized_targets(sweep)
     if "batch" in values:
         sweep.batches = parse_list(values["batch"], "batch", integer=True)
     if "threads" in values:
@@ -199,6 +201,24 @@ def build_sweep(args):
     if "seed" in values:
         sweep.seed = int(values["seed"])
     return sweep
+
+
+def _check_quantized_targets(sweep) -> None:
+    """A quantised checkpoint named with backends (not 'all') none of which reads it is bad input."""
+    from backends import registry
+    from bench.sweep import SweepError, is_checkpoint_dir, quantized_target
+
+    if sweep.backends == ["all"]:
+        return
+    for model in sweep.models:
+        target = quantized_target(model) if (sweep.checkpoint or is_checkpoint_dir(model)) else None
+        if target is None:
+            continue
+        runs = [(b, p) for b in sweep.backends
+                for p in (sweep.precisions or [registry.get_backend_class(b).default_precision])]
+        if target[:2] not in runs:
+            raise SweepError(f"{model}: a quantised checkpoint for --backend {target[0]} --precision {target[1]} "
+                             f"({target[2]}); it is never dequantised to run elsewhere")
 
 
 def cmd_run(args) -> int:
@@ -400,7 +420,6 @@ def cmd_generate(args) -> int:
     import torch
 
     from backends import registry
-    from model.checkpoint import load_checkpoint
     from model.generate import generate
     from model.gpt import build_model, get_config
     from model.tokenizer import load_tokenizer
@@ -415,7 +434,8 @@ def cmd_generate(args) -> int:
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_dir():
             raise UsageError(f"bench generate: checkpoint directory {args.checkpoint!r} does not exist")
-        model = load_checkpoint(args.checkpoint)
+        from bench.quantize import open_model
+        model = open_model(args.checkpoint, args.backend, args.precision)  # a quantised one as it is
     else:
         model = build_model(get_config(args.model), seed=args.weights_seed)
     tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
@@ -718,7 +738,8 @@ def cmd_quality(args) -> int:
 
     from backends import registry
     from bench.quality import backend_quality, checkpoint_stream
-    from model.checkpoint import load_checkpoint
+    from bench.quantize import open_model, reference_model
+    from bench.sweep import quantized_target
 
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"bench quality: checkpoint directory {args.checkpoint!r} does not exist")
@@ -731,8 +752,13 @@ def cmd_quality(args) -> int:
         for precision in ([p.strip() for p in args.precision.split(",")] if args.precision
                           else [cls.default_precision]):
             targets.append((name, precision))
+    options = _backend_options(args.option or [])
+    quantized = quantized_target(args.checkpoint)
+    if quantized is not None and quantized[:2] not in targets:
+        raise UsageError(f"bench quality: {args.checkpoint} is a quantised checkpoint for --backend {quantized[0]} "
+                         f"--precision {quantized[1]}, which is not among those asked for")
     stream = checkpoint_stream(args.checkpoint, corpus_path=args.corpus, max_tokens=args.max_tokens)
-    model = load_checkpoint(args.checkpoint)
+    model = reference_model(args.checkpoint)  # a quantised checkpoint's fp32 source
     reference = registry.create("eager")
     reference.load(model)
     results = []
@@ -744,9 +770,15 @@ def cmd_quality(args) -> int:
             row.update(status="skipped", reason=f"backend unavailable: {probe.reason}")
         elif precision not in cls.precisions:
             row.update(status="skipped", reason=f"backend {name!r} does not support precision {precision!r}")
+        elif quantized is not None and (name, precision) != quantized[:2]:
+            row.update(status="skipped", reason=f"the quantised checkpoint runs on {quantized[0]}/{quantized[1]} only")
         else:
-            with registry.create(name, precision=precision, threads=args.threads) as backend:
-                backend.load(load_checkpoint(args.checkpoint))
+            with registry.create(name, precision=precision, threads=args.threads,
+                                 **options.get(name, {})) as backend:
+                backend.load(open_model(args.checkpoint, name, precision))
+                row["backend_info"] = {k: v for k, v in backend.info().items()
+                                       if k in ("int8_scheme", "group_size", "block_size", "accuracy_level",
+                                                "symmetric", "int4_mode", "ratio", "quantized_checkpoint")}
                 is_ref = (name, backend.precision, backend.device) == ("eager", "fp32", "cpu")
                 row.update(status="ok", quality=backend_quality(backend, reference, stream, args.context,
                                                                  args.stride or args.context, is_reference=is_ref))
@@ -769,6 +801,28 @@ def _quality_line(row: dict) -> str:
     return f"{row['backend']}/{row['precision']}: perplexity {q['perplexity']['perplexity']:.3f} ({q['verdict']['verdict']})"
 
 
+def _backend_options(items: list[str]) -> dict[str, dict]:
+    """``BACKEND.KEY=VALUE`` options (``int8.int8_scheme=per_channel``) -> {backend: {key: value}};
+    a value that reads as JSON (a number, true/false) is taken as that, else as a string."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        backend, dot, key = name.partition(".")
+        if not eq or not dot or not backend or not key:
+            raise UsageError(f"--option {item!r}: expected BACKEND.KEY=VALUE, e.g. int8.int8_scheme=per_channel")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(backend, {})[key] = parsed
+    return out
+
+
+def _label(row: dict) -> str:
+    opts = row.get("backend_info") or {}
+    return row["precision"] + "".join(f" {k}={v}" for k, v in opts.items() if k != "quantized_checkpoint")
+
+
 def quality_table(results: list[dict], stream: dict) -> Table:
     table = Table(title=f"Quality on {stream['n_ids']:,} tokens of {stream['source']} ({stream['split']})",
                   title_justify="left")
@@ -789,9 +843,27 @@ def quality_table(results: list[dict], stream: dict) -> Table:
         else:
             cells = [f"{d['ppl_ratio']:.4f} ± {d['ppl_ratio_se']:.4f}", f"{d['kl_mean']:.2e}", f"{d['kl_p99']:.2e}",
                      f"{100 * d['same_top']:.2f}%", f"{100 * d['dp_rms']:.3f}%"]
-        table.add_row(r["backend"], r["precision"], f"{ppl['perplexity']:.3f} ± {ppl['perplexity_se']:.3f}",
+        table.add_row(r["backend"], _label(r), f"{ppl['perplexity']:.3f} ± {ppl['perplexity_se']:.3f}",
                       _fmt(ppl.get("bits_per_byte"), 3), *cells, f"[{colour}]{verdict}[/]")
     return table
+
+
+def cmd_quantize(args) -> int:
+    from bench.quantize import quantize_checkpoint
+
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"bench quantize: checkpoint directory {args.checkpoint!r} does not exist")
+    done = quantize_checkpoint(args.checkpoint, args.precision, args.out, backend=args.backend,
+                               int8_scheme=args.int8_scheme, group_size=args.group_size)
+    if args.json:
+        print(json.dumps(done, indent=1))
+    else:
+        group = f", group size {done['group_size']}" if done["group_size"] else ""
+        print(f"wrote {done['out']}: {done['backend']}/{done['precision']} {done['scheme']}{group}, "
+              f"{done['bytes'] / 2**20:,.2f} MiB (source {done['source_bytes'] / 2**20:,.2f} MiB), "
+              f"quantised in {done['quantize_s']:.2f} s; load it with --checkpoint {done['out']} "
+              f"--backend {done['backend']} --precision {done['precision']}")
+    return 0
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -976,6 +1048,9 @@ def make_parser() -> argparse.ArgumentParser:
     quality.add_argument("--max-tokens", type=_positive_int, default=None,
                          help="score at most this many tokens, in blocks spread over the stream")
     quality.add_argument("--threads", type=_positive_int, default=None)
+    quality.add_argument("--option", action="append", metavar="BACKEND.KEY=VALUE",
+                         help="a backend option, repeatable: int8.int8_scheme=per_channel, int8.group_size=32, "
+                              "onnxruntime.block_size=32, openvino.int4_mode=sym")
     quality.add_argument("--json", action="store_true",
                          help="print n_tokens, nll_sum, perplexity, bits per byte and the divergence statistics")
     quality.set_defaults(fn=cmd_quality)
@@ -1019,6 +1094,17 @@ def make_parser() -> argparse.ArgumentParser:
     load.add_argument("--name", help="a name to remember the run by")
     load.add_argument("--json", action="store_true", help="print the run id and cells as JSON")
     load.set_defaults(fn=cmd_load)
+
+    quant = sub.add_parser("quantize", help="quantise a checkpoint once into a quantised checkpoint that loads as it is")
+    quant.add_argument("--checkpoint", required=True, help="an fp32 checkpoint directory (ours or a local GPT-2)")
+    quant.add_argument("--precision", required=True, choices=("int8", "int4"))
+    quant.add_argument("--backend", default="int8", help="the backend that will load it (default int8: PyTorch)")
+    quant.add_argument("--out", required=True, help="a new directory for the quantised checkpoint")
+    quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
+                       help="int8 weight scales: one per tensor (default) or per output channel")
+    quant.add_argument("--group-size", type=_positive_int, default=None, help="int4: weights per scale (default 128)")
+    quant.add_argument("--json", action="store_true")
+    quant.set_defaults(fn=cmd_quantize)
 
     compare = sub.add_parser("compare", help="compare two runs cell by cell")
     compare.add_argument("base")

@@ -30,7 +30,6 @@ from bench import stats
 from bench.spec import CellSpec
 from model.generate import generate
 from model.gpt import build_model, get_config
-from model.checkpoint import load_checkpoint
 
 MiB = 1024 * 1024
 
@@ -56,8 +55,19 @@ def _peak_rss_mb() -> float:
 
 
 def build(spec: CellSpec):
+    """What the backend loads: a preset's fp32 model, a checkpoint's, or a quantised checkpoint
+    as it is (checked against the cell's backend and precision)."""
     if spec.checkpoint:
-        return load_checkpoint(spec.model)
+        from bench.quantize import open_model
+        return open_model(spec.model, spec.backend, spec.precision)
+    return build_model(get_config(spec.model), seed=spec.seed)
+
+
+def build_reference(spec: CellSpec):
+    """The fp32 model eager checks the backend against: for a quantised checkpoint, its source."""
+    if spec.checkpoint:
+        from bench.quantize import reference_model
+        return reference_model(spec.model)
     return build_model(get_config(spec.model), seed=spec.seed)
 
 
@@ -227,7 +237,7 @@ class _Reference:
     def get(self):
         if self.backend is None:
             self.backend = registry.create("eager")
-            self.backend.load(build(self.spec))
+            self.backend.load(build_reference(self.spec))
         return self.backend
 
     def close(self):

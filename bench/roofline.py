@@ -249,19 +249,19 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
     return result
 
 
-BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
 
 
 def weight_bytes(config: GPTConfig, precision: str = "fp32") -> int:
     """Bytes of every parameter at ``precision`` (int8: one byte a weight, scales not counted)."""
     _check_precision(precision)
-    return config.n_params * BYTES_PER_PARAM[precision]
+    return int(config.n_params * BYTES_PER_PARAM[precision])
 
 
 def kv_cache_bytes(config: GPTConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
     """Bytes of the KV cache for ``batch`` sequences of ``seq_len`` tokens; int8 backends keep it fp32."""
     _check_precision(precision)
-    return config.kv_cache_elements(batch, seq_len) * BYTES_PER_PARAM["fp32" if precision == "int8" else precision]
+    return config.kv_cache_elements(batch, seq_len) * BYTES_PER_PARAM["fp32" if precision in ("int8", "int4") else precision]
 
 
 def _check_precision(precision: str) -> None:
@@ -296,7 +296,7 @@ def decode_bound(config: GPTConfig, batch: int, past_len: int, precision: str, r
         raise ValueError(f"past_len={past_len} must not be negative")
     peak = roofline.get("peak_gflops", {}).get(precision)
     bandwidth = roofline["bandwidth_gb_s"]
-    bytes_per_step = config.n_matmul_params * BYTES_PER_PARAM[precision] + kv_cache_bytes(
+    bytes_per_step = int(config.n_matmul_params * BYTES_PER_PARAM[precision]) + kv_cache_bytes(
         config, batch, past_len, precision)
     flops_per_step = config.decode_flops(batch, past_len)
     memory_s = bytes_per_step / (bandwidth * 1e9)

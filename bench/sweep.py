@@ -201,6 +201,16 @@ def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_le
 Roofline = Callable[[str, "int | None", "tuple[str, ...]"], "dict | None"]
 
 
+def quantized_target(directory: str) -> tuple[str, str, str] | None:
+    """(backend, precision, scheme) a quantised checkpoint is for, or None for an fp32 one."""
+    from model.qcheckpoint import is_quantized_checkpoint, read_quantized_config
+
+    if not is_quantized_checkpoint(directory):
+        return None
+    meta = read_quantized_config(directory)[1]
+    return meta["backend"], meta["precision"], meta["scheme"]
+
+
 def default_precisions(cls, isa: dict | None) -> list[str]:
     """A backend's default precision and the reduced precisions it runs natively on this CPU,
     so a machine with native bf16 (AVX-512 BF16, AMX) has its fastest setting in the default sweep."""
@@ -224,6 +234,7 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
     for model in sweep.models:
         checkpoint = sweep.checkpoint or is_checkpoint_dir(model)
         config = model_config(model, checkpoint)
+        quantized = quantized_target(model) if checkpoint else None
         seq_len = sweep.prompt_len + sweep.gen_len
         if seq_len > config.block_size:
             raise SweepError(f"prompt_len + gen_len = {seq_len} exceeds {model}'s context length "
@@ -250,6 +261,9 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                                 cls.check_precision(precision)
                             except UnsupportedPrecision as e:
                                 reason = str(e)
+                        if not reason and quantized is not None and (backend, precision) != quantized[:2]:
+                            reason = (f"a quantised checkpoint for {quantized[0]}/{quantized[1]} ({quantized[2]}) "
+                                      f"runs on that backend and precision only")
                         if not reason:
                             need = estimate_peak_bytes(config, backend, precision, batch, seq_len,
                                                        sweep.prompt_len, sweep.parity)

@@ -75,6 +75,9 @@ def _read_config(directory: Path) -> tuple[GPTConfig, bool]:
 
     if meta.get("format") == FORMAT:
         return _our_config(meta, config_path), False
+    from model.qcheckpoint import QFORMAT, read_quantized_config
+    if meta.get("format") == QFORMAT:  # its config reads like ours; its weights only a quantised backend loads
+        return read_quantized_config(directory)[0], False
     if meta.get("model_type") == "gpt2":
         return _hf_gpt2_config(meta, config_path), True
     raise CheckpointError(
@@ -86,6 +89,12 @@ def load_checkpoint(directory: str | Path) -> GPT:
     """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
     directory = Path(directory)
     config, conv1d = _read_config(directory)
+    from model.qcheckpoint import QuantizedCheckpointError, is_quantized_checkpoint, read_quantized_config
+    if is_quantized_checkpoint(directory):  # never dequantised into an fp32 model
+        meta = read_quantized_config(directory)[1]
+        raise QuantizedCheckpointError(
+            f"{directory}: a quantised checkpoint ({meta['precision']} {meta['scheme']}); only backend "
+            f"{meta['backend']!r} at precision {meta['precision']!r} loads it, never as an fp32 model")
     weights_path, state = _read_weights(directory)
     model_state = _match_state(state, config, conv1d, weights_path)
     with torch.device("meta"):

@@ -1,0 +1,111 @@
+"""``bench quantize``: quantise a checkpoint once and keep it, so later runs load it as it is.
+
+``quantize_checkpoint`` reads an fp32 checkpoint (ours or a local Hugging Face GPT-2), quantises
+it the way the chosen backend does at load (``backends.int8.quantized_state``) and writes a
+quantised checkpoint (``model/qcheckpoint.py``) that names the source's weights digest, the
+scheme, the group size and the library versions. ``open_model`` is what every command that
+takes ``--checkpoint`` uses: a quantised checkpoint comes back as it is, checked against the
+backend and precision asked for; a plain one comes back as an fp32 ``GPT``.
+
+Only the PyTorch path (backend ``int8``, precisions int8 and int4) writes these files today.
+ONNX Runtime and OpenVINO keep their quantised graphs in the export cache (``backends.export``),
+keyed on the weights and every quantiser option, which also loads without quantising again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from model.checkpoint import SAFETENSORS_FILE, TORCH_FILE, CheckpointError, load_checkpoint
+from model.errors import InputError
+from model.qcheckpoint import file_digest, is_quantized_checkpoint, load_quantized, save_quantized
+
+FILE_BACKENDS = {"int8": ("int8", "int4")}
+
+
+class QuantizeInputError(InputError):
+    """``bench quantize`` cannot do what was asked; the message says why."""
+
+
+def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path, backend: str = "int8",
+                        int8_scheme: str | None = None, group_size: int | None = None) -> dict:
+    """Quantise ``checkpoint`` for ``backend`` at ``precision`` into ``out``; returns what it wrote."""
+    from backends.int8 import DEFAULT_GROUP_SIZE, INT8_SCHEMES, quantized_state
+
+    if backend not in FILE_BACKENDS:
+        raise QuantizeInputError(f"--backend {backend!r}: quantised checkpoints are written for "
+                                 f"{', '.join(FILE_BACKENDS)} only (onnxruntime and openvino cache their "
+                                 f"quantised graphs under the export cache instead)")
+    if precision not in FILE_BACKENDS[backend]:
+        raise QuantizeInputError(f"--precision {precision!r}: backend {backend!r} quantises to "
+                                 f"{', '.join(FILE_BACKENDS[backend])}")
+    if int8_scheme is not None and (precision != "int8" or int8_scheme not in INT8_SCHEMES):
+        raise QuantizeInputError(f"--int8-scheme {int8_scheme!r}: one of {', '.join(INT8_SCHEMES)}, "
+                                 f"with --precision int8 only")
+    if group_size is not None and (precision != "int4" or group_size < 2 or group_size % 2):
+        raise QuantizeInputError(f"--group-size {group_size}: an even number, with --precision int4 only")
+    source, out = Path(checkpoint), Path(out)
+    if is_quantized_checkpoint(source):
+        raise QuantizeInputError(f"--checkpoint {str(source)!r} is already quantised; quantise its fp32 source")
+    if out.resolve() == source.resolve():
+        raise QuantizeInputError("--out must be a new directory, not the source checkpoint")
+    if out.exists() and any(out.iterdir()):
+        raise QuantizeInputError(f"--out {str(out)!r} exists and is not empty; nothing was overwritten")
+    model = load_checkpoint(source)
+    weights = source / SAFETENSORS_FILE if (source / SAFETENSORS_FILE).is_file() else source / TORCH_FILE
+    start = time.perf_counter()
+    tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size or DEFAULT_GROUP_SIZE)
+    quantize_s = time.perf_counter() - start
+    meta["source"] = dict(path=str(source.resolve()), weights_file=weights.name, digest=file_digest(weights))
+    meta["libraries"].update(_versions())
+    meta["quantize_s"] = quantize_s
+    save_quantized(out, model.config, tensors, meta, source=source)
+    return dict(out=str(out), backend=backend, precision=precision, scheme=meta["scheme"],
+                group_size=meta["group_size"], quantize_s=quantize_s, bytes=(out / SAFETENSORS_FILE).stat().st_size,
+                source_bytes=weights.stat().st_size, source_digest=meta["source"]["digest"])
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("safetensors", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def open_model(directory: str | Path, backend: str, precision: str | None):
+    """What ``Backend.load`` takes for a checkpoint directory: a checked ``QuantizedCheckpoint``
+    for a quantised one (refused with the backend that reads it when ``backend`` or
+    ``precision`` differ), or an fp32 ``GPT``."""
+    if is_quantized_checkpoint(directory):
+        from backends import registry
+
+        qc = load_quantized(directory)
+        # No precision given means the backend's default, as the backend itself will take it.
+        qc.check_for(backend, precision or registry.get_backend_class(backend).default_precision)
+        return qc
+    return load_checkpoint(directory)
+
+
+def reference_model(directory: str | Path):
+    """The fp32 model a quantised checkpoint was made from, for parity and quality: its source
+    checkpoint, which must still be where it was and hold the same weights (by digest)."""
+    if not is_quantized_checkpoint(directory):
+        return load_checkpoint(directory)
+    from model.qcheckpoint import read_quantized_config
+
+    source = read_quantized_config(directory)[1].get("source") or {}
+    path = Path(source.get("path", ""))
+    weights = path / source.get("weights_file", SAFETENSORS_FILE)
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: its fp32 source {str(path)!r} is gone, so there is no reference "
+                              f"to check it against (run with --no-parity, or restore the source)")
+    if file_digest(weights) != source.get("digest"):
+        raise CheckpointError(f"{directory}: its source {str(path)!r} now holds other weights (digest "
+                              f"{file_digest(weights)}, recorded {source.get('digest')})")
+    return load_checkpoint(path)

@@ -1,0 +1,233 @@
+"""Quantised checkpoints: packed integer weights a backend loads without quantising again.
+
+A quantised checkpoint is a directory like ours (``model/checkpoint.py``) with its own marker:
+
+    config.json        {"format": "llm-backend-bench/gpt-quantized", "format_version": 1,
+                        "config": {GPTConfig fields},
+                        "quantization": {"backend", "precision", "scheme", "group_size",
+                                         "layers": [quantised Linear names],
+                                         "source": {"path", "digest"}, "libraries": {...},
+                                         "tensors": {name: sha256 of its bytes}}}
+    model.safetensors  every tensor; for each quantised Linear ``L``:
+                         int8 per_tensor   L.qweight int8 (N, K), L.scales f32 (1,), L.zero_points i64 (1,)
+                         int8 per_channel  L.qweight int8 (N, K), L.scales f32 (N,), L.zero_points i64 (N,)
+                         int4 (group G)    L.qweight uint8 (N, K/2): two 4-bit codes a byte, column 2j in
+                                           the low nibble; L.scales f32 (N, K/G), L.zero_points f32 (N, K/G)
+                                           (w = (q - 8) * scale + zero, tinygemm's convention)
+                       plus L.bias (f32) where the Linear has one, and every other weight of the
+                       model in fp32 under its own name (embeddings, LayerNorms).
+    tokenizer.json, run.json   copied from the source checkpoint, so quality can be measured.
+
+Which backend and precision a file is for is written in it and checked on load: a
+quantised checkpoint given to any other backend or precision is refused with the one that
+reads it, never dequantised and run at another precision. The reader checks everything it
+can before a backend sees a tensor (format version, every tensor present, its dtype and
+shape, its digest, finite positive scales) and names the field or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, CheckpointError
+from model.gpt import GPT, GPTConfig
+
+QFORMAT = "llm-backend-bench/gpt-quantized"
+QFORMAT_VERSION = 1
+SCHEMES = {"int8": ("per_tensor", "per_channel"), "int4": ("groupwise_asym",)}
+COPIED_FILES = ("tokenizer.json", "run.json", "vocab.json", "merges.txt")
+
+
+class QuantizedCheckpointError(CheckpointError):
+    """A quantised checkpoint cannot be read, or was given to a backend it is not for."""
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """What a quantised checkpoint holds, read and checked: a backend builds its model from it."""
+
+    directory: Path
+    config: GPTConfig
+    tensors: dict[str, torch.Tensor]
+    meta: dict  # the "quantization" object of config.json
+
+    @property
+    def backend(self) -> str:
+        return self.meta["backend"]
+
+    @property
+    def precision(self) -> str:
+        return self.meta["precision"]
+
+    def check_for(self, backend: str, precision: str) -> None:
+        """Refuse a backend or precision this file is not for, saying which one reads it."""
+        if backend != self.backend or precision != self.precision:
+            raise QuantizedCheckpointError(
+                f"{self.directory}: a quantised checkpoint for backend {self.backend!r} at precision "
+                f"{self.precision!r} ({self.meta['scheme']}); it cannot run on {backend!r} at "
+                f"{precision!r}: use --backend {self.backend} "
+                f"--precision {self.precision}, or the fp32 source checkpoint for other backends")
+
+
+def is_quantized_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a quantised checkpoint (its config.json carries our marker)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text()).get("format") == QFORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor the file must hold for ``config`` and ``meta``: name -> (dtype, shape)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    layers = set(meta["layers"])
+    precision, scheme, group = meta["precision"], meta["scheme"], meta.get("group_size")
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name, module in model.named_modules():
+        if name not in layers:
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise QuantizedCheckpointError(f"quantization.layers names {name!r}, which is not a Linear of this model")
+        N, K = module.weight.shape
+        if precision == "int8":
+            n = 1 if scheme == "per_tensor" else N
+            out.update({f"{name}.qweight": (torch.int8, (N, K)), f"{name}.scales": (torch.float32, (n,)),
+                        f"{name}.zero_points": (torch.int64, (n,))})
+        else:
+            out.update({f"{name}.qweight": (torch.uint8, (N, K // 2)),
+                        f"{name}.scales": (torch.float32, (N, K // group)),
+                        f"{name}.zero_points": (torch.float32, (N, K // group))})
+        if module.bias is not None:
+            out[f"{name}.bias"] = (torch.float32, tuple(module.bias.shape))
+    if len(layers) != sum(1 for n in out if n.endswith(".qweight")):
+        missing = sorted(layers - {n[:-len(".qweight")] for n in out})
+        raise QuantizedCheckpointError(f"quantization.layers names {missing[0]!r}, which is not a Linear of this model")
+    quantized_weights = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers}
+    for name, p in model.state_dict().items():
+        if name in quantized_weights or name in out:
+            continue
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the embedding's table
+        out[name] = (torch.float32, tuple(p.shape))
+    return out
+
+
+def save_quantized(directory: str | Path, config: GPTConfig, tensors: dict[str, torch.Tensor], meta: dict,
+                   source: str | Path | None = None) -> Path:
+    """Write a quantised checkpoint; ``meta`` is the "quantization" object (without digests)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    expected = expected_tensors(config, meta)
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:  # a bug in the quantiser, not bad input
+        raise AssertionError(f"quantised tensors do not match the format: missing {missing}, unknown {unknown}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = dict(meta, tensors={k: tensor_digest(v) for k, v in sorted(tensors.items())})
+    save_file(tensors, str(directory / SAFETENSORS_FILE), metadata={"format": QFORMAT})
+    doc = {"format": QFORMAT, "format_version": QFORMAT_VERSION, "config": config.to_dict(), "quantization": meta}
+    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    if source is not None:
+        for name in COPIED_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, directory / name)
+    return directory
+
+
+def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
+    """(config, quantization meta) of a quantised checkpoint, every field checked."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise QuantizedCheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise QuantizedCheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != QFORMAT:
+        raise QuantizedCheckpointError(f"{path}: not a quantised checkpoint (no \"format\": {QFORMAT!r})")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise QuantizedCheckpointError(f"{path}: format_version={version!r} must be an integer")
+    if version > QFORMAT_VERSION:
+        raise QuantizedCheckpointError(f"{path}: format_version={version} is newer than this code reads "
+                                       f"({QFORMAT_VERSION}); update llm-backend-bench to load it")
+    if version < 1:
+        raise QuantizedCheckpointError(f"{path}: format_version={version} is not a valid version")
+    try:
+        config = GPTConfig(**doc.get("config", {}))
+    except (TypeError, ValueError) as e:
+        raise QuantizedCheckpointError(f"{path}: config: {e}") from None
+    meta = doc.get("quantization")
+    if not isinstance(meta, dict):
+        raise QuantizedCheckpointError(f"{path}: \"quantization\" must be an object")
+    for key, kind in (("backend", str), ("precision", str), ("scheme", str), ("layers", list), ("tensors", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise QuantizedCheckpointError(f"{path}: quantization.{key}={meta.get(key)!r} must be a {kind.__name__}")
+    if meta["precision"] not in SCHEMES:
+        raise QuantizedCheckpointError(f"{path}: quantization.precision={meta['precision']!r} is not one of "
+                                       f"{', '.join(SCHEMES)}")
+    if meta["scheme"] not in SCHEMES[meta["precision"]]:
+        raise QuantizedCheckpointError(f"{path}: quantization.scheme={meta['scheme']!r} is not one of "
+                                       f"{', '.join(SCHEMES[meta['precision']])} for {meta['precision']}")
+    if meta["precision"] == "int4":
+        group = meta.get("group_size")
+        if not isinstance(group, int) or group < 2 or group % 2:
+            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group!r} must be an even integer")
+        if config.n_embd % group or (4 * config.n_embd) % group:
+            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group} does not divide "
+                                           f"n_embd={config.n_embd}")
+    return config, meta
+
+
+def load_quantized(directory: str | Path) -> QuantizedCheckpoint:
+    """Read and check a quantised checkpoint: every tensor present, of its dtype and shape, unchanged."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config, meta = read_quantized_config(directory)
+    path = directory / SAFETENSORS_FILE
+    if not path.is_file():
+        raise QuantizedCheckpointError(f"{path}: missing; a quantised checkpoint needs {SAFETENSORS_FILE}")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise QuantizedCheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    for name, (dtype, shape) in expected_tensors(config, meta).items():
+        if name not in tensors:
+            raise QuantizedCheckpointError(f"{path}: missing tensor {name!r}")
+        t = tensors[name]
+        if t.dtype != dtype:
+            raise QuantizedCheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected {dtype}")
+        if tuple(t.shape) != shape:
+            raise QuantizedCheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if meta["tensors"].get(name) != tensor_digest(t):
+            raise QuantizedCheckpointError(f"{path}: tensor {name!r} does not match its digest in {CONFIG_FILE} "
+                                           f"(the file is corrupted or was edited)")
+        if name.endswith(".scales") and not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise QuantizedCheckpointError(f"{path}: tensor {name!r} holds non-finite or non-positive scales")
+    extra = sorted(set(tensors) - set(expected_tensors(config, meta)))
+    if extra:
+        raise QuantizedCheckpointError(f"{path}: unexpected tensor {extra[0]!r}: not part of this quantised model")
+    return QuantizedCheckpoint(directory, config, tensors, meta)
