@@ -11,11 +11,11 @@ that hold real tokens. Every decode step then has one shape, and compiles once.
   submodules (``block.ln_1``, ``block.attn.c_attn``, ..., ``lm_head``): the weights are the
   model's, not a copy; only the cache handling differs from ``model.gpt``. Compiled with
   ``dynamic=False``: one graph per (batch, max_len), and a CUDA graph needs static shapes.
-- **Prefill** is the model's own ``forward`` compiled with dynamo's default (automatic)
-  dynamic shapes: the first prompt shape compiles a static graph, the fastest for the
-  length a benchmark repeats; a second shape recompiles once with the length symbolic, and
-  that graph serves every later length (per-length graphs would hit dynamo's recompile
-  limit of 8 on a quality run or a test). Its keys and values are copied into the static cache.
+- **Prefill** is the model's own ``forward`` compiled with ``dynamic=False``: one graph per
+  prompt shape. A benchmark repeats one shape, and a static graph is inductor's fastest for
+  it; a symbolic length does not even trace, as the model's ``is_causal = T > 1`` becomes a
+  symbolic bool that ``scaled_dot_product_attention`` refuses. Its keys and values are
+  copied into the static cache. A new prompt shape is a recompile (counted, like any).
 - **logits** (quality) runs the same compiled forward for all positions, so perplexity
   measures the compiled arithmetic, not eager's.
 
@@ -57,6 +57,7 @@ CXX_FIX = "apt-get install g++ (or set CXX to a working C++ compiler; inductor r
 CUDA_INSTALL = ("install an NVIDIA driver and a CUDA build of torch, e.g. "
                 "pip install torch --index-url https://download.pytorch.org/whl/cu128")
 CACHE_ALIGN = 64  # max_len is rounded up to a multiple of this: aligned rows, few distinct shapes
+RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default of 8 is too few prompt shapes)
 WARMUP_DECODES = 3  # under CUDA graphs the first call warms up, the second records, the third replays
 
 
@@ -307,14 +308,17 @@ class CompileBackend(TorchBackend):
             torch.cuda.set_device(torch.device(self.device))
         if self.threads is not None:
             torch.set_num_threads(self.threads)  # inductor's kernels take the count at compile time
-        # Past the recompile limit dynamo would quietly run the step eagerly: make it an error.
-        importlib.import_module("torch._dynamo").config.fail_on_recompile_limit_hit = True
+        # One graph per prompt shape (see the module docstring): allow a quality run's or a test
+        # session's few dozen, and past that raise, where dynamo would quietly run eagerly.
+        config = importlib.import_module("torch._dynamo").config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        config.fail_on_recompile_limit_hit = True
         before = compile_count()
         self.model = self.prepare(model.eval())
         self.block_size = self.model.config.block_size
         self.max_len = self._max_len()
         self._pool: dict[int, _Buffers] = {}
-        self._compiled_forward = torch.compile(self.model, fullgraph=True, **self.compile_kwargs)
+        self._compiled_forward = torch.compile(self.model, fullgraph=True, dynamic=False, **self.compile_kwargs)
         self._compiled_step = torch.compile(StaticDecoder(self.model), fullgraph=True, dynamic=False,
                                    **self.compile_kwargs)
         if self.expected is not None:
@@ -467,7 +471,7 @@ class CompileBackend(TorchBackend):
         info = dict(super().info(), intra_op_threads=torch.get_num_threads(),
                     compile_mode=self.compile_kwargs.get("mode", "default"),
                     compile_options=self.compile_kwargs.get("options", {}),
-                    decode_dynamic=False, prefill_dynamic="automatic",
+                    decode_dynamic=False, prefill_dynamic=False,
                     weights_dtype=str(TORCH_DTYPES[self.precision]).replace("torch.", ""), autocast=False,
                     cuda_graphs=self.kind == "cuda" and self.compile_kwargs.get("mode") == "reduce-overhead",
                     static_cache_max_len=getattr(self, "max_len", None),
