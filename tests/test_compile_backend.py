@@ -228,3 +228,14 @@ def test_cuda_path(tiny_model):
         result = check_parity(b, e, ids, steps=GEN)
         assert result.passed, result
         assert b.compile_count() == before
+
+
+def test_plain_attention_of_the_decode_step_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 32, generator=g)  # (B, n_head, 1, head_dim)
+    k, v = torch.randn(2, 4, 64, 32, generator=g), torch.randn(2, 4, 64, 32, generator=g)
+    allowed = torch.arange(64).view(1, 1, 1, 64) < torch.tensor([10, 40]).view(2, 1, 1, 1)  # (B, 1, 1, 64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(compiled._attend(q, k, v, allowed), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention='flash' is not one of: math, sdpa"):
+        CompileBackend(attention="flash")
