@@ -113,22 +113,27 @@ def cuda_probe() -> Probe:
     return Probe(True, devices=tuple(f"cuda:{i}" for i in range(n)), versions=versions)
 
 
-def compile_options(device_type: str, mode: str | None = None, freezing: bool = False) -> dict:
+def compile_options(device_type: str, mode: str | None = None, freezing: bool = False,
+                    max_autotune: bool = False) -> dict:
     """Keyword arguments for ``torch.compile`` of a step on ``device_type`` (``cpu`` or ``cuda``).
 
     CUDA: ``mode="reduce-overhead"`` (CUDA graphs) unless another mode is asked for. CPU:
     inductor's default mode; ``freezing`` folds the weights into the graph as constants, which
     lets inductor prepack them for oneDNN/MKL. torch.compile takes a mode or an options dict,
-    not both, so freezing is an option only without a mode.
+    not both, so freezing is an option only without a mode; ``max_autotune`` (with freezing)
+    lets inductor benchmark its C++ GEMM template against ATen's for each linear.
     """
     if device_type not in DEVICE_PRECISIONS:
         raise ValueError(f"device type {device_type!r} is not one of: {', '.join(DEVICE_PRECISIONS)}")
     if mode is None:
         mode = "reduce-overhead" if device_type == "cuda" else "default"
+    if max_autotune and not freezing:
+        raise ValueError("max_autotune is offered with freezing (or pass mode='max-autotune-no-cudagraphs')")
     if freezing:
         if mode != "default":
             raise ValueError(f"freezing is an inductor option; torch.compile cannot take it with mode={mode!r}")
-        return dict(backend="inductor", options={"freezing": True})
+        options = {"freezing": True, **({"max_autotune": True} if max_autotune else {})}
+        return dict(backend="inductor", options=options)
     return dict(backend="inductor", mode=mode)
 
 
@@ -251,6 +256,7 @@ class CompileBackend(TorchBackend):
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, mode: str | None = None, freezing: bool | None = None,
+                 max_autotune: bool = False,
                  max_len: int | None = None, attention: str = "sdpa", **options):
         super().__init__(precision, threads, device, **options)
         kind = torch.device(self.device).type
@@ -268,7 +274,7 @@ class CompileBackend(TorchBackend):
         self.attention = attention
         self.kind = kind
         self.freezing = bool(freezing) if freezing is not None else False
-        self.compile_kwargs = compile_options(kind, mode, self.freezing)
+        self.compile_kwargs = compile_options(kind, mode, self.freezing, max_autotune)
         self.max_len_option = max_len
         self.expected: tuple[int, int, int] | None = None
         self.compiles_in_load = None

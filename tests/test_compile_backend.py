@@ -172,6 +172,10 @@ def test_cuda_compiles_with_cuda_graphs_and_the_cpu_without():
     assert compile_options("cpu") == dict(backend="inductor", mode="default")
     assert compile_options("cuda", mode="max-autotune") == dict(backend="inductor", mode="max-autotune")
     assert compile_options("cpu", freezing=True) == dict(backend="inductor", options={"freezing": True})
+    assert compile_options("cpu", freezing=True, max_autotune=True) == dict(
+        backend="inductor", options={"freezing": True, "max_autotune": True})
+    with pytest.raises(ValueError, match="max_autotune is offered with freezing"):
+        compile_options("cpu", max_autotune=True)
     with pytest.raises(ValueError, match="freezing is an inductor option"):
         compile_options("cuda", freezing=True)
     with pytest.raises(ValueError, match="'xpu' is not one of"):
