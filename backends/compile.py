@@ -255,9 +255,9 @@ class CompileBackend(TorchBackend):
     description = "torch.compile (inductor) with a static KV cache; CUDA graphs on an NVIDIA GPU"
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
-                 device: str | None = None, mode: str | None = None, freezing: bool | None = None,
-                 max_autotune: bool = False,
-                 max_len: int | None = None, attention: str = "sdpa", **options):
+                 device: str | None = None, mode: str | None = None, freezing: bool = False,
+                 max_autotune: bool = False, max_len: int | None = None, attention: str = "sdpa",
+                 **options):
         super().__init__(precision, threads, device, **options)
         kind = torch.device(self.device).type
         if kind not in DEVICE_PRECISIONS:
@@ -273,7 +273,7 @@ class CompileBackend(TorchBackend):
             raise ValueError(f"attention={attention!r} is not one of: math, sdpa")
         self.attention = attention
         self.kind = kind
-        self.freezing = bool(freezing) if freezing is not None else False
+        self.freezing = bool(freezing)
         self.compile_kwargs = compile_options(kind, mode, self.freezing, max_autotune)
         self.max_len_option = max_len
         self.expected: tuple[int, int, int] | None = None
