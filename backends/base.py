@@ -10,6 +10,8 @@ backend through the same few verbs:
     logits(ids)                   -> every position's logits (B, T, vocab) float32 on the CPU,
                                      for quality measurement (perplexity, KL divergence)
     synchronize()                 wait for queued device work before a timer is read
+    expect(batch, prompt, gen)    optional: the shapes to come, so a compiling backend compiles in load
+    compile_count()               optional: graphs compiled so far (a JIT backend), else None
     memory()                      device bytes in use and at peak, or None on the CPU
     close()                       free everything; also runs on leaving a ``with`` block
 
@@ -218,6 +220,16 @@ class Backend(ABC):
 
     def weight_bytes(self) -> int | None:
         """Bytes of the weights as this backend holds them, where it can tell."""
+        return None
+
+    def expect(self, batch: int, prompt_len: int, gen_len: int) -> None:
+        """The shapes the caller will run, told before ``load``. A backend that compiles per
+        shape compiles these inside ``load`` (so ``load_s`` holds the compile time, not the
+        measured steps); the others ignore it."""
+
+    def compile_count(self) -> int | None:
+        """Graphs compiled in this process so far, for a backend that compiles at run time
+        (the harness counts what compiled while it measured); None for the others."""
         return None
 
     def synchronize(self) -> None:

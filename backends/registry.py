@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:ONNXRuntimeBackend",
     "openvino": "backends.openvino:OpenVINOBackend",
     "int8": "backends.int8:Int8Backend",
+    "compile": "backends.compile:CompileBackend",
     # Peers: what a user would run instead, on the same weights (``Backend.peer``).
     "hf": "backends.hf:HFBackend",
     "optimum-onnxruntime": "backends.optimum_onnxruntime:OptimumORTBackend",

@@ -113,10 +113,13 @@ def measure_cell(spec: CellSpec) -> dict:
     out: dict = dict(n_params=config.n_params, precision=backend.precision, device=backend.device,
                      build_s=build_s)
     with backend:
+        backend.expect(spec.batch, spec.prompt_len, spec.gen_len)
+        compiled = [backend.compile_count()]
         t = time.perf_counter()
         backend.load(model)
         backend.synchronize()
         out["load_s"] = time.perf_counter() - t
+        compiled.append(backend.compile_count())
         del model
         gc.collect()
         out["model_mb"] = _rss_mb() - rss0
@@ -135,7 +138,9 @@ def measure_cell(spec: CellSpec) -> dict:
         samples = _repeat(timed, prompts, spec)
         out["warmup_reps"] = samples.pop("warmup_reps")
         out["warmup_settled"] = samples.pop("warmup_settled")
+        compiled += samples.pop("compiled")
         out["samples"] = samples
+        out["compiles"] = _compiles(compiled)
 
         out["kv_cache_mb"] = _kv_cache_mb(backend, ids, spec.gen_len) if spec.measure_kv else None
         mem = backend.memory()
@@ -180,6 +185,17 @@ class PlantedDelay:
         return self._slowed(self.backend.decode, *args, **kwargs)
 
 
+def _compiles(counts: list[int | None]) -> dict | None:
+    """Graphs compiled during load, warm-up (the first call included) and measurement, from the
+    backend's running count before load, after load, before and after the measured generations;
+    None for a backend that does not compile at run time."""
+    if any(c is None for c in counts):
+        return None
+    before_load, after_load, before_measure, after_measure = counts
+    return dict(load=after_load - before_load, warmup=before_measure - after_load,
+                measured=after_measure - before_measure)
+
+
 def _kv_cache_mb(backend, ids: torch.Tensor, gen_len: int) -> float:
     """The KV cache as it stands at the end of a generation of ``gen_len`` tokens."""
     _, cache = backend.prefill(ids)
@@ -207,6 +223,7 @@ def _repeat(backend, prompts, spec: CellSpec) -> dict:
         if len(warm) >= spec.min_warmup and time.perf_counter() - start > spec.budget_s / 2:
             break
     ttft, tpot, e2e = [], [], []
+    compiled = [backend.compile_count()]
     start = time.perf_counter()
     while len(e2e) < spec.max_reps:
         a, b, c = one_generation(backend, prompts, spec.gen_len)
@@ -218,7 +235,9 @@ def _repeat(backend, prompts, spec: CellSpec) -> dict:
         width = stats.nested_relative_ci_width(tpot if spec.gen_len > 1 else ttft)
         if width <= spec.target_ci or time.perf_counter() - start > spec.budget_s:
             break
-    return dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, warmup_reps=len(warm), warmup_settled=settled)
+    compiled.append(backend.compile_count())
+    return dict(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e, warmup_reps=len(warm), warmup_settled=settled,
+                compiled=compiled)
 
 
 REFERENCE = ("eager", "fp32")

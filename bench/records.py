@@ -48,6 +48,10 @@ def merge(launches: list[dict]) -> dict:
     merged["launch_rounds"] = [r.get("round") for r in launches]
     merged["warmup_reps"] = sum(r.get("warmup_reps", 0) for r in launches)
     merged["warmup_settled"] = all(r.get("warmup_settled", False) for r in launches)
+    compiles = [r.get("compiles") for r in launches]
+    merged["compiles"] = compiles if any(c is not None for c in compiles) else None
+    merged["recompiles_measured"] = (sum(c["measured"] for c in compiles if c is not None)
+                                     if merged["compiles"] is not None else None)
     merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in launches)
     return merged
 
@@ -67,6 +71,9 @@ def derive(record: dict, spec: CellSpec) -> dict:
     record["launch_sizes"] = {k: [len(launch) for launch in samples[k]] for k in SAMPLE_KINDS}
     record["unsteady"] = unsteady(record["launch_medians"]["tpot_ms"] or record["launch_medians"]["ttft_ms"],
                                   "per token" if has_steps else "to first token")
+    note = recompiled(record.get("compiles"))
+    if note:
+        record["unsteady"] = f"{record['unsteady']}; {note}" if record["unsteady"] else note
     batch = spec.batch
     record["prefill_tok_s"] = batch * spec.prompt_len / (record["ttft_ms"]["median"] / 1e3)
     record["decode_tok_s"] = batch / (record["tpot_ms"]["median"] / 1e3) if has_steps else None
@@ -101,6 +108,22 @@ def unsteady(medians: list[float], what: str, factor: float = UNSTEADY_FACTOR) -
             word = "slower" if m > ref else "faster"
             notes.append(f"launch {i + 1} of {n} ran {max(m / ref, ref / m):.1f}x {word} than the median launch "
                          f"({m:.3g} vs {ref:.3g} ms {what})")
+    return "; ".join(notes)
+
+
+def recompiled(compiles: list[dict | None] | None) -> str:
+    """Which launches compiled a graph while they were measured, or "".
+
+    A compiling backend (``compile``) compiles its shapes in load and warm-up; a graph compiled
+    while measuring means a shape changed, and the steps that compiled it took seconds. They
+    stay in the statistics, as they happened; this line says so, so a slow cell is not read
+    as a slow backend.
+    """
+    if not compiles:
+        return ""
+    n = len(compiles)
+    notes = [f"launch {i + 1} of {n} compiled {c['measured']} graph(s) while measured: "
+             "its steps include compile time" for i, c in enumerate(compiles) if c and c["measured"] > 0]
     return "; ".join(notes)
 
 
