@@ -72,6 +72,8 @@ class Int8Backend(TorchBackend):
     precisions = ("int8",)
     default_precision = "int8"
     description = "PyTorch dynamic quantisation: int8 weights for every Linear (FBGEMM/QNNPACK), CPU"
+    training_precisions = ()
+    training_refusal = "dynamically quantised int8 linears have no backward pass"
 
     @classmethod
     def probe(cls) -> Probe:

@@ -41,6 +41,7 @@ class OVCache:
 class OpenVINOBackend(Backend):
     name = "openvino"
     precisions = ("fp32", "bf16", "int8")
+    training_refusal = "it runs an exported OpenVINO inference graph, which has no backward pass"
     default_precision = "fp32"
     description = "OpenVINO IR from the PyTorch frontend; int8 by NNCF weight compression"
 
