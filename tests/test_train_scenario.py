@@ -168,8 +168,8 @@ def _launch(step_ms: float, activation: float, peak: float, loss: float = 6.0) -
                 wall_s=1.0)
 
 
-def _train_record(precision: str, gc: bool, step_ms: float, activation: float, peak: float) -> dict:
-    spec = CellSpec(model="tiny", backend="eager", precision=precision, device="cpu", batch=2, threads=1,
+def _train_record(precision: str, gc: bool, step_ms: float, activation: float, peak: float, batch: int = 2) -> dict:
+    spec = CellSpec(model="tiny", backend="eager", precision=precision, device="cpu", batch=batch, threads=1,
                     scenario="train", seq_len=16, grad_checkpointing=gc)
     launches = [dict(_launch(step_ms, activation, peak), precision=precision, round=i) for i in range(2)]
     return cell_record(spec, launches, 2, 1_000_000)
@@ -212,7 +212,10 @@ def test_a_training_only_run_renders_in_both_formats():
     assert "## Training tiny" in md and "Best configuration" not in md
     assert "Gradient checkpointing" not in md and "Training against inference" not in md
     html = render_html([_run(cells)])
-    assert "Training tiny" in html and "6,400" in html
+    assert "Training tiny" in html and "6,400" in html and "<svg" not in html  # one batch: nothing to chart
+    cells.append(_train_record("fp32", False, 18.0, 190.0, 990.0, batch=4))
+    html = render_html([_run(cells)])
+    assert html.count("<svg") == 1 and "Training tokens/s against batch" in html
 
 
 def test_report_lists_training_cells_that_did_not_run():
