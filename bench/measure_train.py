@@ -30,6 +30,12 @@ timed steps):
   freed at the step's start (``zero_grad(set_to_none=True)``) and re-created during the
   backward pass, so they cancel to within the part not yet re-created at the peak. Where
   the mark cannot be reset the field is None rather than a guess.
+- ``blocks_activation_mb``: the resident size when the forward pass reaches the LM head
+  (a forward pre-hook, freed heap returned first) above the training state without its
+  gradients (``state_mb - grads_mb``): what the transformer blocks keep for the backward
+  pass (with checkpointing, each block's input only), before the logits and the loss add
+  theirs. An upper bound by the allocator's fragmentation; None where the module has no
+  ``lm_head`` to hook.
 - ``device_activation_mb``: the same on a GPU, from the device allocator's peak above the
   bytes allocated at the step's start (exact, as the allocator counts them).
 
@@ -148,7 +154,7 @@ def measure_train(spec: CellSpec) -> dict:
         out["warmup_reps"] = spec.warmup_steps
         out["warmup_settled"] = True  # a fixed count of steps; nothing is detected
         out["loss_before"] = losses[spec.warmup_steps]  # the first timed step's, before its update
-        out.update(_memory_step(backend, lambda: step(spec.warmup_steps + n_timed)))
+        out.update(_memory_step(backend, model, lambda: step(spec.warmup_steps + n_timed)))
         out["loss_after"] = losses[-1]  # after every timed step's update
         out["losses"] = losses
         out["weights_mb"] = _tensor_mb(model.parameters())
@@ -158,7 +164,7 @@ def measure_train(spec: CellSpec) -> dict:
     return out
 
 
-def _memory_step(backend, run_step) -> dict:
+def _memory_step(backend, model, run_step) -> dict:
     """The resident training state, and the peak above it during one step (see the module docstring)."""
     lifetime_peak = _peak_rss_mb()
     gc.collect()
@@ -168,11 +174,26 @@ def _memory_step(backend, run_step) -> dict:
     if device is not None:
         backend.reset_memory_peak()
         device = backend.memory()
+    at_head: list[float] = []
+
+    def before_head(module, args):
+        gc.collect()
+        _malloc_trim()
+        at_head.append(_rss_mb())
+
+    head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None)
+    hook = head.register_forward_pre_hook(before_head) if head is not None else None
     reset = _reset_peak_rss()
-    run_step()
+    try:
+        run_step()
+    finally:
+        if hook is not None:
+            hook.remove()
     backend.synchronize()
     step_peak = _peak_rss_mb()
+    grads = _tensor_mb(p.grad for p in model.parameters())
     result = dict(state_mb=state, activation_mb=step_peak - state if reset else None,
+                  blocks_activation_mb=at_head[0] - (state - grads) if at_head else None,
                   peak_rss_mb=max(lifetime_peak, step_peak), activation_method="VmHWM reset" if reset else None)
     after = backend.memory()
     if device is not None and after is not None:

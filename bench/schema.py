@@ -80,6 +80,7 @@ CELL_FIELDS = {
     "losses": "train: the loss of every step of the first launch, warm-up included",
     "state_mb": "train: resident memory holding the runtime, weights, gradients and optimizer state, MiB",
     "activation_mb": "train: a step's resident peak above state_mb (activations and transients), MiB",
+    "blocks_activation_mb": "train: resident memory the blocks keep for the backward pass, at the LM head's input, MiB",
     "device_activation_mb": "train: a step's device peak above the bytes allocated at its start, MiB",
     "grads_mb": "train: bytes of the gradients, MiB",
     "optimizer_mb": "train: bytes of the optimizer's state (AdamW's two moments), MiB",

@@ -158,20 +158,21 @@ def test_a_train_sweep_resumes_from_its_last_stored_launch(tmp_path, monkeypatch
 # -- reports, on synthetic records ------------------------------------------------------------
 
 
-def _launch(step_ms: float, activation: float, peak: float, loss: float = 6.0) -> dict:
+def _launch(step_ms: float, activation: float, peak: float, loss: float = 6.0, blocks: float | None = None) -> dict:
     return dict(status="ok", reason="", n_params=1_000_000, precision="fp32", device="cpu", build_s=0.1,
                 load_s=0.1, weights_mb=4.0, grads_mb=4.0, optimizer_mb=8.0, loss_before=loss, loss_after=loss - 0.5,
                 losses=[loss, loss, loss - 0.5], data="synthetic", lr=1e-3, optimizer="AdamW",
                 activation_method="VmHWM reset", backend_info={}, peak_rss_mb=peak, state_mb=peak - activation,
-                activation_mb=activation, device_peak_mb=None, device_activation_mb=None, warmup_reps=1,
+                activation_mb=activation, blocks_activation_mb=blocks, device_peak_mb=None, device_activation_mb=None, warmup_reps=1,
                 warmup_settled=True, samples=dict(step_ms=[[step_ms, step_ms * 1.01], [step_ms * 0.99, step_ms]]),
                 wall_s=1.0)
 
 
-def _train_record(precision: str, gc: bool, step_ms: float, activation: float, peak: float, batch: int = 2) -> dict:
+def _train_record(precision: str, gc: bool, step_ms: float, activation: float, peak: float, batch: int = 2,
+                  blocks: float | None = None) -> dict:
     spec = CellSpec(model="tiny", backend="eager", precision=precision, device="cpu", batch=batch, threads=1,
                     scenario="train", seq_len=16, grad_checkpointing=gc)
-    launches = [dict(_launch(step_ms, activation, peak), precision=precision, round=i) for i in range(2)]
+    launches = [dict(_launch(step_ms, activation, peak, blocks=blocks), precision=precision, round=i) for i in range(2)]
     return cell_record(spec, launches, 2, 1_000_000)
 
 
@@ -190,13 +191,13 @@ def _run(cells: list[dict]) -> dict:
 
 
 def test_report_shows_throughput_checkpointing_and_training_against_inference():
-    cells = [_train_record("fp32", False, 10.0, 100.0, 900.0), _train_record("fp32", True, 13.0, 40.0, 840.0),
-             _inference_record()]
+    cells = [_train_record("fp32", False, 10.0, 100.0, 900.0, blocks=50.0),
+             _train_record("fp32", True, 13.0, 40.0, 840.0, blocks=10.0), _inference_record()]
     md = render_markdown([_run(cells)])
     assert "## Training tiny" in md and "## Gradient checkpointing: memory saved, time paid" in md
     # 2 x 16 tokens per 10 ms step: 3,200 tokens/s
     assert "| eager · fp32 · ckpt off | **3,200" in md
-    assert ("| tiny | eager · fp32 | 2 | 16 | 1 | 100 MiB | 40.0 MiB | ×0.40 | ×0.93 | 10.0 | 13.0 | ×1.30 |"
+    assert ("| tiny | eager · fp32 | 2 | 16 | 1 | 100 MiB | 40.0 MiB | ×0.40 | ×0.20 | ×0.93 | 10.0 | 13.0 | ×1.30 |"
             in md)
     # training 3,200 tok/s against a prefill of 2 x 4 tokens in 4 ms: 2,000 tok/s
     assert "| tiny | eager · fp32 | 1 | 2 × 16 | **3,200 (" in md and "| 2 × 4 | 2,000 | 1,000 | ×1.60 |" in md
@@ -230,3 +231,21 @@ def test_report_lists_training_cells_that_did_not_run():
 
 def test_sweep_module_plans_no_training_variants_for_inference():
     assert bench.sweep.scenario_variants(Sweep()) == [{}]
+
+
+def test_a_non_finite_loss_fails_the_cell_with_the_reason(monkeypatch):
+    import bench.measure_train as mt
+
+    real = mt.train_step
+    calls = []
+
+    def diverging(*args, **kwargs):
+        loss, norm = real(*args, **kwargs)
+        calls.append(loss)
+        return (float("nan") if len(calls) == 2 else loss), norm
+
+    monkeypatch.setattr(mt, "train_step", diverging)
+    spec = CellSpec(model="tiny", backend="eager", precision="bf16", device="cpu", batch=2, scenario="train",
+                    seq_len=16, train_steps=2, warmup_steps=1)
+    with pytest.raises(mt.TrainingDiverged, match=r"the loss is nan at step 2 of the launch \(bf16\)"):
+        mt.measure_train(spec)
