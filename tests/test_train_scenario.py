@@ -249,3 +249,24 @@ def test_a_non_finite_loss_fails_the_cell_with_the_reason(monkeypatch):
                     seq_len=16, train_steps=2, warmup_steps=1)
     with pytest.raises(mt.TrainingDiverged, match=r"the loss is nan at step 2 of the launch \(bf16\)"):
         mt.measure_train(spec)
+
+
+def test_compare_does_not_judge_training_cells_by_inference_metrics():
+    from bench.compare import NOT_COMPARABLE, compare_runs
+
+    base = _run([_train_record("fp32", False, 10.0, 100.0, 900.0)])
+    new = dict(_run([_train_record("fp32", False, 20.0, 100.0, 900.0)]), run_id="r2")
+    (change,) = compare_runs(base, new).cells
+    assert change.verdict == NOT_COMPARABLE and "training cell" in change.note
+
+
+def test_the_shipped_train_sweep_parses_and_plans():
+    from pathlib import Path
+
+    from bench.cli import build_sweep, make_parser
+
+    path = Path(__file__).resolve().parents[1] / "sweeps" / "train.toml"
+    sweep = build_sweep(make_parser().parse_args(["run", "--config", str(path)]))
+    assert sweep.scenario == "train" and sweep.grad_checkpointing == [False, True]
+    cells = plan(sweep, {b: AVAILABLE for b in sweep.backends}, available_bytes=64 * 1024**3)
+    assert len(cells) == 3 * 2 * 2 * 2 * 2 * len(sweep.threads) and not any(c.skip_reason for c in cells)
