@@ -270,3 +270,19 @@ def test_the_shipped_train_sweep_parses_and_plans():
     assert sweep.scenario == "train" and sweep.grad_checkpointing == [False, True]
     cells = plan(sweep, {b: AVAILABLE for b in sweep.backends}, available_bytes=64 * 1024**3)
     assert len(cells) == 3 * 2 * 2 * 2 * 2 * len(sweep.threads) and not any(c.skip_reason for c in cells)
+
+
+@pytest.mark.parametrize("backend, precision", [("mkl", "bf16"), ("ipex", "bf16")])
+def test_torch_backends_train_in_their_precisions(backend, precision):
+    from backends import registry
+    from bench.measure_train import measure_train
+
+    probe = registry.probe(backend)
+    if not probe.available:
+        pytest.skip(f"{backend} unavailable: {probe.reason}")
+    spec = CellSpec(model="tiny", backend=backend, precision=precision, device="cpu", batch=2, scenario="train",
+                    seq_len=16, train_steps=2, warmup_steps=1)
+    out = measure_train(spec)
+    assert out["precision"] == precision and out["backend_info"]["backend"] == backend
+    assert all(math.isfinite(x) for x in out["losses"]) and len(out["losses"]) == 4
+    assert out["loss_before"] == pytest.approx(math.log(get_config("tiny").vocab_size), rel=0.1)
