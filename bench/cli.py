@@ -337,8 +337,9 @@ class _Progress:
         status = launch["status"]
         if status == "ok" and record["status"] == "ok" and record.get("scenario") == "train":
             low, high = record.get("train_tok_s_ci") or (None, None)
-            line = (f"[green]ok[/]      {cell.spec.label()}: {_fmt(record.get('train_tok_s'))} "
-                    f"({_fmt(low)}–{_fmt(high)}) training tok/s after {record['launches']} "
+            ci = f" ({_fmt(low)}–{_fmt(high)})" if low else ""
+            line = (f"[green]ok[/]      {cell.spec.label()}: {_fmt(record.get('train_tok_s'))}{ci} "
+                    f"training tok/s after {record['launches']} "
                     f"launch{'es' if record['launches'] > 1 else ''}")
         elif status == "ok" and record["status"] == "ok":
             tpot = record.get("tpot_ms") or {}

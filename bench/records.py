@@ -98,7 +98,10 @@ def derive_train(record: dict, spec: CellSpec) -> dict:
     record["unsteady"] = unsteady(record["launch_medians"]["step_ms"], "per training step")
     tokens = spec.batch * spec.seq_len
     record["train_tok_s"] = tokens / (step["median"] / 1e3)
-    record["train_tok_s_ci"] = [tokens / (step["ci95_high"] / 1e3), tokens / (step["ci95_low"] / 1e3)]
+    groups = sum(len(launch) for launch in record["samples"]["step_ms"])
+    # One group in all: its spread is unknown, and an interval of one point would claim none.
+    record["train_tok_s_ci"] = [tokens / (step["ci95_high"] / 1e3), tokens / (step["ci95_low"] / 1e3)] \
+        if groups > 1 else None
     return record
 
 

@@ -74,7 +74,7 @@ CELL_FIELDS = {
     "grad_checkpointing": "train: whether each block's activations were recomputed in the backward pass",
     "step_ms": "train: one optimizer step (forward, backward, AdamW) of the whole batch, ms",
     "train_tok_s": "train: batch * seq_len / median step_ms",
-    "train_tok_s_ci": "train: the 95% interval of train_tok_s, [low, high], from step_ms's",
+    "train_tok_s_ci": "train: the 95% interval of train_tok_s, [low, high], from step_ms's (null: one group of steps, spread unknown)",
     "loss_before": "train: the loss of the first timed step (before its update), nats per token",
     "loss_after": "train: the loss after every timed step's update",
     "losses": "train: the loss of every step of the first launch, warm-up included",

@@ -286,3 +286,11 @@ def test_torch_backends_train_in_their_precisions(backend, precision):
     assert out["precision"] == precision and out["backend_info"]["backend"] == backend
     assert all(math.isfinite(x) for x in out["losses"]) and len(out["losses"]) == 4
     assert out["loss_before"] == pytest.approx(math.log(get_config("tiny").vocab_size), rel=0.1)
+
+
+def test_one_group_of_steps_has_no_interval_rather_than_a_point():
+    spec = CellSpec(model="tiny", backend="eager", precision="fp32", device="cpu", batch=2, scenario="train", seq_len=16)
+    launch = dict(_launch(10.0, 1.0, 10.0), samples=dict(step_ms=[[10.0, 11.0]]))
+    record = cell_record(spec, [launch], 1, 1)
+    assert record["train_tok_s"] == pytest.approx(32 / 0.0105) and record["train_tok_s_ci"] is None
+    assert "| eager · fp32 · ckpt off | **3,048**<br>step 10.5 ms" in render_markdown([_run([record])])
