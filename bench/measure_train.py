@@ -15,8 +15,7 @@ times are kept in groups of ``group_steps`` consecutive steps, the launch > grou
 nesting the hierarchical bootstrap resamples (``bench.stats.summarize_nested``), as an
 inference launch keeps generations > decode steps.
 
-Memory, after the timed steps, in one more step of its own (its loss is the loss after the
-timed steps):
+Memory, after the timed steps, in one more step of its own:
 
 - ``state_mb``: the resident size at the end of a step, once freed memory is returned to the
   system (``gc`` and glibc's ``malloc_trim``): the runtime, the weights, their gradients and
@@ -39,7 +38,10 @@ timed steps):
 - ``device_activation_mb``: the same on a GPU, from the device allocator's peak above the
   bytes allocated at the step's start (exact, as the allocator counts them).
 
-A loss that is not finite (a precision that breaks training) fails the cell with that reason.
+``loss_before`` and ``loss_after`` score one fixed batch (the first timed one), without a step,
+before the timed steps and after every update: a precision whose updates do nothing or harm
+shows as a loss that does not fall. A loss that is not finite (a precision that breaks
+training) fails the cell with that reason.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def measure_train(spec: CellSpec) -> dict:
 
         for i in range(spec.warmup_steps):
             step(i)
+        probe = batches[spec.warmup_steps]  # the first timed batch, scored again after every timed update
+        out["loss_before"] = _probe_loss(model, probe, backend)
         step_ms: list[float] = []
         start = time.perf_counter()
         while len(step_ms) < spec.train_steps:
@@ -153,15 +157,31 @@ def measure_train(spec: CellSpec) -> dict:
         out["samples"] = dict(step_ms=[step_ms[i:i + g] for i in range(0, n_timed, g)])  # groups of steps
         out["warmup_reps"] = spec.warmup_steps
         out["warmup_settled"] = True  # a fixed count of steps; nothing is detected
-        out["loss_before"] = losses[spec.warmup_steps]  # the first timed step's, before its update
         out.update(_memory_step(backend, model, lambda: step(spec.warmup_steps + n_timed)))
-        out["loss_after"] = losses[-1]  # after every timed step's update
+        out["loss_after"] = _probe_loss(model, probe, backend)
         out["losses"] = losses
         out["weights_mb"] = _tensor_mb(model.parameters())
         out["grads_mb"] = _tensor_mb(p.grad for p in model.parameters())
         out["optimizer_mb"] = _tensor_mb(v for s in optimizer.state.values() for v in s.values())
         out["backend_info"] = dict(backend.info(), grad_scaler=scaler is not None)
     return out
+
+
+@torch.no_grad()
+def _probe_loss(model, batch, backend) -> float:
+    """The loss of one fixed batch (inputs, targets), in the training precision, without a step."""
+    x, y = batch
+    model.eval()  # no dropout: the same batch scores the same on the same weights
+    try:
+        with backend.training_autocast():
+            logits, _ = model(x)
+    finally:
+        model.train()
+    loss = float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the loss of the probe batch is {loss} ({backend.precision}): "
+                               f"training diverged in this precision")
+    return loss
 
 
 def _memory_step(backend, model, run_step) -> dict:

@@ -171,8 +171,9 @@ THROUGHPUT_TEXT = (
     "step (forward, backward, gradient clipping and AdamW, bench train's step), with its 95% interval; each "
     "cell ran in fresh processes, its interval a hierarchical bootstrap over launches and groups of "
     "consecutive steps. bf16 and fp16 are autocast (fp32 weights and optimizer state; fp16 with a gradient "
-    "scaler). The batches are seeded random tokens, so the loss starts near ln(vocabulary); its value before "
-    "and after the timed steps shows a precision that breaks training (a non-finite loss fails the cell)."
+    "scaler). The batches are seeded random tokens, so the loss starts near ln(vocabulary); the loss of one "
+    "fixed batch before and after the timed steps shows a precision whose updates do not train (a non-finite "
+    "loss fails the cell)."
 )
 
 

@@ -53,8 +53,8 @@ def test_train_cells_run_through_the_sweep_into_the_store_and_checkpointing_keep
         # raw steps kept as launches > groups of steps > steps
         assert len(c["samples"]["step_ms"]) == 1 and sum(map(len, c["samples"]["step_ms"][0])) == 2
         assert all(math.isfinite(x) for x in c["losses"]) and len(c["losses"]) == 1 + 2 + 1
-        assert c["loss_before"] == c["losses"][1] and c["loss_after"] == c["losses"][-1]
         assert c["loss_before"] == pytest.approx(math.log(get_config("tiny").vocab_size), rel=0.1)
+        assert c["loss_after"] < c["loss_before"]  # the same batch, scored again after the updates
         assert c["state_mb"] > 0 and c["activation_mb"] is not None and c["peak_rss_mb"] >= c["state_mb"]
         assert c["grads_mb"] == pytest.approx(c["weights_mb"]) and c["optimizer_mb"] == pytest.approx(2 * c["weights_mb"], rel=1e-3)  # and a step count per tensor
     # recomputing activations in the backward pass changes no number of the trajectory at fp32
