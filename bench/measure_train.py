@@ -38,6 +38,9 @@ Memory, after the timed steps, in one more step of its own:
 - ``device_activation_mb``: the same on a GPU, from the device allocator's peak above the
   bytes allocated at the step's start (exact, as the allocator counts them).
 
+The optimizer and its schedule are ``bench train``'s (AdamW, weight decay on the matrices,
+a linear warm-up into the peak learning rate), from its first step.
+
 ``loss_before`` and ``loss_after`` score one fixed batch (the first timed one), without a step,
 before the timed steps and after every update: a precision whose updates do nothing or harm
 shows as a loss that does not fall. A loss that is not finite (a precision that breaks
@@ -56,7 +59,7 @@ import torch
 from backends import registry
 from bench.measure import MiB, _peak_rss_mb, _rss_mb, build
 from bench.spec import CellSpec
-from model.train import TrainConfig, make_optimizer, train_step
+from model.train import TrainConfig, lr_factor, make_optimizer, train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,7 +117,8 @@ def measure_train(spec: CellSpec) -> dict:
                               device=spec.device, training=True, **spec.options)
     hyper = TrainConfig(batch_size=spec.batch, context=spec.seq_len, seed=spec.seed)
     out: dict = dict(n_params=config.n_params, precision=backend.precision, device=backend.device,
-                     build_s=build_s, data="synthetic", lr=hyper.lr, optimizer="AdamW")
+                     build_s=build_s, data="synthetic", lr=hyper.lr, optimizer="AdamW",
+                     lr_warmup_steps=hyper.warmup_steps)
     with backend:
         torch.manual_seed(spec.seed)  # dropout
         model.train()
@@ -122,6 +126,9 @@ def measure_train(spec: CellSpec) -> dict:
         optimizer = make_optimizer(model, hyper)
         t = time.perf_counter()
         model, optimizer = backend.prepare_training(model, optimizer)
+        # bench train's schedule, from its first step: a warm-up from lr/100. The peak lr at once
+        # (no warm-up) overshoots on a fresh gpt2 and the loss of the probe batch rises.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(hyper))
         backend.synchronize()
         out["load_s"] = time.perf_counter() - t
         scaler = backend.grad_scaler()
@@ -136,6 +143,7 @@ def measure_train(spec: CellSpec) -> dict:
                 raise TrainingDiverged(f"the loss is {loss} at step {i + 1} of the launch "
                                        f"({backend.precision}): training diverged in this precision")
             losses.append(loss)
+            schedule.step()
             return loss
 
         for i in range(spec.warmup_steps):

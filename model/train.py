@@ -264,7 +264,7 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
     model.train()
     model.grad_checkpointing = config.grad_checkpointing
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     data_gen = torch.Generator().manual_seed(config.seed)
     val_batches = _val_offsets(len(val_ids), config)
     best = dict(loss=math.inf, step=None, since=0)
@@ -388,7 +388,7 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
 
 
-def _lr_factor(config: TrainConfig) -> Callable[[int], float]:
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     """The multiplier of ``lr`` for step i (0-based): linear warmup, then cosine down to min_lr."""
     floor = config.min_lr / config.lr
 
