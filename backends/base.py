@@ -15,6 +15,16 @@ backend through the same few verbs:
     memory()                      device bytes in use and at peak, or None on the CPU
     close()                       free everything; also runs on leaving a ``with`` block
 
+Training (``bench run --scenario train``) is a second, smaller set, on backends built with
+``training=True``; ``precision`` then means the autocast precision of the forward pass, the
+weights and optimizer state staying fp32 (``bench train``'s recipe):
+
+    check_training(precision)     -> the precision it trains in, or TrainingUnsupported (why not)
+    prepare_training(model, opt)  -> (model, optimizer) to train: placed, optimised, compiled
+    training_autocast()           a context for the forward pass and the loss
+    grad_scaler()                 a torch.amp.GradScaler where the precision needs one (fp16), else None
+    reset_memory_peak()           start the device's peak-memory reading afresh (no-op on the CPU)
+
 The cache is opaque to callers: only the backend that made it reads it, reorders it
 (``reorder_cache``, for beam search) or measures it (``cache_bytes``). A backend whose
 ``supports_join`` is true can also join caches along the batch axis (``join_caches``) and drop
@@ -50,6 +60,10 @@ class BackendUnavailable(BackendError):
 
 class UnsupportedPrecision(BackendError, InputError):
     """The backend does not implement the requested precision."""
+
+
+class TrainingUnsupported(BackendError):
+    """The backend cannot train (an exported inference graph, quantised weights); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -109,10 +123,14 @@ class Backend(ABC):
     # optimum_*.py); reports mark its rows and rate our backends against the best peer.
     peer: ClassVar[bool] = False
     peer_of: ClassVar[str | None] = None  # a peer's counterpart among ours, on the same runtime
+    # The autocast precisions it trains in; empty: it cannot train, for ``training_refusal``.
+    training_precisions: ClassVar[tuple[str, ...]] = ()
+    training_refusal: ClassVar[str] = "it implements inference only"
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
-                 device: str | None = None, **options: Any):
-        self.precision = self.check_precision(precision)
+                 device: str | None = None, training: bool = False, **options: Any):
+        self.training = training
+        self.precision = self.check_training(precision) if training else self.check_precision(precision)
         if threads is not None and threads < 1:
             raise ValueError(f"threads={threads} must be at least 1")
         self.threads = threads
@@ -132,6 +150,20 @@ class Backend(ABC):
             raise UnsupportedPrecision(
                 f"backend {cls.name!r} does not support precision {precision!r}; "
                 f"it supports {', '.join(cls.precisions)}")
+        return precision
+
+    @classmethod
+    def check_training(cls, precision: str | None) -> str:
+        """The precision a training cell runs in (``precision``, or the backend's default)."""
+        if not cls.training_precisions:
+            raise TrainingUnsupported(f"backend {cls.name!r} cannot train: {cls.training_refusal}")
+        if precision is None:
+            precision = cls.default_precision if cls.default_precision in cls.training_precisions \
+                else cls.training_precisions[0]
+        if precision not in cls.training_precisions:
+            raise UnsupportedPrecision(
+                f"backend {cls.name!r} does not train in precision {precision!r}; "
+                f"it trains in {', '.join(cls.training_precisions)}")
         return precision
 
     @classmethod
@@ -242,6 +274,23 @@ class Backend(ABC):
     def close(self) -> None:
         """Release the model and runtime state."""
 
+    # -- training ------------------------------------------------------------------------
+    def prepare_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """(model, optimizer) ready to train, the model in train mode."""
+        raise TrainingUnsupported(f"backend {self.name!r} cannot train: {self.training_refusal}")
+
+    def training_autocast(self):
+        """A context for a training step's forward pass and loss; none by default."""
+        import contextlib
+        return contextlib.nullcontext()
+
+    def grad_scaler(self):
+        """The gradient scaler a training step uses, or None (the precision does not need one)."""
+        return None
+
+    def reset_memory_peak(self) -> None:
+        """Start the device's peak reading (``memory()["peak"]``) afresh; nothing to do on the CPU."""
+
     def __enter__(self):
         return self
 
@@ -266,6 +315,21 @@ class TorchBackend(Backend):
 
     def trim_cache(self, cache, keep: int):
         return tuple((k[:, :, -keep:], v[:, :, -keep:]) for k, v in cache)  # (B, n_head, keep, head_dim)
+
+    training_precisions = ("fp32", "bf16")
+    training_refusal = ""
+
+    def prepare_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """The default trains the module as it is, on the CPU. A backend that compiles returns
+        ``torch.compile(model)`` here (after this default), the optimizer unchanged."""
+        self.model = model.train()
+        return self.model, optimizer
+
+    def training_autocast(self):
+        """Autocast to the training precision on the backend's device; none in fp32."""
+        if self.precision == "fp32":
+            return super().training_autocast()
+        return torch.autocast(torch.device(self.device).type, dtype=TORCH_DTYPES[self.precision])
 
     def load(self, model: torch.nn.Module) -> None:
         self.model = self.prepare(model.eval())

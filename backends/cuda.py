@@ -35,6 +35,7 @@ class CUDABackend(TorchBackend):
     name = "cuda"
     precisions = ("fp16", "bf16", "fp32")
     default_precision = "fp16"
+    training_precisions = ("fp16", "bf16", "fp32")  # autocast; fp16 with a gradient scaler
     description = "PyTorch on an NVIDIA GPU: fp16 (or bf16/fp32) weights and activations, SDPA attention"
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
@@ -68,6 +69,12 @@ class CUDABackend(TorchBackend):
         return Probe(True, devices=tuple(f"cuda:{i}" for i in range(n)), versions=versions)
 
     def load(self, model: torch.nn.Module) -> None:
+        self._check_device()
+        super().load(model)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def _check_device(self) -> None:
         probe = self.probe()
         if not probe.available:
             raise BackendUnavailable(f"backend 'cuda': {probe.reason}; fix: {probe.fix}")
@@ -75,9 +82,23 @@ class CUDABackend(TorchBackend):
         if self.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise BackendUnavailable(f"backend 'cuda': {torch.cuda.get_device_name()} has no native bf16 "
                                      "(needs compute capability 8.0+); use precision fp16 or fp32")
-        super().load(model)
+
+    def prepare_training(self, model: torch.nn.Module, optimizer):
+        """fp32 weights moved to the GPU in place (the optimizer's parameters are the same
+        tensors, and it has no state yet); fp16 and bf16 are autocast."""
+        self._check_device()
+        self.model = model.to(self.device).train()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        return self.model, optimizer
+
+    def grad_scaler(self):
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+        return torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    def reset_memory_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return place_model(model, self.device, TORCH_DTYPES[self.precision])

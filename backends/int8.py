@@ -228,6 +228,8 @@ class Int8Backend(TorchBackend):
     name = "int8"
     precisions = ("int8", "int4")
     default_precision = "int8"
+    training_precisions = ()
+    training_refusal = "its quantised linears have no backward pass"
     description = ("PyTorch quantised Linears on the CPU: dynamic int8 (FBGEMM/QNNPACK, per-tensor or per-channel), "
                    "or int4 weight-only with group-wise scales (torch's CPU int4 kernel)")
 

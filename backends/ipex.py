@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from backends.base import (TORCH_DTYPES, BackendUnavailable, Probe, TorchBackend, UnsupportedPrecision,
-                           isa_has_native_bf16)
+from backends.base import (TORCH_DTYPES, BackendUnavailable, Probe, TorchBackend, TrainingUnsupported,
+                           UnsupportedPrecision, isa_has_native_bf16)
 
 DISTRIBUTION = "intel-extension-for-pytorch"
 DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16"), "xpu": ("fp32", "bf16", "fp16")}
@@ -148,6 +148,22 @@ class IPEXBackend(TorchBackend):
         model = copy.deepcopy(model).to(dtype)
         return ipex.optimize(model, dtype=dtype, inplace=True, weights_prepack=self.weights_prepack)
 
+    def prepare_training(self, model: torch.nn.Module, optimizer):
+        """IPEX's training recipe: ``ipex.optimize(model, optimizer=..., dtype=...)`` on the fp32
+        model, then autocast; for bf16 IPEX keeps bf16 weights with fp32 master copies in the
+        optimizer (its split-SGD)."""
+        if not self.device.startswith("cpu"):
+            raise TrainingUnsupported(f"backend 'ipex' trains on the CPU only here, not on {self.device!r}")
+        probe = self.probe()
+        if not probe.available:
+            raise BackendUnavailable(f"backend 'ipex': {probe.reason}; fix: {probe.fix}")
+        import intel_extension_for_pytorch as ipex
+
+        model.train()
+        self.weights_prepack = True
+        self.model, optimizer = ipex.optimize(model, optimizer=optimizer, dtype=TORCH_DTYPES[self.precision])
+        return self.model, optimizer
+
     def synchronize(self) -> None:
         if self.device.startswith("xpu"):
             torch.xpu.synchronize()
@@ -175,7 +191,7 @@ class IPEXBackend(TorchBackend):
             weights_prepack=self.weights_prepack,
             prepacked_linears=sum(kind == "_IPEXLinear" for _, kind in linears),
             plain_linears=[n for n, kind in linears if kind != "_IPEXLinear"],
-            autocast=False,
+            autocast=self.training and self.precision != "fp32",
         )
 
     def close(self) -> None:

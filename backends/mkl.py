@@ -157,6 +157,16 @@ class MKLBackend(TorchBackend):
         return env
 
     def load(self, model: torch.nn.Module) -> None:
+        self._runtime_settings()
+        super().load(model)
+
+    def prepare_training(self, model: torch.nn.Module, optimizer):
+        """The module as it is, in the same thread settings as inference; bf16 is autocast."""
+        self._runtime_settings()
+        return super().prepare_training(model, optimizer)
+
+    def _runtime_settings(self) -> None:
+        """What can still be set in a running process: threads, inter-op threads, oneDNN."""
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         # Decode is one sequence of ops: inter-op parallelism only adds idle threads. Allowed
@@ -167,7 +177,6 @@ class MKLBackend(TorchBackend):
         except RuntimeError:
             self.interop_set = False
         torch.backends.mkldnn.enabled = True
-        super().load(model)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.precision == "fp32":

@@ -50,6 +50,7 @@ class ORTCache:
 class ONNXRuntimeBackend(Backend):
     name = "onnxruntime"
     precisions = ("fp32", "int8", "int4")
+    training_refusal = "it runs an exported ONNX inference graph, which has no backward pass"
     default_precision = "fp32"
     description = ("ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation, "
                    "int4 by MatMulNBits")

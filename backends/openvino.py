@@ -48,6 +48,7 @@ class OVCache:
 class OpenVINOBackend(Backend):
     name = "openvino"
     precisions = ("fp32", "bf16", "int8", "int4")
+    training_refusal = "it runs an exported OpenVINO inference graph, which has no backward pass"
     default_precision = "fp32"
     description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 

@@ -74,14 +74,18 @@ def _died(returncode: int, stderr: str) -> dict:
 def _child() -> None:
     spec_dict = json.loads(sys.stdin.read())
     # Imported here, after the environment is in place, so thread settings take effect.
-    from backends.base import BackendUnavailable, UnsupportedPrecision
+    from backends.base import BackendUnavailable, TrainingUnsupported, UnsupportedPrecision
     from bench.measure import measure_cell
     from bench.spec import CellSpec
 
     try:
         spec = CellSpec.from_dict(spec_dict)
-        record = dict(status="ok", reason="", **measure_cell(spec))
-    except (UnsupportedPrecision, BackendUnavailable) as e:
+        if spec.scenario == "train":
+            from bench.measure_train import measure_train as measure
+        else:
+            measure = measure_cell
+        record = dict(status="ok", reason="", **measure(spec))
+    except (UnsupportedPrecision, BackendUnavailable, TrainingUnsupported) as e:
         record = dict(status="skipped", reason=str(e))
     except MemoryError as e:
         record = dict(status="oom", reason=f"MemoryError: {e}")

@@ -130,7 +130,9 @@ def build_sweep(args):
     cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
                batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
                timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches,
-               planted_delay=args.plant_slowdown)
+               planted_delay=args.plant_slowdown, scenario=args.scenario, seq_len=args.seq_len,
+               grad_checkpointing=args.grad_checkpointing, train_steps=args.train_steps,
+               warmup_steps=args.warmup_steps)
     values.update({k: v for k, v in cli.items() if v is not None})
     if args.no_parity:
         values["parity"] = False
@@ -200,6 +202,7 @@ def build_sweep(args):
         sweep.parity = bool(values["parity"])
     if "seed" in values:
         sweep.seed = int(values["seed"])
+    _train_axes(sweep, values)
     return sweep
 
 
@@ -219,6 +222,46 @@ def _check_quantized_targets(sweep) -> None:
         if target[:2] not in runs:
             raise SweepError(f"{model}: a quantised checkpoint for --backend {target[0]} --precision {target[1]} "
                              f"({target[2]}); it is never dequantised to run elsewhere")
+
+
+def _train_axes(sweep, values: dict) -> None:
+    """--scenario and the training axes (--seq-len, --grad-checkpointing, --train-steps, --warmup-steps)."""
+    from bench.spec import SCENARIOS
+    from bench.sweep import SweepError, parse_list
+
+    scenario = values.get("scenario", "inference")
+    if scenario not in SCENARIOS:
+        raise SweepError(f"--scenario: {scenario!r} is not one of {', '.join(SCENARIOS)}")
+    if scenario == "serve":
+        raise SweepError("scenario serve runs from the command line (bench run --scenario serve), not from --config")
+    sweep.scenario = scenario
+    given = [k for k in ("seq_len", "grad_checkpointing", "train_steps", "warmup_steps") if k in values]
+    if given and scenario != "train":
+        raise SweepError(f"--{given[0].replace('_', '-')} applies to --scenario train only")
+    if "seq_len" in values:
+        sweep.seq_lens = parse_list(values["seq_len"], "seq-len", integer=True)
+    if "grad_checkpointing" in values:
+        v = values["grad_checkpointing"]
+        items = [v] if isinstance(v, bool) else v if isinstance(v, list) else parse_list(v, "grad-checkpointing")
+        words = {"off": False, "on": True, False: False, True: True}
+        bad = [i for i in items if not isinstance(i, (str, bool)) or words.get(i) is None]
+        if bad:
+            raise SweepError(f"--grad-checkpointing: {bad[0]!r} is not off or on (give off, on or off,on)")
+        sweep.grad_checkpointing = list(dict.fromkeys(words[i] for i in items))
+    if scenario == "train":
+        from bench.sweep import is_checkpoint_dir, model_config
+
+        for m in sweep.models:
+            block = model_config(m, sweep.checkpoint or is_checkpoint_dir(m)).block_size
+            for n in sweep.seq_lens:
+                if n > block:
+                    raise SweepError(f"--seq-len {n} exceeds {Path(m).name}'s context length {block}")
+    for key in ("train_steps", "warmup_steps"):
+        if key in values:
+            v = values[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SweepError(f"--{key.replace('_', '-')}: {v!r} must be a positive integer")
+            setattr(sweep, key, v)
 
 
 def cmd_run(args) -> int:
@@ -258,6 +301,8 @@ def cmd_run(args) -> int:
     cells = store.get_run(run_id)["cells"]
     if args.json:
         print(json.dumps(cells, indent=1, default=str))
+    elif sweep.scenario == "train":
+        out_console().print(train_summary_table(cells))
     else:
         out_console().print(summary_table(cells))
     ran = [c for c in cells if c["status"] != "skipped"]
@@ -362,7 +407,13 @@ class _Progress:
     def on_done(self, cell, launch, record):
         self.progress.advance(self.task)
         status = launch["status"]
-        if status == "ok" and record["status"] == "ok":
+        if status == "ok" and record["status"] == "ok" and record.get("scenario") == "train":
+            low, high = record.get("train_tok_s_ci") or (None, None)
+            ci = f" ({_fmt(low)}–{_fmt(high)})" if low else ""
+            line = (f"[green]ok[/]      {cell.spec.label()}: {_fmt(record.get('train_tok_s'))}{ci} "
+                    f"training tok/s after {record['launches']} "
+                    f"launch{'es' if record['launches'] > 1 else ''}")
+        elif status == "ok" and record["status"] == "ok":
             tpot = record.get("tpot_ms") or {}
             ci = ""
             if tpot.get("ci95_low"):
@@ -410,6 +461,27 @@ def summary_table(cells: list[dict]) -> Table:
                       str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
                       _fmt(ttft.get("median"), 2), _fmt(c.get("peak_rss_mb"), 0),
                       "-" if frac is None else f"{frac:.0%}", p)
+    return table
+
+
+def train_summary_table(cells: list[dict]) -> Table:
+    table = Table(title="Training results", title_justify="left")
+    for col, justify in (("model", "left"), ("backend", "left"), ("prec", "left"), ("batch", "right"),
+                         ("seq", "right"), ("ckpt", "left"), ("threads", "right"), ("status", "left"),
+                         ("train tok/s", "right"), ("95% CI", "right"), ("step ms p50", "right"),
+                         ("activations MB", "right"), ("peak RSS MB", "right"), ("loss before → after", "left")):
+        table.add_column(col, justify=justify)
+    for c in cells:
+        step = c.get("step_ms") or {}
+        low, high = c.get("train_tok_s_ci") or (None, None)
+        loss = (f"{c['loss_before']:.4f} → {c['loss_after']:.4f}"
+                if c.get("loss_before") is not None and c.get("loss_after") is not None else "-")
+        status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]: {c.get('reason', '')}"
+        table.add_row(Path(c["model"]).name, c["backend"], c["precision"] or "-", str(c["batch"]),
+                      str(c.get("seq_len")), "on" if c.get("grad_checkpointing") else "off",
+                      str(c["threads"] or "default"), status, _fmt(c.get("train_tok_s")),
+                      f"{_fmt(low)}–{_fmt(high)}" if low else "-", _fmt(step.get("median"), 1),
+                      _fmt(c.get("activation_mb"), 0), _fmt(c.get("peak_rss_mb"), 0), loss)
     return table
 
 
@@ -948,13 +1020,18 @@ def make_parser() -> argparse.ArgumentParser:
                      help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "
                           "that bench compare detects a slowdown of that size on this machine")
     run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
+    run.add_argument("--scenario", choices=("inference", "train", "serve"), default=None,
+                     help="inference: generations in fresh processes (the default); train: forward + backward + "
+                          "AdamW steps; serve: a bench serve process per backend and precision, loaded by "
+                          "bench load at each --rate")
+    run.add_argument("--seq-len", help="train: tokens per sequence, e.g. 128,512 (default 128)")
+    run.add_argument("--grad-checkpointing", help="train: off, on or off,on (default off)")
+    run.add_argument("--train-steps", type=_positive_int, help="train: timed steps per launch (default 6)")
+    run.add_argument("--warmup-steps", type=_positive_int, help="train: untimed steps before them (default 2)")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
     run.add_argument("--resume", action="store_true", help="continue the last run of this same sweep")
     run.add_argument("--name", help="a name to remember the run by")
     run.add_argument("--json", action="store_true", help="print the run's cells as a JSON list")
-    run.add_argument("--scenario", choices=("inference", "serve"), default="inference",
-                     help="inference: generations in fresh processes (the default); serve: a bench serve process "
-                          "per backend and precision, loaded by bench load at each --rate")
     run.add_argument("--rate", default="1,4,inf", help="serve: request rates, comma-separated (default 1,4,inf)")
     run.add_argument("--num-requests", type=_positive_int, default=32, help="serve: requests per rate (default 32)")
     run.add_argument("--max-batch", type=_positive_int, default=8, help="serve: the server's max batch (default 8)")

@@ -161,6 +161,9 @@ def compare_cell(base: dict, new: dict, floor_pct: float, seed: int = 0) -> Cell
             note = f"base {base.get('status')}, new {new.get('status')}: {new.get('reason') or 'no reason'}"
         return CellChange(key, base, new, {m: compare_metric({}, {}, m, floor_pct) for m in METRICS},
                           NOT_COMPARABLE, note)
+    if "train" in (base.get("scenario"), new.get("scenario")):  # its samples are step times, not generations
+        return CellChange(key, base, new, {m: compare_metric({}, {}, m, floor_pct) for m in METRICS},
+                          NOT_COMPARABLE, "a training cell: bench compare judges inference cells only so far")
     metrics = {m: compare_metric(base, new, m, floor_pct, seed) for m in METRICS}
     d = metrics["decode_tok_s"]
     verdict = SAME if not d.significant else FASTER if d.ratio > 1 else SLOWER

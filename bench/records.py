@@ -28,9 +28,18 @@ SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
 COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "first_call_ms", "weights_mb",
                "kv_cache_mb", "parity", "quality", "backend_info")
 MAX_FIELDS = ("peak_rss_mb", "model_mb", "device_peak_mb")
+# A training cell's launches (``bench.measure_train``): each trains from the same seed on the same
+# tokens, so the losses are facts of the cell (the first launch's); memory, the largest of any launch.
+TRAIN_SAMPLE_KINDS = ("step_ms",)
+TRAIN_COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "weights_mb", "grads_mb",
+                     "optimizer_mb", "loss_before", "loss_after", "losses", "data", "lr", "lr_warmup_steps", "optimizer",
+                     "activation_method", "backend_info")
+TRAIN_MAX_FIELDS = ("peak_rss_mb", "state_mb", "activation_mb", "blocks_activation_mb", "device_peak_mb",
+                    "device_activation_mb")
 
 
-def merge(launches: list[dict]) -> dict:
+def merge(launches: list[dict], kinds: tuple[str, ...] = SAMPLE_KINDS, cold: tuple[str, ...] = COLD_FIELDS,
+          peaks: tuple[str, ...] = MAX_FIELDS) -> dict:
     """One record of raw facts from the ok launch records of one cell, in launch order."""
     if not launches:
         raise ValueError("no launches to merge: a cell record needs at least one ok launch")
@@ -38,12 +47,12 @@ def merge(launches: list[dict]) -> dict:
     if bad:
         raise ValueError(f"only ok launches merge; got status {bad[0]!r}")
     merged: dict = {}
-    for name in COLD_FIELDS:
+    for name in cold:
         merged[name] = next((r[name] for r in launches if r.get(name) is not None), None)
-    for name in MAX_FIELDS:
+    for name in peaks:
         values = [r[name] for r in launches if r.get(name) is not None]
         merged[name] = max(values) if values else None
-    merged["samples"] = {k: [r["samples"][k] for r in launches] for k in SAMPLE_KINDS}
+    merged["samples"] = {k: [r["samples"][k] for r in launches] for k in kinds}
     merged["launches"] = len(launches)
     merged["launch_rounds"] = [r.get("round") for r in launches]
     merged["warmup_reps"] = sum(r.get("warmup_reps", 0) for r in launches)
@@ -79,6 +88,27 @@ def derive(record: dict, spec: CellSpec) -> dict:
     record["decode_tok_s"] = batch / (record["tpot_ms"]["median"] / 1e3) if has_steps else None
     record["e2e_tok_s"] = batch * spec.gen_len / (stats.nested_median(e2e) / 1e3)
     record.update(roofline_fields(record, spec))
+    return record
+
+
+def derive_train(record: dict, spec: CellSpec) -> dict:
+    """A training cell's statistics from its step times (in place, and returned).
+
+    ``step_ms`` is the median time of one optimizer step with its hierarchical interval
+    (launches, then groups of consecutive steps); ``train_tok_s`` is the batch's tokens over
+    it, its interval the step time's read the other way round.
+    """
+    step = stats.summarize_nested(record["samples"]["step_ms"])
+    record["step_ms"] = step
+    record["launch_medians"] = {"step_ms": [stats.nested_median([launch]) for launch in record["samples"]["step_ms"]]}
+    record["launch_sizes"] = {"step_ms": [sum(len(g) for g in launch) for launch in record["samples"]["step_ms"]]}
+    record["unsteady"] = unsteady(record["launch_medians"]["step_ms"], "per training step")
+    tokens = spec.batch * spec.seq_len
+    record["train_tok_s"] = tokens / (step["median"] / 1e3)
+    groups = sum(len(launch) for launch in record["samples"]["step_ms"])
+    # One group in all: its spread is unknown, and an interval of one point would claim none.
+    record["train_tok_s_ci"] = [tokens / (step["ci95_high"] / 1e3), tokens / (step["ci95_low"] / 1e3)] \
+        if groups > 1 else None
     return record
 
 
@@ -165,7 +195,10 @@ def cell_record(spec: CellSpec, launches: list[dict], planned: int, n_params: in
     failed = next((r for r in launches if r.get("status") != "ok"), None)
     record = identity_fields(spec)
     record["n_params"] = n_params
-    if ok:
+    if ok and spec.scenario == "train":
+        record.update(merge(ok, TRAIN_SAMPLE_KINDS, TRAIN_COLD_FIELDS, TRAIN_MAX_FIELDS))
+        derive_train(record, spec)
+    elif ok:
         record.update(merge(ok))
         derive(record, spec)
     record["launches_planned"] = planned

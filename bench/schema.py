@@ -71,6 +71,22 @@ CELL_FIELDS = {
     "samples": "raw samples by launch and generation: ttft_ms and e2e_ms [launch][generation], tpot_ms [launch][generation][step]",
     "backend_info": "what the backend reports of itself (runtime options, providers, versions)",
     "wall_s": "seconds the whole cell took, process start to result",
+    # training cells (scenario "train", bench.measure_train)
+    "scenario": "what the cell measures: inference (a generation) or train (optimizer steps)",
+    "seq_len": "train: tokens per sequence of a training batch",
+    "grad_checkpointing": "train: whether each block's activations were recomputed in the backward pass",
+    "step_ms": "train: one optimizer step (forward, backward, AdamW) of the whole batch, ms",
+    "train_tok_s": "train: batch * seq_len / median step_ms",
+    "train_tok_s_ci": "train: the 95% interval of train_tok_s, [low, high], from step_ms's (null: one group of steps, spread unknown)",
+    "loss_before": "train: the loss of a fixed batch (the first timed one) before the timed steps, nats per token",
+    "loss_after": "train: the loss of the same batch after every timed step's update",
+    "losses": "train: the loss of every step of the first launch, warm-up included",
+    "state_mb": "train: resident memory holding the runtime, weights, gradients and optimizer state, MiB",
+    "activation_mb": "train: a step's resident peak above state_mb (activations and transients), MiB",
+    "blocks_activation_mb": "train: resident memory the blocks keep for the backward pass, at the LM head's input, MiB",
+    "device_activation_mb": "train: a step's device peak above the bytes allocated at its start, MiB",
+    "grads_mb": "train: bytes of the gradients, MiB",
+    "optimizer_mb": "train: bytes of the optimizer's state (AdamW's two moments), MiB",
 }
 
 

@@ -19,13 +19,14 @@ IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads"
 
 # What a cell measures. "inference" is a generation (time to first token, time per output
 # token); other scenarios add the fields that make their cells distinct to the identity.
-SCENARIOS = ("inference", "serve")
+SCENARIOS = ("inference", "serve", "train")
 # "serve": a load run against bench serve (bench.load); batch is the server's max batch, and the
 # offered load (request rate, None for all at once; burstiness; concurrency cap; request count)
 # makes one load point distinct from another.
 SCENARIO_FIELDS: dict[str, tuple[str, ...]] = {
     "inference": (),
     "serve": ("rate", "burstiness", "max_concurrency", "num_requests"),
+    "train": ("seq_len", "grad_checkpointing"),
 }
 
 
@@ -61,6 +62,8 @@ class CellSpec:
     burstiness: float | None = None  # the gamma shape of the arrival gaps; 1 is Poisson
     max_concurrency: int | None = None  # requests in flight at most; None: no cap
     num_requests: int | None = None
+    seq_len: int = 128  # train: tokens per sequence of a training batch
+    grad_checkpointing: bool = False  # train: recompute each block's activations in the backward pass
     # how it is measured
     seed: int = 0
     checkpoint: bool = False  # model is a checkpoint directory
@@ -76,9 +79,12 @@ class CellSpec:
     planted_delay: float = 0.0  # testing aid: each step also spins for this fraction of its own time
     roofline: dict | None = None  # the bandwidth and peaks that bound this cell (its device and threads)
     options: dict = field(default_factory=dict)  # backend options
+    train_steps: int = 6  # train: measured optimizer steps per launch (fewer when budget_s runs out)
+    warmup_steps: int = 2  # train: steps before measuring (the first creates the optimizer's state)
+    group_steps: int = 2  # train: consecutive measured steps the bootstrap resamples as one group
 
     def __post_init__(self):
-        for name in ("batch", "prompt_len", "gen_len"):
+        for name in ("batch", "prompt_len", "gen_len", "seq_len", "train_steps", "warmup_steps", "group_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -86,6 +92,8 @@ class CellSpec:
             raise ValueError(f"threads={self.threads!r} must be a positive integer or None")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario={self.scenario!r} is not one of {', '.join(SCENARIOS)}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"grad_checkpointing={self.grad_checkpointing!r} must be true or false")
         if not 0.0 <= self.planted_delay < 10.0:
             raise ValueError(f"planted_delay={self.planted_delay!r} must be a fraction in [0, 10)")
 
@@ -101,7 +109,10 @@ class CellSpec:
         threads = "default" if self.threads is None else self.threads
         model = self.model.rstrip("/").rsplit("/", 1)[-1] if self.checkpoint else self.model
         device = "" if self.device == "cpu" else f" on {self.device}"
-        return f"{model} {self.backend}/{self.precision}{device} batch {self.batch} threads {threads}"
+        train = ""
+        if self.scenario == "train":
+            train = f" train seq {self.seq_len} ckpt {'on' if self.grad_checkpointing else 'off'}"
+        return f"{model} {self.backend}/{self.precision}{device} batch {self.batch}{train} threads {threads}"
 
     def later_launch(self) -> CellSpec:
         """The spec of a launch after the cell's first: parity, quality and the KV-cache size

@@ -107,20 +107,33 @@ class Sweep:
     checkpoint: bool = False  # models are checkpoint directories
     quality_tokens: int = 8192  # test tokens a trained checkpoint's quality is measured on (0: none)
     planted_delay: float = 0.0  # testing aid: every step made this fraction slower (see PlantedDelay)
+    scenario: str = "inference"  # or "train": training steps (bench.measure_train)
+    seq_lens: list[int] = field(default_factory=lambda: [128])  # train: tokens per sequence
+    grad_checkpointing: list[bool] = field(default_factory=lambda: [False])  # train
+    train_steps: int = 6  # train: timed steps per launch
+    warmup_steps: int = 2  # train: untimed steps per launch before them
 
     def key(self) -> str:
         """Identifies the sweep for --resume."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if self.scenario == "inference":  # the keys of inference sweeps stay what they were
+            for name in TRAIN_ONLY:
+                d.pop(name)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+TRAIN_ONLY = ("scenario", "seq_lens", "grad_checkpointing", "train_steps", "warmup_steps")
+
 TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions", "batch": "batches",
              "threads": "threads", "prompt_len": "prompt_len", "gen_len": "gen_len",
              "timeout": "timeout_s", "budget": "budget_s", "target_ci": "target_ci", "parity": "parity",
              "seed": "seed", "checkpoint": "checkpoint", "launches": "launches",
-             "planted_delay": "planted_delay", "quality_tokens": "quality_tokens"}
+             "planted_delay": "planted_delay", "quality_tokens": "quality_tokens",
+             "scenario": "scenario", "seq_len": "seq_lens", "grad_checkpointing": "grad_checkpointing",
+             "train_steps": "train_steps", "warmup_steps": "warmup_steps"}
 
 
 def load_toml(path: str | Path) -> dict:
@@ -198,6 +211,49 @@ def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_le
     return fp32 + converted + export + 2 * kv + activations + reference + runtime
 
 
+def estimate_train_peak_bytes(config, precision: str, batch: int, seq_len: int, grad_checkpointing: bool) -> int:
+    """A deliberately generous estimate of a training cell's peak resident memory.
+
+    fp32 weights, their gradients and AdamW's two moments (4x the weights; IPEX bf16 adds a
+    bf16 copy); activations saved for the backward pass at about 2 * B * T * (34 C + 5 H T)
+    bytes a layer in fp32 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", for 16-bit, doubled), only each block's input (4 B T C bytes) and one
+    block's whole set with gradient checkpointing; the logits, their fp32 copy and gradient.
+    """
+    from bench.roofline import weight_bytes
+
+    fp32 = weight_bytes(config, "fp32")
+    state = 4 * fp32 + (fp32 // 2 if precision != "fp32" else 0)
+    B, T, C, H, L = batch, seq_len, config.n_embd, config.n_head, config.n_layer
+    layer = 2 * B * T * (34 * C + 5 * H * T)
+    activations = (L * 4 * B * T * C + layer) if grad_checkpointing else L * layer
+    logits = 3 * 4 * B * T * config.vocab_size
+    runtime = int(0.8 * GiB)
+    return state + activations + logits + runtime
+
+
+def default_training_precisions(cls, isa: dict | None) -> list[str]:
+    """A backend's default training precision and the native reduced ones it also trains in; a
+    backend that cannot train gets its inference default, so its cell is stored as skipped, with why."""
+    from backends.base import TrainingUnsupported
+
+    try:
+        first = cls.check_training(None)
+    except TrainingUnsupported:
+        return [cls.default_precision]
+    native = [p for p in cls.native_precisions(isa or {}) if p in cls.training_precisions]
+    return list(dict.fromkeys([first, *native]))
+
+
+def scenario_variants(sweep: Sweep) -> list[dict]:
+    """The scenario's own axes as CellSpec fields: none for inference; sequence length x
+    gradient checkpointing for training."""
+    if sweep.scenario != "train":
+        return [{}]
+    return [dict(seq_len=s, grad_checkpointing=g, train_steps=sweep.train_steps, warmup_steps=sweep.warmup_steps)
+            for s in sweep.seq_lens for g in sweep.grad_checkpointing]
+
+
 Roofline = Callable[[str, "int | None", "tuple[str, ...]"], "dict | None"]
 
 
@@ -226,9 +282,12 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
     one device at one thread count (``bench.roofline.roofline_for``), or None: the cells get
     none. ``isa``: the CPU's ISA flags, which pick the default reduced precisions.
     """
-    from backends import registry
-    from backends.base import UnsupportedPrecision
+    from itertools import product
 
+    from backends import registry
+    from backends.base import TrainingUnsupported, UnsupportedPrecision
+
+    train = sweep.scenario == "train"
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
     cells: list[Planned] = []
     for model in sweep.models:
@@ -236,16 +295,19 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
         config = model_config(model, checkpoint)
         quantized = quantized_target(model) if checkpoint else None
         seq_len = sweep.prompt_len + sweep.gen_len
-        if seq_len > config.block_size:
+        for s in sweep.seq_lens if train else ():
+            if s > config.block_size:
+                raise SweepError(f"--seq-len {s} exceeds {model}'s context length {config.block_size}")
+        if seq_len > config.block_size and not train:
             raise SweepError(f"prompt_len + gen_len = {seq_len} exceeds {model}'s context length "
                              f"{config.block_size}")
         for backend in sweep.backends:
             cls = registry.get_backend_class(backend)
             probe = probes[backend]
-            for precision in sweep.precisions or default_precisions(cls, isa):
+            for precision in sweep.precisions or (default_training_precisions if train else default_precisions)(cls, isa):
                 for batch in sweep.batches:
-                    for threads in sweep.threads:
-                        spec = CellSpec(model=model, backend=backend, precision=precision,
+                    for threads, variant in product(sweep.threads, scenario_variants(sweep)):
+                        spec = CellSpec(**variant, scenario=sweep.scenario, model=model, backend=backend, precision=precision,
                                         device=cls.default_device(), batch=batch, threads=threads,
                                         prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
                                         checkpoint=checkpoint, budget_s=sweep.budget_s,
@@ -258,15 +320,17 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                                 f" (fix: {probe.fix})" if probe.fix else "")
                         else:
                             try:
-                                cls.check_precision(precision)
-                            except UnsupportedPrecision as e:
+                                cls.check_training(precision) if train else cls.check_precision(precision)
+                            except (UnsupportedPrecision, TrainingUnsupported) as e:
                                 reason = str(e)
                         if not reason and quantized is not None and (backend, precision) != quantized[:2]:
                             reason = (f"a quantised checkpoint for {quantized[0]}/{quantized[1]} ({quantized[2]}) "
                                       f"runs on that backend and precision only")
                         if not reason:
-                            need = estimate_peak_bytes(config, backend, precision, batch, seq_len,
-                                                       sweep.prompt_len, sweep.parity)
+                            need = estimate_train_peak_bytes(config, precision, batch, spec.seq_len,
+                                                             spec.grad_checkpointing) if train else \
+                                estimate_peak_bytes(config, backend, precision, batch, seq_len,
+                                                    sweep.prompt_len, sweep.parity)
                             if need > 0.85 * available:
                                 reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds 85% "
                                           f"of the {available / GiB:.1f} GiB available")

@@ -26,6 +26,7 @@ leaves half a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -262,8 +263,8 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
     model = GPT(model_config).init_weights(config.seed)
     model.train()
     model.grad_checkpointing = config.grad_checkpointing
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     data_gen = torch.Generator().manual_seed(config.seed)
     val_batches = _val_offsets(len(val_ids), config)
     best = dict(loss=math.inf, step=None, since=0)
@@ -373,7 +374,7 @@ def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_di
 
 # -- pieces of the loop ------------------------------------------------------------------
 
-def _optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the Linear weights only.
 
     Biases, LayerNorm gains and the embeddings (the tied LM head among them) are not
@@ -387,7 +388,7 @@ def _optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
 
 
-def _lr_factor(config: TrainConfig) -> Callable[[int], float]:
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     """The multiplier of ``lr`` for step i (0-based): linear warmup, then cosine down to min_lr."""
     floor = config.min_lr / config.lr
 
@@ -417,16 +418,43 @@ def _loss(model: GPT, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> 
 
 def _step(model: GPT, optimizer, ids: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches; (mean loss, gradient norm before clipping)."""
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    batches = []
     for _ in range(config.grad_accum):
         offsets = torch.randint(0, len(ids) - config.context, (config.batch_size,), generator=gen)
-        loss = _loss(model, *_batch(ids, offsets, config.context), config) / config.grad_accum
-        loss.backward()
+        batches.append(_batch(ids, offsets, config.context))
+    return train_step(model, optimizer, batches, autocast=lambda: _autocast(config), grad_clip=config.grad_clip)
+
+
+def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+               autocast: Callable[[], object] | None = None, scaler=None,
+               grad_clip: float = 1.0) -> tuple[float, float]:
+    """One optimizer step: forward, backward and AdamW over the micro-batches ``batches``,
+    each (inputs, targets) of shape (B, T); returns (mean loss, gradient norm before clipping).
+
+    ``bench train`` and the sweep's training cells (``bench run --scenario train``) both take
+    their steps here. ``autocast`` makes the context of each forward pass (bf16, fp16); the
+    loss is computed in fp32 either way. ``scaler``, a ``torch.amp.GradScaler``, scales the
+    loss for fp16, whose small gradients would otherwise underflow; the gradients are
+    unscaled before clipping, and the scaler skips a step whose gradients overflowed.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in batches:
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
+        del logits  # (B, T, vocab): the loss keeps what its backward needs; this would be one more copy
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.item()
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return total, float(grad_norm)
 
 

@@ -299,7 +299,8 @@ def environment(machine: Machine) -> list[tuple[str, str]]:
     versions = fp.get("versions") or {}
     thread_env = {k: v for k, v in (fp.get("thread_env") or {}).items() if v is not None}
     gpus = fp.get("gpus") or []
-    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells + machine.serve_cells}, key=str)
+    lengths = sorted({(c.get("prompt_len"), c.get("gen_len")) for c in machine.cells + machine.serve_cells
+                      if c.get("scenario") != "train"}, key=str)  # training cells have a seq_len instead
     lines = [
         ("CPU", f"{cpu.get('brand', '?')} ({cpu.get('arch', '?')}), {cpu.get('cores_physical', '?')} "
                 f"physical / {cpu.get('cores_logical', '?')} logical cores"),
@@ -843,9 +844,26 @@ def serve_table(machine: Machine) -> Table:
 
 
 def sections(machine: Machine) -> list[Section]:
-    """The report of one machine, in reading order."""
+    """The report of one machine, in reading order: the inference sections of its inference
+    cells (with its serve cells' section), then, where it has training cells, the training
+    sections (``reports.training``)."""
+    from dataclasses import replace
+
+    from reports.training import is_train, training_sections
+
     if machine.serve_cells and not machine.cells:  # load runs only: nothing of generations to show
         return [Section("serving", "Serving under load", SERVE_TEXT, (serve_table(machine),))]
+    if not any(is_train(c) for c in machine.cells):
+        return inference_sections(machine)
+    inference = replace(machine, cells=tuple(c for c in machine.cells if not is_train(c)))
+    out = inference_sections(inference) if inference.cells or inference.serve_cells else [
+        Section("drift", "Machine drift during the run", drift_text(machine),
+                tuple(t for t in (drift_table(machine),) if t is not None))]
+    return out + training_sections(machine, list(inference.cells))
+
+
+def inference_sections(machine: Machine) -> list[Section]:
+    """The report of one machine's inference cells, in reading order."""
     names = models(list(machine.cells))
     size = {c.get("model"): c.get("n_params") for c in machine.cells}
     nothing = "No cell ran to the end, so there is nothing to show here."

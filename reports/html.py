@@ -391,6 +391,13 @@ def serve_latency(m: Machine, model: str, kind: str) -> str | None:
 
 
 def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
+    from reports.training import is_train, throughput_charts
+
+    if s.id.startswith("train-") and s.id not in ("train-vs-inference", "train-did-not-pass"):
+        model = next(n for n in models([c for c in m.cells if is_train(c)]) if f"train-{model_name(n)}" == s.id)
+        return throughput_charts(m, model, pal)
+    if any(is_train(c) for c in m.cells):  # the inference charts draw the inference cells only
+        m = Machine(m.fingerprint_id, m.fingerprint, m.runs, tuple(c for c in m.cells if not is_train(c)))
     if s.id.startswith("model-"):
         model = next(n for n in models(list(m.cells)) if f"model-{model_name(n)}" == s.id)
         made = [decode_vs_batch(m, model, pal), tpot_boxes(m, model, pal), latency_throughput(m, model, pal)]

@@ -11,7 +11,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.corpus import load_corpus
 from model.gpt import build_model, get_config
 from model.tokenizer import HFTokenizer, load_tokenizer
-from model.train import (OutputDirError, TrainConfig, TrainingDataError, _lr_factor, _optimizer, check_out_dir,
+from model.train import (OutputDirError, TrainConfig, TrainingDataError, lr_factor, make_optimizer, check_out_dir,
                          corpus_run_key, finished_run, read_metrics, train, train_on_corpus)
 
 TINY = get_config("tiny", dropout=0.1)  # dropout exercises the saved torch RNG state
@@ -140,7 +140,7 @@ def test_bf16_autocast_trains(tmp_path):
 
 def test_the_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
-    f = _lr_factor(config)
+    f = lr_factor(config)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(99) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
@@ -148,7 +148,7 @@ def test_the_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_only_on_matrix_weights():
     model = build_model(TINY)
-    decay, no_decay = _optimizer(model, TrainConfig()).param_groups
+    decay, no_decay = make_optimizer(model, TrainConfig()).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
