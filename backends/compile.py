@@ -323,6 +323,16 @@ class CompileBackend(TorchBackend):
         """Compile for these shapes inside ``load`` and size the cache for ``prompt_len + gen_len``."""
         self.expected = (batch, prompt_len, gen_len)
 
+    def prepare_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """Training compiles the module's whole forward; AOTAutograd derives the backward from it.
+        The static cache is a decoding device and plays no part. Freezing folds weights into
+        constants, which training must not do, so it is refused here."""
+        if self.freezing:
+            raise BackendError("backend 'compile': freezing=True makes the weights constants; it cannot train")
+        model, optimizer = super().prepare_training(model, optimizer)
+        self.model = torch.compile(model, **self.compile_kwargs)
+        return self.model, optimizer
+
     def load(self, model: torch.nn.Module) -> None:
         probe = cuda_probe() if self.kind == "cuda" else self.probe()
         if not probe.available:

@@ -20,7 +20,7 @@ from backends.parity import check_parity
 from bench import records
 from bench.spec import CellSpec
 from model.generate import generate
-from model.gpt import get_config
+from model.gpt import build_model, get_config
 
 BATCH, PROMPT, GEN = 2, 8, 8
 
@@ -243,3 +243,21 @@ def test_plain_attention_of_the_decode_step_matches_sdpa():
     torch.testing.assert_close(compiled._attend(q, k, v, allowed), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention='flash' is not one of: math, sdpa"):
         CompileBackend(attention="flash")
+
+
+def test_compile_trains_a_compiled_module_through_the_training_hook():
+    """The train scenario's hook: a compiled module, loss lowered by the timed steps, and
+    freezing (weights as constants) refused for training."""
+    from backends.base import BackendError
+    from backends.compile import CompileBackend
+    from bench.measure_train import measure_train
+    from bench.spec import CellSpec
+
+    spec = CellSpec(model="tiny", backend="compile", precision="fp32", device="cpu", batch=2, threads=1,
+                    scenario="train", seq_len=32, train_steps=2, warmup_steps=1)
+    record = measure_train(spec)
+    assert record["backend_info"]["backend"] == "compile" and record["backend_info"]["compiles_total"] >= 1
+    assert record["loss_after"] < record["loss_before"]
+    frozen = CompileBackend(training=True, freezing=True)
+    with pytest.raises(BackendError, match="cannot train"):
+        frozen.prepare_training(build_model(get_config("tiny")), None)
