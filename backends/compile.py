@@ -54,8 +54,6 @@ from model.gpt import GPT, sinusoidal_embedding
 
 DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32")}
 CXX_FIX = "apt-get install g++ (or set CXX to a working C++ compiler; inductor runs $CXX, else g++)"
-CUDA_INSTALL = ("install an NVIDIA driver and a CUDA build of torch, e.g. "
-                "pip install torch --index-url https://download.pytorch.org/whl/cu128")
 CACHE_ALIGN = 64  # max_len is rounded up to a multiple of this: aligned rows, few distinct shapes
 RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default of 8 is too few prompt shapes)
 WARMUP_DECODES = 3  # under CUDA graphs the first call warms up, the second records, the third replays
@@ -92,25 +90,21 @@ def python_header() -> str | None:
 
 
 def cuda_probe() -> Probe:
-    """Whether the CUDA path can run: a CUDA build, a visible GPU, and Triton (inductor's GPU codegen)."""
-    versions = {"torch": torch.__version__}
-    if torch.version.cuda is None:
-        return Probe(False, reason=f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)",
-                     fix=CUDA_INSTALL, versions=versions)
-    versions["cuda"] = torch.version.cuda
-    if not torch.cuda.is_available():
-        return Probe(False, reason=f"torch.cuda.is_available() is False: no NVIDIA GPU/driver visible "
-                                   f"(torch {torch.__version__} built with CUDA {torch.version.cuda})",
-                     fix="on a machine with an NVIDIA GPU, install or update the driver (nvidia-smi must "
-                         "list the GPU) and check CUDA_VISIBLE_DEVICES", versions=versions)
+    """Whether the CUDA path can run: what the ``cuda`` backend needs (a CUDA build, a visible
+    GPU), and Triton, inductor's GPU code generator."""
+    from backends.cuda import CUDABackend
+
+    gpu = CUDABackend.probe()
+    if not gpu.available:
+        return gpu
+    versions = dict(gpu.versions)
     if importlib.util.find_spec("triton") is None:
         return Probe(False, reason="inductor generates its CUDA kernels with Triton, which is not installed",
                      fix="pip install triton (the version torch pins: see pip show torch)", versions=versions)
     import triton
 
     versions["triton"] = triton.__version__
-    n = torch.cuda.device_count()
-    return Probe(True, devices=tuple(f"cuda:{i}" for i in range(n)), versions=versions)
+    return Probe(True, devices=gpu.devices, versions=versions)
 
 
 def compile_options(device_type: str, mode: str | None = None, freezing: bool = False,
