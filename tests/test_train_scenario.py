@@ -105,7 +105,7 @@ def test_the_memory_guard_counts_training_state_and_activations():
     (["--scenario", "train", "--seq-len", "999"], "--seq-len 999 exceeds tiny's context length 256"),
     (["--scenario", "train", "--grad-checkpointing", "maybe"], "--grad-checkpointing: 'maybe' is not off or on"),
     (["--scenario", "train", "--seq-len", "0"], "--seq-len: 0 must be at least 1"),
-    (["--scenario", "fly"], "--scenario: 'fly' is not one of inference, train"),
+    (["--scenario", "fly"], "argument --scenario: invalid choice: 'fly'"),
     (["--seq-len", "64"], "--seq-len applies to --scenario train only"),
     (["--scenario", "train", "--train-steps", "0"], "--train-steps"),
 ])
@@ -115,6 +115,13 @@ def test_bad_training_values_are_one_line_and_exit_code_2(args, message, tmp_pat
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_a_toml_scenario_is_checked_too(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[sweep]\nscenario = "fly"\nmodel = "tiny"\n')
+    assert main(["run", "--config", str(path), "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert "--scenario: 'fly' is not one of inference, serve, train" in capsys.readouterr().err
 
 
 def test_training_axes_come_from_a_toml_sweep(tmp_path):
