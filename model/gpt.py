@@ -228,6 +228,7 @@ class GPT(nn.Module):
         past: KVCache | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits for ``idx`` given the cache of the tokens before it.
 
@@ -237,6 +238,8 @@ class GPT(nn.Module):
         mask: (B, T_past + T), true for real tokens and false for padding, or None for no padding.
         last_only: compute logits for the last position only (decode, and a prefill that
             only needs the next token), which skips most of the LM head's work.
+        targets: (B, T) next tokens, for training: then the first value returned is the mean
+            cross-entropy (fp32) instead of the logits (see ``_loss``).
         Returns logits (B, T or 1, vocab_size) and the present cache, one pair per layer,
         each (B, n_head, T_past + T, head_dim).
         """
@@ -265,8 +268,32 @@ class GPT(nn.Module):
             presents.append(present)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        if targets is not None:
+            return self._loss(self.transformer.ln_f(x), targets), tuple(presents)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T or 1, vocab_size)
         return logits, tuple(presents)
+
+    # Positions per piece of the checkpointed loss: a (B, LOSS_CHUNK, vocab) slice of logits at a time.
+    LOSS_CHUNK = 128
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the final hidden states ``h`` (B, T, C), in fp32.
+
+        With gradient checkpointing in training, the LM head and the loss run over pieces of
+        the sequence, each recomputed in the backward pass: the logits, their log-softmax and
+        their gradient (each B x T x vocab, 411 MB for gpt2 at 4 x 512) then exist one piece at
+        a time instead of whole, which is most of what checkpointing the blocks leaves behind.
+        """
+        if not (self.grad_checkpointing and self.training):
+            return F.cross_entropy(self.lm_head(h).float().flatten(0, 1), targets.flatten())
+        total = h.new_zeros((), dtype=torch.float32)
+        for hs, ys in zip(h.split(self.LOSS_CHUNK, dim=1), targets.split(self.LOSS_CHUNK, dim=1)):
+            total = total + torch.utils.checkpoint.checkpoint(self._piece_loss, hs, ys, use_reentrant=False)
+        return total / targets.numel()
+
+    def _piece_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)  # (B, piece, vocab_size)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
     @staticmethod
     def _attention_mask(T: int, past_len, mask: torch.Tensor | None, device):

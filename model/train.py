@@ -441,9 +441,8 @@ def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]
     total = 0.0
     for x, y in batches:
         with autocast() if autocast is not None else contextlib.nullcontext():
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
-        del logits  # (B, T, vocab): the loss keeps what its backward needs; this would be one more copy
+            loss, _ = model(x, targets=y)  # the model's own loss: in pieces under checkpointing
+        loss = loss / len(batches)
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.item()
     if scaler is not None:
