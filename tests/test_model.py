@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.gpt import GPT, PRESETS, GPTConfig, build_model, get_config
 
@@ -182,3 +183,25 @@ def test_build_model_is_reproducible_and_in_eval_mode():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
     assert a.lm_head.weight is a.transformer.wte.weight  # tied by default
+
+
+def test_checkpointed_loss_in_pieces_equals_the_whole_loss_and_its_gradients():
+    """Under gradient checkpointing the LM head and loss run in pieces of LOSS_CHUNK positions
+    (200 positions: two pieces here); the loss and every gradient must be those of the plain path."""
+    model = build_model(get_config("tiny"), seed=3).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 512, (2, 200), generator=g)
+    y = torch.randint(0, 512, (2, 200), generator=g)
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.grad_checkpointing = checkpointing
+        loss, _ = model(x, targets=y)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (pieces, piece_grads) = results
+    assert pieces == pytest.approx(plain, rel=1e-6)
+    reference = F.cross_entropy(model(x)[0].float().flatten(0, 1), y.flatten()).item()
+    assert plain == pytest.approx(reference, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(piece_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
