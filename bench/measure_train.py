@@ -21,14 +21,18 @@ Memory, after the timed steps, in one more step of its own:
   system (``gc`` and glibc's ``malloc_trim``): the runtime, the weights, their gradients and
   AdamW's two moments. ``weights_mb``, ``grads_mb`` and ``optimizer_mb`` are the exact tensor
   bytes of each.
-- ``activation_mb``: the high-water mark of the resident size during that step, above
-  ``state_mb``. The kernel's mark (VmHWM) is reset just before the step by writing 5 to
-  ``/proc/self/clear_refs``, so the mark is that step's own. It is what a step needs beyond
-  the training state: the activations saved for the backward pass, the logits and their
+- ``activation_mb``: the high-water mark of the resident size through the step's forward
+  and backward passes, read when they are done and before the update, above ``state_mb``.
+  The kernel's mark (VmHWM) is reset just before the step by writing 5 to
+  ``/proc/self/clear_refs``, so the mark is that step's own. It is what training needs
+  beyond its state: the activations saved for the backward pass, the logits and their
   gradient, and the transient buffers of the op running at the peak; the gradients are
   freed at the step's start (``zero_grad(set_to_none=True)``) and re-created during the
   backward pass, so they cancel to within the part not yet re-created at the peak. Where
   the mark cannot be reset the field is None rather than a guess.
+- ``step_transient_mb``: the same mark over the whole step, the update included: AdamW's
+  multi-tensor (foreach) update makes temporaries the size of the weights, which on a
+  checkpointed step can be the larger part, and are not activations.
 - ``blocks_activation_mb``: the resident size when the forward pass reaches the LM head
   (a forward pre-hook, freed heap returned first) above the training state without its
   gradients (``state_mb - grads_mb``): what the transformer blocks keep for the backward
@@ -136,9 +140,9 @@ def measure_train(spec: CellSpec) -> dict:
                    for x, y in synthetic_batches(spec, config.vocab_size, spec.warmup_steps + spec.train_steps + 1)]
         losses: list[float] = []
 
-        def step(i: int) -> float:
+        def step(i: int, before_update=None) -> float:
             loss, _ = train_step(model, optimizer, [batches[i]], autocast=backend.training_autocast,
-                                 scaler=scaler, grad_clip=hyper.grad_clip)
+                                 scaler=scaler, grad_clip=hyper.grad_clip, before_update=before_update)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"the loss is {loss} at step {i + 1} of the launch "
                                        f"({backend.precision}): training diverged in this precision")
@@ -165,7 +169,7 @@ def measure_train(spec: CellSpec) -> dict:
         out["samples"] = dict(step_ms=[step_ms[i:i + g] for i in range(0, n_timed, g)])  # groups of steps
         out["warmup_reps"] = spec.warmup_steps
         out["warmup_settled"] = True  # a fixed count of steps; nothing is detected
-        out.update(_memory_step(backend, model, lambda: step(spec.warmup_steps + n_timed)))
+        out.update(_memory_step(backend, model, lambda hook: step(spec.warmup_steps + n_timed, hook)))
         out["loss_after"] = _probe_loss(model, probe, backend)
         out["losses"] = losses
         out["weights_mb"] = _tensor_mb(model.parameters())
@@ -211,16 +215,23 @@ def _memory_step(backend, model, run_step) -> dict:
 
     head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None)
     hook = head.register_forward_pre_hook(before_head) if head is not None else None
+    at_update: list[float] = []
+
+    def before_update():  # forward and backward are done: their high-water mark, before the update's
+        backend.synchronize()
+        at_update.append(_peak_rss_mb())
+
     reset = _reset_peak_rss()
     try:
-        run_step()
+        run_step(before_update)
     finally:
         if hook is not None:
             hook.remove()
     backend.synchronize()
     step_peak = _peak_rss_mb()
     grads = _tensor_mb(p.grad for p in model.parameters())
-    result = dict(state_mb=state, activation_mb=step_peak - state if reset else None,
+    result = dict(state_mb=state, activation_mb=at_update[0] - state if reset and at_update else None,
+                  step_transient_mb=step_peak - state if reset else None,
                   blocks_activation_mb=at_head[0] - (state - grads) if at_head else None,
                   peak_rss_mb=max(lifetime_peak, step_peak), activation_method="VmHWM reset" if reset else None)
     after = backend.memory()

@@ -427,7 +427,7 @@ def _step(model: GPT, optimizer, ids: torch.Tensor, config: TrainConfig, gen: to
 
 def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                autocast: Callable[[], object] | None = None, scaler=None,
-               grad_clip: float = 1.0) -> tuple[float, float]:
+               grad_clip: float = 1.0, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
     """One optimizer step: forward, backward and AdamW over the micro-batches ``batches``,
     each (inputs, targets) of shape (B, T); returns (mean loss, gradient norm before clipping).
 
@@ -436,6 +436,8 @@ def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]
     loss is computed in fp32 either way. ``scaler``, a ``torch.amp.GradScaler``, scales the
     loss for fp16, whose small gradients would otherwise underflow; the gradients are
     unscaled before clipping, and the scaler skips a step whose gradients overflowed.
+    ``before_update`` is called once the backward passes are done, before the update (the
+    training cells read the memory high-water mark of forward and backward there).
     """
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -445,6 +447,8 @@ def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]
         loss = loss / len(batches)
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.item()
+    if before_update is not None:
+        before_update()
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else math.inf
