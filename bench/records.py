@@ -34,7 +34,7 @@ TRAIN_SAMPLE_KINDS = ("step_ms",)
 TRAIN_COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "weights_mb", "grads_mb",
                      "optimizer_mb", "loss_before", "loss_after", "losses", "data", "lr", "lr_warmup_steps", "optimizer",
                      "activation_method", "backend_info")
-TRAIN_MAX_FIELDS = ("peak_rss_mb", "state_mb", "activation_mb", "blocks_activation_mb", "device_peak_mb",
+TRAIN_MAX_FIELDS = ("peak_rss_mb", "state_mb", "activation_mb", "step_transient_mb", "blocks_activation_mb", "device_peak_mb",
                     "device_activation_mb")
 
 
