@@ -111,7 +111,7 @@ def progress(run: dict, launches: list[dict], now: datetime | None = None) -> di
     eta = statistics.fmean(walls) * (planned - done) if run.get("status") == "running" and walls else None
     return dict(status=run.get("status"), planned=planned, done=done, current=current, eta_s=eta,
                 failures=failures, skipped=sum(1 for c in cells.values() if c.get("status") == "skipped"),
-                cells=len(keys), elapsed_s=_elapsed(run, now))
+                cells=len(keys), stored=len(cells), elapsed_s=_elapsed(run, now))
 
 
 def _elapsed(run: dict, now: datetime | None) -> float | None:
@@ -135,6 +135,9 @@ def duration(seconds: float | None) -> str:
 # --- fragments -------------------------------------------------------------------------------------
 
 def progress_html(p: dict) -> str:
+    if not p["cells"]:  # no rounds planned: a run of load points (bench load), stored as each finishes
+        return (f'<p>status: <strong>{escape(str(p["status"]))}</strong> · <span id="cells-stored">{p["stored"]}'
+                f'</span> cells stored · elapsed {duration(p["elapsed_s"])}</p>')
     share = p["done"] / p["planned"] if p["planned"] else 1.0
     now = (f"now running: <strong>{escape(p['current']['label'])}</strong> (round {p['current']['round']})"
            if p["current"] else f"status: <strong>{escape(str(p['status']))}</strong>")

@@ -189,6 +189,17 @@ def test_progress_counts_planned_and_done_launches_and_names_the_running_cell():
     assert finished["current"] is None and finished["eta_s"] is None and finished["elapsed_s"] == 300
 
 
+def test_a_run_without_rounds_shows_its_stored_cells():
+    """bench load stores one cell per load point as each finishes, and plans no rounds."""
+    from reports.dashboard import progress_html
+
+    run = dict(status="running", created_at="2026-12-01T10:00:00+00:00", sweep={}, rounds=[],
+               cells=[dict(cell_id="a", status="ok", scenario="serve"), dict(cell_id="b", status="ok", scenario="serve")])
+    p = progress(run, [])
+    assert (p["cells"], p["stored"]) == (0, 2)
+    assert '<span id="cells-stored">2</span> cells stored' in progress_html(p)
+
+
 def test_key_labels_read_every_scenario():
     assert key_label(json.dumps(["/x/small-trained", "cuda", "fp16", "cuda:0", 4, None, 32, 16])) == \
         "small-trained cuda/fp16 on cuda:0 batch 4 threads default"
