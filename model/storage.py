@@ -20,8 +20,8 @@ directory. ``<cache>`` is ``$BENCH_CACHE_DIR`` or ``$XDG_CACHE_HOME/llm-backend-
 Credentials, region and endpoint come only from the standard AWS places, read by botocore
 itself: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``), ``AWS_PROFILE``
 and ``~/.aws/credentials``/``config``, and ``AWS_ENDPOINT_URL`` (or ``endpoint_url`` in the
-profile; botocore 1.31 and later) for an S3-compatible server such as MinIO or Ceph. None of
-them is a command-line option, and no message here names a key or a secret.
+profile; botocore reads both since 2023) for an S3-compatible server such as MinIO or Ceph.
+None of them is a command-line option, and no message here names a key or a secret.
 
 boto3 rather than s3fs: the work is a few whole-object GETs, PUTs and listings, which boto3
 does synchronously, and botocore's error codes (``NoSuchKey``, ``InvalidAccessKeyId``, ...)
@@ -94,15 +94,15 @@ class _Errors:
     def __exit__(self, kind, e, tb):
         if e is None or isinstance(e, StorageError):
             return False
-        from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
-                                         PartialCredentialsError)
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import ConnectionError as NoConnection, ReadTimeoutError
         from boto3.exceptions import S3UploadFailedError
 
         bucket = split_uri(self.uri)[0]
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             raise StorageError(f"{self.uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
                                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials") from None
-        if isinstance(e, EndpointConnectionError) or type(e).__name__ in ("ConnectTimeoutError", "ReadTimeoutError"):
+        if isinstance(e, (NoConnection, ReadTimeoutError)):  # refused, unresolvable, timed out
             endpoint = getattr(self.client, "meta", None) and self.client.meta.endpoint_url
             raise StorageError(f"{self.uri}: cannot reach the S3 endpoint {endpoint} "
                                f"(check AWS_ENDPOINT_URL and the network)") from None
@@ -135,11 +135,11 @@ def fetch_checkpoint(uri: str) -> Path:
     raw, manifest = _read_manifest(client, uri)
     name = prefix.rsplit("/", 1)[-1]
     digest = hashlib.sha256(raw).hexdigest()[:20]
-    final = cache_root() / digest
-    if (final / name).is_dir():
-        return final / name  # renamed into place only once complete
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=final.parent))
+    final = cache_root() / digest / name
+    if final.is_dir():
+        return final  # renamed into place only once complete
+    cache_root().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=cache_root()))
     try:
         (tmp / name).mkdir()
         for rel, want in manifest["files"].items():
@@ -154,14 +154,15 @@ def fetch_checkpoint(uri: str) -> Path:
                 raise StorageError(f"s3://{bucket}/{key}: incomplete upload: {size} bytes with sha256 {sha[:16]}, "
                                    f"but {MANIFEST} lists {want['size']} bytes with sha256 {want['sha256'][:16]}; "
                                    f"upload {uri} again")
+        final.parent.mkdir(exist_ok=True)
         try:
-            tmp.rename(final)
+            (tmp / name).rename(final)
         except OSError:  # another process finished the same checkpoint first
-            if not (final / name).is_dir():
+            if not final.is_dir():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final / name
+    return final
 
 
 def _read_manifest(client, uri: str) -> tuple[bytes, dict]:

@@ -70,9 +70,9 @@ def _keys(client, prefix: str) -> list[str]:
 
 
 def _complete_in_cache(cache: Path) -> list[Path]:
-    """Directories in the cache that a fetch would hand out (temporary ones start with a dot)."""
-    root = cache / "s3"
-    return [d for d in root.iterdir() if not d.name.startswith(".") and d.name != "staging"] if root.is_dir() else []
+    """Directories in the cache that a fetch would hand out, <digest>/<name> (temporary ones start with a dot)."""
+    return [d for d in (cache / "s3").glob("*/*") if d.is_dir() and not d.parent.name.startswith(".")
+            and d.parent.name != "staging"]
 
 
 def test_upload_then_fetch_is_bit_identical_and_loads(s3, checkpoint, tmp_path):
@@ -288,7 +288,8 @@ def test_bench_run_on_an_s3_checkpoint_then_export_to_s3(s3, checkpoint, tmp_pat
     assert rc == 0 and cell["status"] == "ok", cell.get("reason")
     assert Path(cell["model"]).name == "tiny" and Path(cell["model"]).is_relative_to(storage.cache_root())
 
-    assert main(["export", "latest", "--format", "json", "--store", store, "--to", f"s3://{BUCKET}/exports/run.json"]) == 0
+    to = f"s3://{BUCKET}/exports/run.json"
+    assert main(["export", "latest", "--format", "json", "--store", store, "--to", to]) == 0
     capsys.readouterr()
     assert main(["export", "latest", "--format", "json", "--store", store]) == 0
     local_text = capsys.readouterr().out
@@ -297,3 +298,31 @@ def test_bench_run_on_an_s3_checkpoint_then_export_to_s3(s3, checkpoint, tmp_pat
 
     rc = main(["export", "latest", "--store", store, "--to", str(tmp_path / "x.json")])
     assert rc == 2 and "must be s3://bucket/key" in capsys.readouterr().err
+
+
+def test_lists_and_sweep_files_name_s3_checkpoints_beside_presets(s3, checkpoint, tmp_path):
+    from bench.cli import build_sweep, make_parser
+
+    uri = f"s3://{BUCKET}/models/tiny"
+    upload_checkpoint(checkpoint, uri)
+    local = fetch_checkpoint(uri).as_posix()
+    assert storage.localize(f"{uri},tiny") == f"{local},tiny"
+    assert storage.localize([uri, "small"]) == [local, "small"]
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f'[sweep]\nmodel = ["{uri}", "tiny"]\nbackend = "eager"\n')
+    sweep = build_sweep(make_parser().parse_args(["run", "--config", str(toml)]))
+    assert sweep.models == [local, "tiny"]
+
+
+def test_concurrent_fetches_share_one_complete_directory(s3, checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = f"s3://{BUCKET}/models/tiny"
+    upload_checkpoint(checkpoint, uri)
+    upload_checkpoint(checkpoint, f"s3://{BUCKET}/copies/tiny-copy")  # the same content under another name
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(fetch_checkpoint, [uri] * 3 + [f"s3://{BUCKET}/copies/tiny-copy"]))
+    assert len(set(paths[:3])) == 1 and paths[3].name == "tiny-copy" and paths[3].parent == paths[0].parent
+    for p in paths:
+        assert (p / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    assert not any(storage.cache_root().glob(".*.tmp"))
