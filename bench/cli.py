@@ -777,8 +777,10 @@ def cmd_train(args) -> int:
     if is_remote(args.out):  # trained in a local staging directory, each checkpoint uploaded as written
         from bench.training import RunUploader, remote_staging_dir
 
-        check_access(args.out)
         out_dir = remote_staging_dir(args.out)
+        if check_access(args.out) and not out_dir.is_dir():
+            raise UsageError(f"bench train: {args.out} already holds objects and no run of it is staged on this "
+                             f"machine ({out_dir}); nothing was written: choose another prefix")
         uploader = RunUploader(out_dir, args.out,
                                announce=None if args.json else lambda line: err.print(line, markup=False))
         err.print(f"training in {out_dir}, uploading to {args.out}", markup=False, highlight=False)
@@ -1036,7 +1038,8 @@ def make_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sweep of benchmark cells, each in its own process")
     run.add_argument("--config", help="a TOML sweep file; command-line options override it")
     run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
-    run.add_argument("--checkpoint", help="checkpoint directories or s3://bucket/prefix, comma-separated (instead of --model)")
+    run.add_argument("--checkpoint",
+                     help="checkpoint directories or s3://bucket/prefix, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
     run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
@@ -1098,7 +1101,8 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     convert.add_argument("--model", help="a preset (random weights from --seed)")
     convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
-    convert.add_argument("--checkpoint", help="a checkpoint directory or s3://bucket/prefix (its tokenizer is written too)")
+    convert.add_argument("--checkpoint",
+                         help="a checkpoint directory or s3://bucket/prefix (its tokenizer is written too)")
     convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     convert.set_defaults(fn=cmd_convert)
 
@@ -1153,7 +1157,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(fn=cmd_train)
 
     quality = sub.add_parser("quality", help="perplexity and divergence from eager fp32 per backend and precision")
-    quality.add_argument("--checkpoint", required=True, help="a trained checkpoint directory or s3://bucket/prefix (bench train --out)")
+    quality.add_argument("--checkpoint", required=True,
+                         help="a trained checkpoint directory or s3://bucket/prefix (bench train --out)")
     quality.add_argument("--backend", default="eager,int8", help="backends, comma-separated, or 'all'")
     quality.add_argument("--precision", help="precisions, comma-separated (default: each backend's own)")
     quality.add_argument("--corpus", help="score this text file's whole text instead of the test split")
@@ -1174,7 +1179,8 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", required=True)
     srv.add_argument("--precision", default=None)
     srv.add_argument("--model", help="a preset (random weights)")
-    srv.add_argument("--checkpoint", help="a checkpoint directory or s3://bucket/prefix (its tokenizer serves text prompts)")
+    srv.add_argument("--checkpoint",
+                     help="a checkpoint directory or s3://bucket/prefix (its tokenizer serves text prompts)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     srv.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (default 8)")
@@ -1210,10 +1216,12 @@ def make_parser() -> argparse.ArgumentParser:
     load.set_defaults(fn=cmd_load)
 
     quant = sub.add_parser("quantize", help="quantise a checkpoint once into a quantised checkpoint that loads as it is")
-    quant.add_argument("--checkpoint", required=True, help="an fp32 checkpoint directory (ours or a local GPT-2) or s3://bucket/prefix")
+    quant.add_argument("--checkpoint", required=True,
+                       help="an fp32 checkpoint directory (ours or a local GPT-2) or s3://bucket/prefix")
     quant.add_argument("--precision", required=True, choices=("int8", "int4"))
     quant.add_argument("--backend", default="int8", help="the backend that will load it (default int8: PyTorch)")
-    quant.add_argument("--out", required=True, help="a new directory for the quantised checkpoint, or s3://bucket/prefix")
+    quant.add_argument("--out", required=True,
+                       help="a new directory for the quantised checkpoint, or s3://bucket/prefix")
     quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
                        help="int8 weight scales: one per tensor (default) or per output channel")
     quant.add_argument("--group-size", type=_positive_int, default=None, help="int4: weights per scale (default 128)")

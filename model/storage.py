@@ -233,12 +233,15 @@ def upload_checkpoint(local_dir: str | Path, uri: str) -> bool:
     return True
 
 
-def check_access(uri: str) -> None:
-    """Fail now, before hours of training, when the bucket cannot be listed with these credentials."""
+def check_access(uri: str) -> bool:
+    """Fail now, before hours of training, when the bucket cannot be listed with these credentials;
+    whether anything is stored under ``uri`` already."""
     bucket, prefix = split_uri(uri)
+    if not prefix:
+        raise StorageError(f"{uri}: name a prefix inside the bucket (s3://{bucket}/PREFIX)")
     client = _client()
     with _Errors(uri, client):
-        client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1)
+        return client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1).get("KeyCount", 0) > 0
 
 
 def upload_file(data: bytes, uri: str, content_type: str = "application/octet-stream") -> None:

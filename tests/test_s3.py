@@ -249,6 +249,7 @@ def test_train_out_s3_uploads_each_checkpoint_as_written_and_generate_reads_it(s
             "--corpus", str(corpus), "--store", str(tmp_path / "bench.sqlite"), "--out", uri]
     assert main(args) == 0
     err = capsys.readouterr().err
+    assert SECRET not in err and "testing" not in err  # neither the secret nor the key id is ever printed
     uploaded = [line.split()[1] for line in err.splitlines() if line.startswith("uploaded ")]
     # In the order they were written: each step and each new best during training, the run's top last.
     assert uploaded[:3] == [f"{uri}/step-000002", f"{uri}/best", f"{uri}/step-000004"]
@@ -274,6 +275,13 @@ def test_train_out_s3_uploads_each_checkpoint_as_written_and_generate_reads_it(s
     assert main([*args, "--json"]) == 0  # the same key again: cached locally, nothing uploaded
     summary = json.loads(capsys.readouterr().out)
     assert summary["cached"] is True and summary["uploaded"] == []
+
+    # A prefix that holds objects but no run staged here is refused before anything is written.
+    other = f"s3://{BUCKET}/models/taken"
+    s3.put_object(Bucket=BUCKET, Key="models/taken/notes.txt", Body=b"someone else's")
+    assert main([*args[:-1], other]) == 2
+    assert "already holds objects" in capsys.readouterr().err
+    assert _keys(s3, "models/taken/") == ["models/taken/notes.txt"]
 
 
 def test_bench_run_on_an_s3_checkpoint_then_export_to_s3(s3, checkpoint, tmp_path, capsys):
