@@ -127,6 +127,9 @@ def build_sweep(args):
     from bench.sweep import Sweep, SweepError, load_toml, parse_list
 
     values = load_toml(args.config) if args.config else {}
+    if args.config:
+        from model.storage import localize
+        values.update({k: localize(values[k]) for k in ("model", "checkpoint") if k in values})
     cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
                batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
                timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches,
@@ -589,7 +592,14 @@ def cmd_export(args) -> int:
 
     run = Store(args.store).get_run(args.run)
     text = export_json(run) if args.format == "json" else export_csv(run)
-    if args.out:
+    if args.to:
+        from model.storage import is_remote, upload_file
+
+        if not is_remote(args.to):
+            raise UsageError(f"bench export: --to {args.to!r} must be s3://bucket/key (--out writes a local file)")
+        upload_file(text.encode("utf-8"), args.to, "application/json" if args.format == "json" else "text/csv")
+        err.print(f"uploaded {args.to}")
+    elif args.out:
         _write(Path(args.out), text)
         err.print(f"wrote {args.out}")
     else:
@@ -762,6 +772,18 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     store = Store(args.store)
+    out_dir, uploader = args.out, None
+    from model.storage import check_access, is_remote
+    if is_remote(args.out):  # trained in a local staging directory, each checkpoint uploaded as written
+        from bench.training import RunUploader, remote_staging_dir
+
+        out_dir = remote_staging_dir(args.out)
+        if check_access(args.out) and not out_dir.is_dir():
+            raise UsageError(f"bench train: {args.out} already holds objects and no run of it is staged on this "
+                             f"machine ({out_dir}); nothing was written: choose another prefix")
+        uploader = RunUploader(out_dir, args.out,
+                               announce=None if args.json else lambda line: err.print(line, markup=False))
+        err.print(f"training in {out_dir}, uploading to {args.out}", markup=False, highlight=False)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -776,8 +798,11 @@ def cmd_train(args) -> int:
             if progress.val_loss is not None and not args.json:
                 bar.console.print(progress.line(), markup=False, highlight=False)
 
-        summary = train_preset(model_config, train_config, args.out, store, fingerprint(), corpus_path=corpus,
-                               max_bytes=max_bytes, resume=args.resume, name=args.name, on_step=show)
+        summary = train_preset(model_config, train_config, out_dir, store, fingerprint(), corpus_path=corpus,
+                               max_bytes=max_bytes, resume=args.resume, name=args.name, on_step=show,
+                               on_checkpoint=uploader)
+    if uploader is not None:
+        summary.update(uploaded=uploader.finish(), remote=args.out)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     elif summary.get("cached"):
@@ -925,8 +950,19 @@ def cmd_quantize(args) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"bench quantize: checkpoint directory {args.checkpoint!r} does not exist")
-    done = quantize_checkpoint(args.checkpoint, args.precision, args.out, backend=args.backend,
-                               int8_scheme=args.int8_scheme, group_size=args.group_size)
+    from model.storage import check_access, is_remote, upload_checkpoint
+    if is_remote(args.out):  # written locally first, uploaded manifest last
+        import tempfile
+
+        check_access(args.out)
+        with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+            done = quantize_checkpoint(args.checkpoint, args.precision, Path(tmp) / "q", backend=args.backend,
+                                       int8_scheme=args.int8_scheme, group_size=args.group_size)
+            upload_checkpoint(done["out"], args.out)
+        done["out"] = args.out
+    else:
+        done = quantize_checkpoint(args.checkpoint, args.precision, args.out, backend=args.backend,
+                                   int8_scheme=args.int8_scheme, group_size=args.group_size)
     if args.json:
         print(json.dumps(done, indent=1))
     else:
@@ -1002,7 +1038,8 @@ def make_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sweep of benchmark cells, each in its own process")
     run.add_argument("--config", help="a TOML sweep file; command-line options override it")
     run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
-    run.add_argument("--checkpoint", help="checkpoint directories, comma-separated (instead of --model)")
+    run.add_argument("--checkpoint",
+                     help="checkpoint directories or s3://bucket/prefix, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
     run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated (default: each backend's own)")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
@@ -1042,7 +1079,7 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="eager")
     gen.add_argument("--precision", default=None)
     gen.add_argument("--model", help="a preset (random weights from --seed)")
-    gen.add_argument("--checkpoint", help="a checkpoint directory")
+    gen.add_argument("--checkpoint", help="a checkpoint directory or s3://bucket/prefix")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -1064,7 +1101,8 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     convert.add_argument("--model", help="a preset (random weights from --seed)")
     convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
-    convert.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer is written too)")
+    convert.add_argument("--checkpoint",
+                         help="a checkpoint directory or s3://bucket/prefix (its tokenizer is written too)")
     convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     convert.set_defaults(fn=cmd_convert)
 
@@ -1076,6 +1114,8 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a run id, or 'latest'")
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--out", help="a file (default: standard output)")
+    export.add_argument("--to", help="upload to s3://bucket/key instead (credentials and endpoint from the AWS "
+                                     "environment: AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ENDPOINT_URL, ~/.aws/config)")
     export.add_argument("--store", default=DEFAULT_STORE)
     export.set_defaults(fn=cmd_export)
 
@@ -1089,7 +1129,8 @@ def make_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a preset on a local corpus (the standard library by default)")
     train.add_argument("--model", help="preset to train (tiny, small, gpt2, ...)")
     train.add_argument("--config", help="a TOML or JSON file of train settings (and model = \"...\"); options override it")
-    train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused)")
+    train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused), "
+                                                   "or s3://bucket/prefix: each checkpoint uploaded as it is written")
     train.add_argument("--corpus", help="a text file or directory (default: this Python's standard library sources)")
     train.add_argument("--max-bytes", type=_positive_int, help="keep at most this many bytes of the corpus")
     train.add_argument("--steps", type=_positive_int)
@@ -1116,7 +1157,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.set_defaults(fn=cmd_train)
 
     quality = sub.add_parser("quality", help="perplexity and divergence from eager fp32 per backend and precision")
-    quality.add_argument("--checkpoint", required=True, help="a trained checkpoint directory (bench train --out)")
+    quality.add_argument("--checkpoint", required=True,
+                         help="a trained checkpoint directory or s3://bucket/prefix (bench train --out)")
     quality.add_argument("--backend", default="eager,int8", help="backends, comma-separated, or 'all'")
     quality.add_argument("--precision", help="precisions, comma-separated (default: each backend's own)")
     quality.add_argument("--corpus", help="score this text file's whole text instead of the test split")
@@ -1137,7 +1179,8 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", required=True)
     srv.add_argument("--precision", default=None)
     srv.add_argument("--model", help="a preset (random weights)")
-    srv.add_argument("--checkpoint", help="a checkpoint directory (its tokenizer serves text prompts)")
+    srv.add_argument("--checkpoint",
+                     help="a checkpoint directory or s3://bucket/prefix (its tokenizer serves text prompts)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     srv.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together at most (default 8)")
@@ -1173,10 +1216,12 @@ def make_parser() -> argparse.ArgumentParser:
     load.set_defaults(fn=cmd_load)
 
     quant = sub.add_parser("quantize", help="quantise a checkpoint once into a quantised checkpoint that loads as it is")
-    quant.add_argument("--checkpoint", required=True, help="an fp32 checkpoint directory (ours or a local GPT-2)")
+    quant.add_argument("--checkpoint", required=True,
+                       help="an fp32 checkpoint directory (ours or a local GPT-2) or s3://bucket/prefix")
     quant.add_argument("--precision", required=True, choices=("int8", "int4"))
     quant.add_argument("--backend", default="int8", help="the backend that will load it (default int8: PyTorch)")
-    quant.add_argument("--out", required=True, help="a new directory for the quantised checkpoint")
+    quant.add_argument("--out", required=True,
+                       help="a new directory for the quantised checkpoint, or s3://bucket/prefix")
     quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
                        help="int8 weight scales: one per tensor (default) or per output channel")
     quant.add_argument("--group-size", type=_positive_int, default=None, help="int4: weights per scale (default 128)")
@@ -1204,10 +1249,28 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fetch_remote(args) -> None:
+    """Every ``s3://`` checkpoint the command names, replaced by its local cached directory
+    (``model.storage``), so each command taking ``--checkpoint`` (and ``bench run --model``)
+    reads S3 without knowing it. Downloaded once, verified by digest, cached after."""
+    from model.storage import is_remote, localize
+
+    names = ["checkpoint"] + (["model"] if args.command == "run" else [])
+    for name in names:
+        value = getattr(args, name, None)
+        local = localize(value)
+        if local != value:
+            for uri, path in zip(value.split(","), local.split(",")):
+                if is_remote(uri.strip()):
+                    err.print(f"{uri.strip()}: verified, cached at {path}", markup=False, highlight=False)
+            setattr(args, name, local)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         args = make_parser().parse_args(argv)
+        _fetch_remote(args)
         return args.fn(args)
     except (UsageError, InputError) as e:
         # Config, preset, backend, precision, checkpoint, sweep, store and prompt errors.

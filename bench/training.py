@@ -14,7 +14,8 @@ from typing import Callable
 
 def train_preset(model_config, train_config, out_dir: str | Path, store, fingerprint: dict, *,
                  corpus_path: str | None = None, max_bytes: int | None = None, resume: bool = False,
-                 name: str | None = None, on_step: Callable | None = None) -> dict:
+                 name: str | None = None, on_step: Callable | None = None,
+                 on_checkpoint: Callable | None = None) -> dict:
     """Train (or find already trained) ``model_config`` on the corpus; returns the summary dict.
 
     The summary has ``cached: True`` when the output directory already holds a finished run
@@ -44,7 +45,8 @@ def train_preset(model_config, train_config, out_dir: str | Path, store, fingerp
             on_step(progress)
 
     try:
-        summary = train_on_corpus(model_config, train_config, corpus, out_dir, resume=resume, on_step=logged)
+        summary = train_on_corpus(model_config, train_config, corpus, out_dir, resume=resume, on_step=logged,
+                                  on_checkpoint=on_checkpoint)
     except KeyboardInterrupt:
         store.finish_training_run(run_id, "interrupted")
         raise
@@ -54,3 +56,64 @@ def train_preset(model_config, train_config, out_dir: str | Path, store, fingerp
     result = dict(summary.to_dict(), cached=False, run_id=run_id)
     store.finish_training_run(run_id, "finished", result)
     return result
+
+
+# -- bench train --out s3://bucket/prefix --------------------------------------------------
+
+def remote_staging_dir(uri: str) -> Path:
+    """Where ``bench train --out s3://...`` trains before uploading: one local directory per URI
+    (under the cache), so ``--resume`` and the finished-run check find the same run again."""
+    import hashlib
+
+    from model.storage import cache_root, split_uri
+
+    bucket, prefix = split_uri(uri)
+    digest = hashlib.sha256(f"s3://{bucket}/{prefix}".encode()).hexdigest()[:16]
+    return cache_root() / "staging" / digest / (prefix.rsplit("/", 1)[-1] or bucket)
+
+
+class RunUploader:
+    """Mirrors a training run's directory into ``s3://bucket/prefix`` as it is written.
+
+    Called with each checkpoint directory (``step-*``, ``best``) by the training loop's
+    ``on_checkpoint``, it uploads it to the same name under the prefix, then deletes the step
+    checkpoints the loop has pruned locally (``keep_last``). ``finish`` uploads the run's top
+    (the final weights, ``run.json``, ``metrics.jsonl``) and anything not yet there; an
+    unchanged checkpoint (same manifest) is not sent again.
+    """
+
+    def __init__(self, out_dir: str | Path, uri: str, announce: Callable[[str], None] | None = None):
+        from model.storage import split_uri
+
+        bucket, prefix = split_uri(uri)
+        self.out_dir, self.uri, self.announce = Path(out_dir), f"s3://{bucket}/{prefix}", announce
+        self.uploaded: list[str] = []
+
+    def __call__(self, path: Path) -> None:
+        self._upload(Path(path))
+        self._prune()
+
+    def finish(self) -> list[str]:
+        for d in sorted(self.out_dir.glob("step-*")) + [self.out_dir / "best"]:
+            if d.is_dir():
+                self._upload(d)
+        self._upload(self.out_dir)
+        self._prune()
+        return self.uploaded
+
+    def _upload(self, path: Path) -> None:
+        from model.storage import upload_checkpoint
+
+        rel = path.relative_to(self.out_dir).as_posix()
+        uri = self.uri if rel == "." else f"{self.uri}/{rel}"
+        if upload_checkpoint(path, uri):
+            self.uploaded.append(uri)
+            if self.announce:
+                self.announce(f"uploaded {uri}")
+
+    def _prune(self) -> None:
+        from model.storage import delete_checkpoint, list_checkpoints
+
+        for name in list_checkpoints(self.uri):
+            if name.startswith("step-") and not (self.out_dir / name).is_dir():
+                delete_checkpoint(f"{self.uri}/{name}")

@@ -239,7 +239,7 @@ def check_out_dir(out_dir: str | Path, model_config: GPTConfig, config: TrainCon
 def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
           out_dir: str | Path, *, resume: bool = False, on_step: Callable[[Progress], None] | None = None,
           tokenizer=None, manifest: dict | None = None, run_info: dict | None = None,
-          stop_at: int | None = None) -> TrainSummary:
+          stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainSummary:
     """Train a fresh model (or resume the latest checkpoint in ``out_dir``) and save it there.
 
     train_ids, val_ids: 1-D int64 token streams; each needs at least ``context + 1`` tokens.
@@ -248,6 +248,8 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
     run_info: extra fields for ``run.json`` (the corpus digest and cache key).
     stop_at: checkpoint and return after this step, as if interrupted ("paused"); a later
         call with ``resume=True`` continues exactly where it left off.
+    on_checkpoint: called with each checkpoint directory (``step-*``, ``best``) once it is
+        complete and in place (``bench train --out s3://`` uploads it then).
     """
     out_dir = Path(out_dir)
     train_ids, val_ids = _check_streams(train_ids, val_ids, model_config, config)
@@ -307,6 +309,8 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
                 if last_val < best["loss"]:
                     best = dict(loss=last_val, step=step, since=0)
                     _save_weights(out_dir / "best", model, tokenizer)
+                    if on_checkpoint is not None:
+                        on_checkpoint(out_dir / "best")
                 else:
                     best["since"] += 1
                     if config.patience and best["since"] >= config.patience:
@@ -317,6 +321,8 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
                 status = "paused"
             if step % config.checkpoint_every == 0 or step == config.steps or status != "complete":
                 _save_checkpoint(out_dir, step, model, optimizer, scheduler, data_gen, best, tokenizer, config)
+                if on_checkpoint is not None:
+                    on_checkpoint(out_dir / f"step-{step:06d}")
             if on_step is not None:
                 elapsed = time.perf_counter() - start
                 on_step(Progress(step, config.steps, loss, lr, grad_norm, record["tokens_per_s"], elapsed,
@@ -338,7 +344,7 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
 
 def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_dir: str | Path, *,
                     resume: bool = False, on_step: Callable[[Progress], None] | None = None,
-                    stop_at: int | None = None) -> TrainSummary:
+                    stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainSummary:
     """Train a byte-level BPE on the corpus's train split, then the model; save both in ``out_dir``.
 
     ``corpus`` is a ``model.corpus.Corpus``. Every check (output directory, corpus size)
@@ -369,7 +375,8 @@ def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_di
     info = dict(key=key, corpus_digest=corpus.digest, corpus_source=corpus.source, corpus_root=corpus.root,
                 corpus_max_bytes=corpus.max_bytes, tokens=dict(train=len(streams["train"]), val=len(streams["val"])))
     return train(model_config, config, streams["train"], streams["val"], out_dir, resume=resume,
-                 on_step=on_step, tokenizer=tokenizer, manifest=corpus.manifest(), run_info=info, stop_at=stop_at)
+                 on_step=on_step, tokenizer=tokenizer, manifest=corpus.manifest(), run_info=info, stop_at=stop_at,
+                 on_checkpoint=on_checkpoint)
 
 
 # -- pieces of the loop ------------------------------------------------------------------
