@@ -102,6 +102,9 @@ class _Errors:
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             raise StorageError(f"{self.uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
                                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials") from None
+        if isinstance(e, ConnectionError) and not isinstance(e, BotoCoreError):  # dropped mid-transfer
+            raise StorageError(f"{self.uri}: the connection to the S3 endpoint was lost ({e}): "
+                               f"run the command again")  from None
         if isinstance(e, (NoConnection, ReadTimeoutError)):  # refused, unresolvable, timed out
             endpoint = getattr(self.client, "meta", None) and self.client.meta.endpoint_url
             raise StorageError(f"{self.uri}: cannot reach the S3 endpoint {endpoint} "

@@ -214,7 +214,7 @@ def test_an_interrupted_upload_is_refused_and_leaves_no_complete_cache(s3, check
         return client
 
     monkeypatch.setattr(storage, "_client", dropping_client)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(StorageError, match="connection to the S3 endpoint was lost"):
         upload_checkpoint(other, uri)
     monkeypatch.setattr(storage, "_client", real_client)
     assert f"models/tiny/{MANIFEST}" not in _keys(s3, "models/tiny/")
