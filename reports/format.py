@@ -274,7 +274,8 @@ def group_runs(runs: list[dict]) -> list[Machine]:
             raise ValueError(f"run {name!r} has no 'cells' list; is it a run record?")
     by_fp: dict[str, list[dict]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: (str(r.get("created_at")), str(r.get("run_id")))):
-        by_fp[str(r.get("fingerprint_id"))].append(r)
+        for part in split_by_machine(r):
+            by_fp[str(part.get("fingerprint_id"))].append(part)
     machines = []
     for fp_id, group in by_fp.items():
         merged: dict[tuple, dict] = {}
@@ -287,6 +288,22 @@ def group_runs(runs: list[dict]) -> list[Machine]:
                                 tuple(c for c in cells if not is_serve(c)),
                                 tuple(sorted((c for c in cells if is_serve(c)), key=serve_key))))
     return sorted(machines, key=lambda m: str(m.runs[0].get("created_at")))
+
+
+def split_by_machine(run: dict) -> list[dict]:
+    """The run as one part per machine its cells were measured on: a cell that carries its own
+    ``fingerprint_id`` (measured on a node of a Ray cluster) belongs to that machine, whose
+    fingerprint the run keeps under ``fingerprint["nodes"]``; any other cell, to the run's."""
+    own = str(run.get("fingerprint_id"))
+    nodes = (run.get("fingerprint") or {}).get("nodes") or {}
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for c in run["cells"]:
+        cells[str(c.get("fingerprint_id") or own)].append(c)
+    if not cells:  # a run with no cells yet is still its own machine's
+        cells[own] = []
+    return [dict(run, fingerprint_id=fp_id, cells=part,
+                 fingerprint=run.get("fingerprint") if fp_id == own else nodes.get(fp_id, {}))
+            for fp_id, part in cells.items()]
 
 
 def environment(machine: Machine) -> list[tuple[str, str]]:
