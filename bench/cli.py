@@ -304,8 +304,11 @@ def cmd_run(args) -> int:
 
     store = Store(args.store)
     cache = Path(args.store).parent / "roofline.json"
-    err.print("[dim]memory bandwidth and matmul peaks: measured once per machine, device and thread count, "
-              "then cached (bench info --remeasure measures again)[/]")
+    if executor is None:
+        err.print("[dim]memory bandwidth and matmul peaks: measured once per machine, device and thread count, "
+                  "then cached (bench info --remeasure measures again)[/]")
+    else:
+        err.print("[dim]no roofline on Ray: this machine's would not bound the nodes' cells[/]")
 
     def roofline(device, threads, precisions):
         return roofline_for(device, threads, precisions, cache=cache)

@@ -108,6 +108,18 @@ def _describe(selectors: list[Selector]) -> str:
     return " and ".join(map(str, selectors)) or "no --on label"
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nothing answers on is one line now (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "local" and ray:// addresses: Ray answers these promptly itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnavailable(f"no Ray cluster reachable at --address {address}: {e.strerror or e} "
+                             "(start one with `ray start --head`, or pass the head's HOST:PORT)") from None
+
+
 @dataclass
 class Node:
     """A node that was probed at the start of the run."""
@@ -217,6 +229,7 @@ class RayExecutor:
         self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -359,11 +372,13 @@ class RayExecutor:
         self._readings = {}
         for node_id, ref in refs.items():
             try:
-                self._readings[node_id] = dict(self.ray.get(ref), node=wanted[node_id].name)
+                self._readings[node_id] = dict(self.ray.get(ref), node=wanted[node_id].name,
+                                               fingerprint_id=wanted[node_id].fingerprint_id)
             except Exception as e:  # a node lost while reading: its launches find that out too
                 self._readings[node_id] = dict(error=f"sentinel reading failed on {wanted[node_id].name}: "
                                                      f"{type(e).__name__}"[:300],
-                                               at=datetime.now().astimezone().isoformat(timespec="seconds"))
+                                               at=datetime.now().astimezone().isoformat(timespec="seconds"),
+                                               node=wanted[node_id].name, fingerprint_id=wanted[node_id].fingerprint_id)
         return dict(nodes={wanted[i].name: r for i, r in self._readings.items()})
 
     def run(self, jobs: list[Job], timeout: float, started: Callable[[Job], None]) -> Iterator[tuple[Job, dict]]:

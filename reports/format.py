@@ -301,9 +301,22 @@ def split_by_machine(run: dict) -> list[dict]:
         cells[str(c.get("fingerprint_id") or own)].append(c)
     if not cells:  # a run with no cells yet is still its own machine's
         cells[own] = []
-    return [dict(run, fingerprint_id=fp_id, cells=part,
+    return [dict(run, fingerprint_id=fp_id, cells=part, rounds=_rounds_of(run, fp_id),
                  fingerprint=run.get("fingerprint") if fp_id == own else nodes.get(fp_id, {}))
             for fp_id, part in cells.items()]
+
+
+def _rounds_of(run: dict, fp_id: str) -> list[dict]:
+    """The run's rounds with the sentinel reading of one machine: a round on several Ray nodes
+    keeps a reading per node (``sentinel["nodes"]``, each with its ``fingerprint_id``)."""
+    out = []
+    for rnd in run.get("rounds") or []:
+        s = rnd.get("sentinel") or {}
+        if "nodes" in s:
+            mine = [r for r in s["nodes"].values() if isinstance(r, dict) and r.get("fingerprint_id") == fp_id]
+            rnd = dict(rnd, sentinel=dict(mine[0], round=rnd.get("round")) if mine else None)
+        out.append(rnd)
+    return out
 
 
 def environment(machine: Machine) -> list[tuple[str, str]]:

@@ -215,7 +215,7 @@ def test_a_real_launch_runs_on_the_labelled_node_and_records_its_fingerprint(clu
 
 @needs_ray
 def test_cells_follow_their_labels_and_reports_split_them_by_node(cluster, tmp_path):
-    from reports.format import group_runs
+    from reports.format import group_runs, sentinel_rows
 
     store = Store(tmp_path / "s.sqlite")
     gate = tmp_path / "gate"
@@ -233,6 +233,9 @@ def test_cells_follow_their_labels_and_reports_split_them_by_node(cluster, tmp_p
     assert set(machines) == {b_fp, executor.nodes[cluster.head].fingerprint_id}
     assert machines[b_fp].fingerprint["thread_env"]["MALLOC_CONF"] == "narenas:1"
     assert len(machines[b_fp].cells) == 2
+    (b_round,) = machines[b_fp].runs[0]["rounds"]  # the machine's table reads its own node's sentinel
+    assert b_round["sentinel"]["node_id"] == cluster.b.node_id
+    assert len(sentinel_rows(machines[b_fp])) == 1
 
 
 @needs_ray
