@@ -240,6 +240,7 @@ class RayExecutor:
         self._remote_launch = ray.remote(max_retries=0)(launch_on_node)
         self._remote_sentinel = ray.remote(max_retries=0)(sentinel_on_node)
         self._readings: dict[str, dict] = {}  # node id -> this round's sentinel reading
+        self._backends: set[str] = set()  # backends of the cells that run (``place``)
         self.alive_at_start = 0
         self.nodes: dict[str, Node] = {}
         self.probe_failures: dict[str, str] = {}  # node name -> why it could not be probed
@@ -367,7 +368,7 @@ class RayExecutor:
         from datetime import datetime
 
         self._refresh()
-        wanted = {n.id: n for b in getattr(self, "_backends", ()) for n in self._eligible(b, None)}
+        wanted = {n.id: n for b in sorted(self._backends) for n in self._eligible(b, None)}
         refs = {n.id: self._remote_sentinel.options(**self._pin(n)).remote(read, threads) for n in wanted.values()}
         self._readings = {}
         for node_id, ref in refs.items():
