@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 from backends.base import Probe
+from bench.executor import LocalExecutor
 from bench.store import Store
 from bench.sweep import Sweep, plan, round_order, run_sweep
 
@@ -103,13 +104,13 @@ def cluster():
             os.environ["PYTHONPATH"] = saved
 
 
-def ray_sweep(store, sweep, on, run_cell=None, sentinel=node_sentinel):
+def ray_sweep(store, sweep, on, run_cell=None, sentinel=node_sentinel, resume=False):
     from bench.machine import fingerprint
     from bench.ray_executor import RayExecutor, parse_selectors
 
     executor = RayExecutor(sweep.backends, parse_selectors(on), run_cell=run_cell, poll_s=0.2)
     probes = executor.probes(sweep.backends)
-    run_id = run_sweep(sweep, store, probes, fingerprint(), executor=executor, sentinel=sentinel)
+    run_id = run_sweep(sweep, store, probes, fingerprint(), executor=executor, sentinel=sentinel, resume=resume)
     return store.get_run(run_id), executor
 
 
@@ -123,6 +124,7 @@ import sys
 sys.modules["ray"] = None  # import ray now raises ImportError
 import bench.cell
 from backends.base import Probe
+from bench.executor import LocalExecutor
 from bench.store import Store
 from bench.sweep import Sweep, run_sweep
 bench.cell.run_cell = lambda spec, timeout: dict(status="failed", reason="stand-in launch")
@@ -236,6 +238,14 @@ def test_cells_follow_their_labels_and_reports_split_them_by_node(cluster, tmp_p
     (b_round,) = machines[b_fp].runs[0]["rounds"]  # the machine's table reads its own node's sentinel
     assert b_round["sentinel"]["node_id"] == cluster.b.node_id
     assert len(sentinel_rows(machines[b_fp])) == 1
+    # --resume finds the Ray run of the same sweep and --on, and has nothing left to launch
+    again, _ = ray_sweep(store, tiny_sweep(batches=[1, 2]), ["rack=2"], run_cell=cell, resume=True)
+    assert again["run_id"] == on_b["run_id"] and len(store.launches(on_b["run_id"])) == 2
+    from bench.machine import fingerprint
+
+    local = run_sweep(tiny_sweep(batches=[1, 2]), store, {"eager": Probe(True)}, fingerprint(), resume=True,
+                      sentinel=lambda t: {}, executor=LocalExecutor(run_cell=lambda spec, t: fake_launch(spec)))
+    assert local not in (on_b["run_id"], on_cpu["run_id"])  # a local resume never picks up a Ray run
 
 
 @needs_ray
