@@ -7,7 +7,8 @@ enough memory), so they are stored as skipped with the reason instead of being t
 
 ``run_sweep`` runs the rest in *rounds*. Each round visits every cell that still needs a
 launch once, in a fresh order drawn from the sweep's seed and the round number (stored with
-the round), and each visit is one *launch*: the cell in a fresh process (``bench.cell``).
+the round), and each visit is one *launch*: the cell in a fresh process (``bench.cell``), on
+this machine or where the executor puts it (``bench.executor``: a Ray cluster's node).
 Interleaving is what makes a sweep reproduce: a machine that drifts over minutes slows a
 little of every cell instead of all of a few (Google Benchmark's ``--benchmark_enable_random_
 interleaving``, asv's A B C ... A' B' C' sampling). At the start of every round the drift
@@ -437,7 +438,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
     if sentinel is None:
         from bench.sentinel import read_isolated as sentinel
     cells = executor.place(plan(sweep, probes, roofline, isa=(fingerprint.get("cpu") or {}).get("isa"),
-                                available_bytes=getattr(executor, "available_bytes", None)))
+                                available_bytes=executor.available_bytes))
     fingerprint = executor.run_fingerprint(dict(fingerprint, **_rooflines(cells)))
     key = executor.resume_key(sweep.key())
     run_id = store.find_resumable(key, fingerprint_id(fingerprint)) if resume else None

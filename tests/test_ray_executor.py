@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import subprocess
 import sys
