@@ -268,7 +268,12 @@ def _train_axes(sweep, values: dict) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.executor != "ray" and (args.on or args.address):
+        raise UsageError(f"--{'on' if args.on else 'address'} goes with --executor ray")
     if args.scenario == "serve":
+        if args.executor == "ray":
+            raise UsageError("bench run --scenario serve runs on this machine only; --executor ray runs "
+                             "inference and train sweeps")
         return cmd_run_serve(args)
     from backends import registry
     from bench.machine import fingerprint
@@ -277,7 +282,19 @@ def cmd_run(args) -> int:
     from bench.sweep import run_sweep
 
     sweep = build_sweep(args)
-    if sweep.backends == ["all"]:
+    executor = None
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor, parse_selectors
+
+        selectors = parse_selectors(args.on)
+        sweep.backends = registry.names() if sweep.backends == ["all"] else sweep.backends
+        for b in sweep.backends:
+            registry.get_backend_class(b)
+        executor = RayExecutor(sweep.backends, selectors, args.address)
+        err.print(f"ray: {len(executor.nodes)} node(s) probed: " + ", ".join(
+            f"{n.name} (fingerprint {n.fingerprint_id})" for n in executor.nodes.values()), markup=False)
+        probes = executor.probes(sweep.backends)
+    elif sweep.backends == ["all"]:
         sweep.backends = registry.names()
         probes = registry.probe_all()
     else:
@@ -290,8 +307,11 @@ def cmd_run(args) -> int:
 
     store = Store(args.store)
     cache = Path(args.store).parent / "roofline.json"
-    err.print("[dim]memory bandwidth and matmul peaks: measured once per machine, device and thread count, "
-              "then cached (bench info --remeasure measures again)[/]")
+    if executor is None:
+        err.print("[dim]memory bandwidth and matmul peaks: measured once per machine, device and thread count, "
+                  "then cached (bench info --remeasure measures again)[/]")
+    else:
+        err.print("[dim]no roofline on Ray: this machine's would not bound the nodes' cells[/]")
 
     def roofline(device, threads, precisions):
         return roofline_for(device, threads, precisions, cache=cache)
@@ -299,8 +319,9 @@ def cmd_run(args) -> int:
     fp = fingerprint()
     quiet = args.json
     with _Progress(sweep, quiet) as events:
-        run_id = run_sweep(sweep, store, probes, fp, roofline=roofline, name=args.name, resume=args.resume,
-                           events=events)
+        # On Ray the cells run on other machines: this one's roofline would bound them wrongly.
+        run_id = run_sweep(sweep, store, probes, fp, roofline=None if executor else roofline, name=args.name,
+                           resume=args.resume, events=events, executor=executor)
     cells = store.get_run(run_id)["cells"]
     if args.json:
         print(json.dumps(cells, indent=1, default=str))
@@ -1073,6 +1094,11 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-requests", type=_positive_int, default=32, help="serve: requests per rate (default 32)")
     run.add_argument("--max-batch", type=_positive_int, default=8, help="serve: the server's max batch (default 8)")
     run.add_argument("--slo", action="append", metavar="KIND:MS", help="serve: an SLO for goodput (repeatable)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where launches run: this machine (default) or a Ray cluster (pip install '.[ray]')")
+    run.add_argument("--address", help="ray: the cluster's address (default RAY_ADDRESS, else the local `ray start`)")
+    run.add_argument("--on", action="append", metavar="KEY=VALUE",
+                     help="ray: run on nodes with this label (repeatable; BACKEND:KEY=VALUE for one backend's cells)")
     run.set_defaults(fn=cmd_run)
 
     gen = sub.add_parser("generate", help="generate text with one backend")

@@ -247,7 +247,7 @@ def fingerprint_diff(base: dict, new: dict) -> list[str]:
     The measured rooflines (bandwidth, peak rates) are left out: they are measurements of the
     machine, different in every run, not part of its identity.
     """
-    return diff_fields(base, new, skip_prefixes=("roofline.", "rooflines."))
+    return diff_fields(base, new, skip_prefixes=("roofline.", "rooflines.", "nodes.", "executor."))
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,16 @@ def _cells(run: dict, name: str) -> dict[str, dict]:
     return {c.get("cell_id") or cell_id(c): c for c in run["cells"]}  # a later duplicate wins
 
 
+def _machine(cell: dict, run: dict) -> str | None:
+    """The fingerprint id of the machine that measured a cell: its own (a Ray node's), else its run's."""
+    return cell.get("fingerprint_id") or run.get("fingerprint_id")
+
+
+def _machine_fingerprint(cell: dict, run: dict) -> dict:
+    fp = run.get("fingerprint") or {}
+    return (fp.get("nodes") or {}).get(cell.get("fingerprint_id"), fp) if cell.get("fingerprint_id") else fp
+
+
 def compare_runs(base: dict, new: dict, noise_floor_pct: float | None = None, seed: int = 0) -> Comparison:
     """Match the cells of two runs and judge each change against both runs' raw samples.
 
@@ -313,6 +323,10 @@ def compare_runs(base: dict, new: dict, noise_floor_pct: float | None = None, se
     ids = base.get("fingerprint_id"), new.get("fingerprint_id")
     matches = ids[0] == ids[1] if all(ids) else not diff  # without ids (hand-made records), by the fields
     matched = sorted((k for k in a if k in b), key=lambda k: order_key(a[k]))
+    apart = next((k for k in matched if _machine(a[k], base) != _machine(b[k], new)), None)
+    if apart is not None:  # cells measured on Ray nodes: their own machines must match, not the drivers'
+        matches = False
+        diff = fingerprint_diff(_machine_fingerprint(a[apart], base), _machine_fingerprint(b[apart], new)) or diff
     return Comparison(
         str(base.get("run_id")), str(new.get("run_id")),
         tuple(compare_cell(a[k], b[k], floor, seed) for k in matched),

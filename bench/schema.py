@@ -64,6 +64,8 @@ CELL_FIELDS = {
     "compiles": "compiling backends (compile): graphs compiled per launch during load, warm-up and measurement; null for the others",
     "recompiles_measured": "graphs compiled while being measured, all launches (should be 0; more is flagged in unsteady); null if the backend does not compile",
     "attempt": "0 for a cell's first attempt; a --resume that retries a failed cell counts up",
+    "node": "--executor ray: the node that measured the cell (id, hostname, labels); its fingerprint_id is the cell's own, "
+            "and reports group cells by it (absent for local runs, whose run fingerprint covers them)",
     "planted_delay": "testing aid: the fraction each step was made slower by (0 in real measurements)",
     "warmup_reps": "whole generations run before measuring, all launches",
     "warmup_settled": "whether two consecutive warm-up generations agreed within 10% (false: the cap ended warm-up)",

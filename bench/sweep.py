@@ -7,7 +7,8 @@ enough memory), so they are stored as skipped with the reason instead of being t
 
 ``run_sweep`` runs the rest in *rounds*. Each round visits every cell that still needs a
 launch once, in a fresh order drawn from the sweep's seed and the round number (stored with
-the round), and each visit is one *launch*: the cell in a fresh process (``bench.cell``).
+the round), and each visit is one *launch*: the cell in a fresh process (``bench.cell``), on
+this machine or where the executor puts it (``bench.executor``: a Ray cluster's node).
 Interleaving is what makes a sweep reproduce: a machine that drifts over minutes slows a
 little of every cell instead of all of a few (Google Benchmark's ``--benchmark_enable_random_
 interleaving``, asv's A B C ... A' B' C' sampling). At the start of every round the drift
@@ -418,26 +419,31 @@ def _resume_state(store, run_id: str, states: dict[str, _CellState]) -> int:
 
 def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline: Roofline | None = None,
               name: str | None = None, resume: bool = False, events: Events | None = None,
-              sentinel: Callable[[int | None], dict] | None = None, timeout_s: float | None = None) -> str:
+              sentinel: Callable[[int | None], dict] | None = None, timeout_s: float | None = None,
+              executor=None) -> str:
     """Plan the sweep, store it and run it in interleaved rounds; returns the run id.
 
     ``probes``: backend name -> Probe (unavailable backends become skipped cells with the
     reason). ``fingerprint``: the environment (``bench.machine.fingerprint()``), stored with the
     run; its ISA picks the default reduced precisions. ``roofline``: see ``plan``.
     ``sentinel(threads) -> reading``: the drift sentinel (default ``bench.sentinel.read_isolated``).
+    ``executor``: where the launches run (``bench.executor``; default ``LocalExecutor``, this machine).
     A KeyboardInterrupt marks the run interrupted and propagates; every finished launch is stored.
     """
-    from bench.cell import run_cell
+    from bench.executor import Job, LocalExecutor
     from bench.machine import fingerprint_id
 
     events = events or Events()
+    executor = executor or LocalExecutor()
     if sentinel is None:
         from bench.sentinel import read_isolated as sentinel
-    cells = plan(sweep, probes, roofline, isa=(fingerprint.get("cpu") or {}).get("isa"))
-    fingerprint = dict(fingerprint, **_rooflines(cells))
-    run_id = store.find_resumable(sweep.key(), fingerprint_id(fingerprint)) if resume else None
+    cells = executor.place(plan(sweep, probes, roofline, isa=(fingerprint.get("cpu") or {}).get("isa"),
+                                available_bytes=executor.available_bytes))
+    fingerprint = executor.run_fingerprint(dict(fingerprint, **_rooflines(cells)))
+    key = executor.resume_key(sweep.key())
+    run_id = store.find_resumable(key, fingerprint_id(fingerprint)) if resume else None
     if run_id is None:
-        run_id = store.create_run(fingerprint, dict(sweep.to_dict(), sweep_key=sweep.key()), name=name)
+        run_id = store.create_run(fingerprint, dict(sweep.to_dict(), sweep_key=key), name=name)
     else:
         store.reopen_run(run_id)
     states = {c.key: _CellState(c, _n_params(c.spec)) for c in cells if not c.skip_reason}
@@ -456,23 +462,28 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
             if not todo:
                 break
             order = round_order(todo, sweep.seed, round_)
-            reading = dict(sentinel(sentinel_threads), round=round_)
+            reading = dict(executor.sentinel(sentinel, sentinel_threads), round=round_)
             store.add_round(run_id, round_, [c.key for c in order], reading)
             if events.on_round:
                 left = sum(sweep.launches - s.ok for s in states.values() if not s.failed)
                 events.on_round(round_, order, reading, left)
-            for cell in order:
-                state = states[cell.key]
-                number = state.ok + 1
+            jobs = [Job(c.key, (c.spec if states[c.key].ok == 0 else c.spec.later_launch()).to_dict(),
+                        states[c.key].ok + 1, _launch_fingerprint(states[c.key].launches)) for c in order]
+
+            def started(job, round_=round_):
                 if events.on_launch_start:
-                    events.on_launch_start(cell, round_, number)
-                spec = cell.spec if state.ok == 0 else cell.spec.later_launch()
-                launch = run_cell(spec.to_dict(), timeout_s or sweep.timeout_s)
-                launch.update(round=round_, attempt=state.attempt, sentinel=reading)
+                    events.on_launch_start(states[job.key].planned, round_, job.number)
+
+            for job, launch in executor.run(jobs, timeout_s or sweep.timeout_s, started):
+                state = states[job.key]
+                cell = state.planned
+                launch.update(round=round_, attempt=state.attempt)
+                launch.setdefault("sentinel", reading)  # an executor on several machines gives each its own
                 store.add_launch(run_id, cell.key, round_, launch)
                 state.launches.append(launch)
                 record = cell_record(cell.spec, state.launches, sweep.launches, state.n_params)
                 record["attempt"] = state.attempt
+                record.update(_where(state.launches))
                 if state.row_id is None:
                     state.row_id = store.add_cell(run_id, record)
                 else:
@@ -483,8 +494,25 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
     except KeyboardInterrupt:
         store.finish_run(run_id, "interrupted")
         raise
+    finally:
+        executor.close()
     store.finish_run(run_id, "finished")
     return run_id
+
+
+def _launch_fingerprint(launches: list[dict]) -> str | None:
+    """The fingerprint id of the machine a cell's launches ran on, when an executor said (None locally)."""
+    return next((r["fingerprint_id"] for r in launches if r.get("fingerprint_id")), None)
+
+
+def _where(launches: list[dict]) -> dict:
+    """The measuring machine's fingerprint id and node, for a cell whose launches an executor ran
+    elsewhere (reports group cells by it); nothing for local launches, which the run's fingerprint covers."""
+    fp = _launch_fingerprint(launches)
+    if fp is None:
+        return {}
+    node = next(r["node"] for r in launches if r.get("fingerprint_id") == fp)
+    return dict(fingerprint_id=fp, node=node)
 
 
 def _rooflines(cells: list[Planned]) -> dict:

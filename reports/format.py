@@ -274,7 +274,8 @@ def group_runs(runs: list[dict]) -> list[Machine]:
             raise ValueError(f"run {name!r} has no 'cells' list; is it a run record?")
     by_fp: dict[str, list[dict]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: (str(r.get("created_at")), str(r.get("run_id")))):
-        by_fp[str(r.get("fingerprint_id"))].append(r)
+        for part in split_by_machine(r):
+            by_fp[str(part.get("fingerprint_id"))].append(part)
     machines = []
     for fp_id, group in by_fp.items():
         merged: dict[tuple, dict] = {}
@@ -287,6 +288,35 @@ def group_runs(runs: list[dict]) -> list[Machine]:
                                 tuple(c for c in cells if not is_serve(c)),
                                 tuple(sorted((c for c in cells if is_serve(c)), key=serve_key))))
     return sorted(machines, key=lambda m: str(m.runs[0].get("created_at")))
+
+
+def split_by_machine(run: dict) -> list[dict]:
+    """The run as one part per machine its cells were measured on: a cell that carries its own
+    ``fingerprint_id`` (measured on a node of a Ray cluster) belongs to that machine, whose
+    fingerprint the run keeps under ``fingerprint["nodes"]``; any other cell, to the run's."""
+    own = str(run.get("fingerprint_id"))
+    nodes = (run.get("fingerprint") or {}).get("nodes") or {}
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for c in run["cells"]:
+        cells[str(c.get("fingerprint_id") or own)].append(c)
+    if not cells:  # a run with no cells yet is still its own machine's
+        cells[own] = []
+    return [dict(run, fingerprint_id=fp_id, cells=part, rounds=_rounds_of(run, fp_id),
+                 fingerprint=run.get("fingerprint") if fp_id == own else nodes.get(fp_id, {}))
+            for fp_id, part in cells.items()]
+
+
+def _rounds_of(run: dict, fp_id: str) -> list[dict]:
+    """The run's rounds with the sentinel reading of one machine: a round on several Ray nodes
+    keeps a reading per node (``sentinel["nodes"]``, each with its ``fingerprint_id``)."""
+    out = []
+    for rnd in run.get("rounds") or []:
+        s = rnd.get("sentinel") or {}
+        if "nodes" in s:
+            mine = [r for r in s["nodes"].values() if isinstance(r, dict) and r.get("fingerprint_id") == fp_id]
+            rnd = dict(rnd, sentinel=dict(mine[0], round=rnd.get("round")) if mine else None)
+        out.append(rnd)
+    return out
 
 
 def environment(machine: Machine) -> list[tuple[str, str]]:
