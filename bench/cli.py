@@ -882,12 +882,16 @@ def _backend_options(items: list[str]) -> dict[str, dict]:
         backend, dot, key = name.partition(".")
         if not eq or not dot or not backend or not key:
             raise UsageError(f"--option {item!r}: expected BACKEND.KEY=VALUE, e.g. int8.int8_scheme=per_channel")
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        out.setdefault(backend, {})[key] = parsed
+        out.setdefault(backend, {})[key] = _option_value(value)
     return out
+
+
+def _option_value(value: str):
+    """A value that reads as JSON (a number, true/false) is taken as that, else as a string."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _label(row: dict) -> str:
@@ -925,12 +929,19 @@ def cmd_quantize(args) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"bench quantize: checkpoint directory {args.checkpoint!r} does not exist")
+    options = {}
+    for item in args.option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. block_size=32")
+        options[key] = _option_value(value)
     done = quantize_checkpoint(args.checkpoint, args.precision, args.out, backend=args.backend,
-                               int8_scheme=args.int8_scheme, group_size=args.group_size)
+                               int8_scheme=args.int8_scheme, group_size=args.group_size, options=options)
     if args.json:
         print(json.dumps(done, indent=1))
     else:
         group = f", group size {done['group_size']}" if done["group_size"] else ""
+        group += "".join(f", {k}={v}" for k, v in done["options"].items() if k not in ("group_size", "block_size"))
         print(f"wrote {done['out']}: {done['backend']}/{done['precision']} {done['scheme']}{group}, "
               f"{done['bytes'] / 2**20:,.2f} MiB (source {done['source_bytes'] / 2**20:,.2f} MiB), "
               f"quantised in {done['quantize_s']:.2f} s; load it with --checkpoint {done['out']} "
@@ -1175,11 +1186,16 @@ def make_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantise a checkpoint once into a quantised checkpoint that loads as it is")
     quant.add_argument("--checkpoint", required=True, help="an fp32 checkpoint directory (ours or a local GPT-2)")
     quant.add_argument("--precision", required=True, choices=("int8", "int4"))
-    quant.add_argument("--backend", default="int8", help="the backend that will load it (default int8: PyTorch)")
+    quant.add_argument("--backend", default="int8",
+                       help="the backend that will load it: int8 (PyTorch, the default), onnxruntime or openvino")
     quant.add_argument("--out", required=True, help="a new directory for the quantised checkpoint")
     quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
                        help="int8 weight scales: one per tensor (default) or per output channel")
-    quant.add_argument("--group-size", type=_positive_int, default=None, help="int4: weights per scale (default 128)")
+    quant.add_argument("--group-size", type=_positive_int, default=None,
+                       help="int4: weights per scale (default 128; int8 and openvino backends)")
+    quant.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="a quantiser option of the backend, repeatable: block_size=32, accuracy_level=4, "
+                            "symmetric=true (onnxruntime); int4_mode=sym, ratio=0.8, all_layers=true (openvino)")
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(fn=cmd_quantize)
 

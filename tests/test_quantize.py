@@ -16,7 +16,7 @@ from bench.cli import main
 from bench.quantize import QuantizeInputError, open_model, quantize_checkpoint, reference_model
 from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_checkpoint, read_config, save_checkpoint
 from model.errors import InputError
-from model.qcheckpoint import QuantizedCheckpointError, load_quantized, tensor_digest
+from model.qcheckpoint import QFORMAT_VERSION, QuantizedCheckpointError, load_quantized, tensor_digest
 
 SCHEMES = [("int8", "per_tensor"), ("int8", "per_channel"), ("int4", None)]
 
@@ -121,7 +121,8 @@ def _corrupt_scale(t):
     (lambda t: t.__setitem__(SCALE, t[SCALE][:, :2].contiguous()), True, None,
      f"tensor {SCALE!r} has shape (128, 2), expected (128, 4)"),
     (lambda t: t.__setitem__(SCALE, -t[SCALE]), True, None, f"tensor {SCALE!r} holds non-finite or non-positive"),
-    (None, False, lambda d: d.__setitem__("format_version", 2), "format_version=2 is newer than this code reads (1)"),
+    (None, False, lambda d: d.__setitem__("format_version", QFORMAT_VERSION + 1),
+     f"format_version={QFORMAT_VERSION + 1} is newer than this code reads ({QFORMAT_VERSION})"),
     (None, False, lambda d: d["quantization"].__setitem__("scheme", "nf4"), "quantization.scheme='nf4'"),
 ])
 def test_a_bad_file_is_one_clear_error(tmp_path, int4_dir, edit, digests, meta, message):
@@ -147,8 +148,8 @@ def test_wrong_backend_or_precision_is_refused_never_dequantised(int4_dir):
 
 
 def test_quantize_refuses_bad_requests(tmp_path, source, int4_dir):
-    with pytest.raises(QuantizeInputError, match="written for int8 only"):
-        quantize_checkpoint(source, "int4", tmp_path / "a", backend="openvino")
+    with pytest.raises(QuantizeInputError, match="written for int8, onnxruntime, openvino only"):
+        quantize_checkpoint(source, "int4", tmp_path / "a", backend="eager")
     with pytest.raises(QuantizeInputError, match="already quantised"):
         quantize_checkpoint(int4_dir, "int4", tmp_path / "b")
     with pytest.raises(QuantizeInputError, match="exists and is not empty"):
