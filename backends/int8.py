@@ -230,6 +230,7 @@ class Int8Backend(TorchBackend):
     default_precision = "int8"
     training_precisions = ()
     training_refusal = "its quantised linears have no backward pass"
+    precision_options = {"int8": ("int8_scheme",), "int4": ("group_size",)}  # each precision's own
     description = ("PyTorch quantised Linears on the CPU: dynamic int8 (FBGEMM/QNNPACK, per-tensor or per-channel), "
                    "or int4 weight-only with group-wise scales (torch's CPU int4 kernel)")
 

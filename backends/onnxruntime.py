@@ -52,6 +52,9 @@ class ONNXRuntimeBackend(Backend):
     precisions = ("fp32", "int8", "int4")
     training_refusal = "it runs an exported ONNX inference graph, which has no backward pass"
     default_precision = "fp32"
+    # The options that change the quantised graph, by precision (a sweep gives each only where it applies).
+    precision_options = {"int8": ("int8_scheme", "weight_type", "reduce_range"),
+                         "int4": ("block_size", "symmetric", "accuracy_level")}
     description = ("ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation, "
                    "int4 by MatMulNBits")
 

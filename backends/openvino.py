@@ -50,6 +50,9 @@ class OpenVINOBackend(Backend):
     precisions = ("fp32", "bf16", "int8", "int4")
     training_refusal = "it runs an exported OpenVINO inference graph, which has no backward pass"
     default_precision = "fp32"
+    # The options of compressed weights, by precision (a sweep gives each only where it applies).
+    precision_options = {"int8": ("int8_mode", "dynamic_quantization_group_size"),
+                         "int4": ("int4_mode", "group_size", "ratio", "all_layers", "dynamic_quantization_group_size")}
     description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",

@@ -136,6 +136,8 @@ def build_sweep(args):
     values.update({k: v for k, v in cli.items() if v is not None})
     if args.no_parity:
         values["parity"] = False
+    if getattr(args, "option", None):
+        values["options"] = dict(values.get("options") or {}, **_sweep_options(args.option))
 
     sweep = Sweep()
     if values.get("checkpoint"):
@@ -203,7 +205,38 @@ def build_sweep(args):
     if "seed" in values:
         sweep.seed = int(values["seed"])
     _train_axes(sweep, values)
+    if "options" in values:
+        sweep.options = _option_axis(values["options"])
     return sweep
+
+
+def _sweep_options(items: list[str]) -> dict[str, str]:
+    """``--option KEY=V1,V2`` (repeatable) -> {key: "V1,V2"}."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE[,VALUE...], e.g. int8_scheme=per_tensor,per_channel")
+        out[key.strip()] = value
+    return out
+
+
+def _option_axis(table) -> dict[str, list]:
+    """The swept options from --option or a TOML [options] table: each a list of values, a value that
+    reads as JSON (32, true) taken as that; "a,b" and ["a", "b"] alike."""
+    from bench.sweep import SweepError, parse_list
+
+    if not isinstance(table, dict):
+        raise SweepError(f"options must be a table of option = values, not {table!r}")
+    out = {}
+    for key, value in table.items():
+        items = value if isinstance(value, list) else parse_list(value, f"option {key}") if isinstance(value, str) \
+            else [value]
+        values = [_option_value(v) if isinstance(v, str) else v for v in items]
+        if not values:
+            raise SweepError(f"--option {key}: no values")
+        out[key] = list(dict.fromkeys(values))
+    return out
 
 
 def _check_quantized_targets(sweep) -> None:
@@ -435,6 +468,8 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def summary_table(cells: list[dict]) -> Table:
+    from bench.spec import options_text
+
     table = Table(title="Results", title_justify="left")
     for col, justify in (("model", "left"), ("backend", "left"), ("prec", "left"), ("batch", "right"),
                          ("threads", "right"), ("status", "left"), ("decode tok/s", "right"),
@@ -457,8 +492,8 @@ def summary_table(cells: list[dict]) -> Table:
         status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]"
         tpot_txt = f"{_fmt(tpot.get('median'), 2)}/{_fmt(tpot.get('p90'), 2)}" if tpot else "-"
         frac = c.get("roofline_fraction")
-        table.add_row(Path(c["model"]).name, c["backend"], c["precision"] or "-", str(c["batch"]),
-                      str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
+        table.add_row(Path(c["model"]).name, c["backend"], (c["precision"] or "-") + options_text(c.get("options")),
+                      str(c["batch"]), str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
                       _fmt(ttft.get("median"), 2), _fmt(c.get("peak_rss_mb"), 0),
                       "-" if frac is None else f"{frac:.0%}", p)
     return table
@@ -1031,6 +1066,10 @@ def make_parser() -> argparse.ArgumentParser:
                      help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "
                           "that bench compare detects a slowdown of that size on this machine")
     run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
+    run.add_argument("--option", action="append", metavar="KEY=VALUE[,VALUE...]",
+                     help="a backend option swept as an axis, repeatable: int8_scheme=per_tensor,per_channel; "
+                          "each backend takes the options it has at each precision (the others run without); "
+                          "the options are part of the cell's identity")
     run.add_argument("--scenario", choices=("inference", "train", "serve"), default=None,
                      help="inference: generations in fresh processes (the default); train: forward + backward + "
                           "AdamW steps; serve: a bench serve process per backend and precision, loaded by "
