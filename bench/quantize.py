@@ -68,7 +68,8 @@ def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path,
     model = load_checkpoint(source)
     weights = _weights_file(source)
     start = time.perf_counter()
-    tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size or DEFAULT_GROUP_SIZE)
+    tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size or DEFAULT_GROUP_SIZE,
+                                    prepack=True)
     quantize_s = time.perf_counter() - start
     meta["source"] = _source(source, weights)
     meta["libraries"].update(_versions())

@@ -13,7 +13,12 @@ A quantised checkpoint is a directory like ours (``model/checkpoint.py``) with i
                          int8 per_channel  L.qweight int8 (N, K), L.scales f32 (N,), L.zero_points i64 (N,)
                          int4 (group G)    L.qweight uint8 (N, K/2): two 4-bit codes a byte, column 2j in
                                            the low nibble; L.scales f32 (N, K/G), L.zero_points f32 (N, K/G)
-                                           (w = (q - 8) * scale + zero, tinygemm's convention)
+                                           (w = (q - 8) * scale + zero, tinygemm's convention); from
+                                           format 2, when "prepacked" names the torch build, CPU
+                                           capability and packing code, also torch's own pack of them:
+                                           L.int4pack uint8 (N16, K/2), L.scales_and_zeros bf16
+                                           (K/G, N16, 2) (N16: N padded to 16), used as it is where all
+                                           three match and packed again from the codes elsewhere
                        plus L.bias (f32) where the Linear has one, and every other weight of the
                        model in fp32 under its own name (embeddings, LayerNorms).
     tokenizer.json, run.json   copied from the source checkpoint, so quality can be measured.
@@ -138,7 +143,8 @@ def is_quantized_checkpoint(directory: str | Path) -> bool:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    # the bytes as they lie (a memoryview, no copy): this runs over every tensor at every load
+    return hashlib.sha256(memoryview(t.contiguous().view(torch.uint8).numpy())).hexdigest()[:16]
 
 
 def file_digest(path: Path, full: bool = False) -> str:
@@ -175,10 +181,14 @@ def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dty
             out.update({f"{name}.qweight": (torch.uint8, (N, K // 2)),
                         f"{name}.scales": (torch.float32, (N, K // group)),
                         f"{name}.zero_points": (torch.float32, (N, K // group))})
+        if precision == "int4" and meta.get("prepacked"):  # torch's own pack: N rows padded to 16
+            n_pad = N + (-N % 16)
+            out.update({f"{name}.int4pack": (torch.uint8, (n_pad, K // 2)),
+                        f"{name}.scales_and_zeros": (torch.bfloat16, (K // group, n_pad, 2))})
         if module.bias is not None:
             out[f"{name}.bias"] = (torch.float32, tuple(module.bias.shape))
     if len(layers) != sum(1 for n in out if n.endswith(".qweight")):
-        missing = sorted(layers - {n[:-len(".qweight")] for n in out})
+        missing = sorted(layers - {n[:-len(".qweight")] for n in out if n.endswith(".qweight")})
         raise QuantizedCheckpointError(f"quantization.layers names {missing[0]!r}, which is not a Linear of this model")
     quantized_weights = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers}
     for name, p in model.state_dict().items():
