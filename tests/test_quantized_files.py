@@ -168,3 +168,22 @@ def test_cli_quantize_then_generate_and_run_from_the_onnx_file(source, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "for backend 'onnxruntime' at precision 'int4'" in err[0]
     assert len(from_file["token_ids"]) >= 5
+
+
+def test_run_from_an_openvino_file_loads_it_as_it_is_and_checks_parity_on_the_source(source, written, tmp_path):
+    import subprocess
+    import sys
+
+    out = written("openvino", "int4", {"group_size": 32})
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--checkpoint", str(out), "--backend", "openvino,eager",
+         "--precision", "int4", "--threads", "1", "--prompt-len", "8", "--gen-len", "4", "--budget", "0.5",
+         "--launches", "1", "--store", str(tmp_path / "s.sqlite"), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cells = {c["backend"]: c for c in json.loads(done.stdout)}
+    ov = cells["openvino"]
+    assert ov["status"] == "ok" and ov["parity"]["passed"], ov.get("reason")
+    assert ov["backend_info"]["requantized"] is False and ov["backend_info"]["group_size"] == 32
+    assert ov["backend_info"]["model_path"] == str(out / "model.xml")  # compiled from the file itself
+    assert cells["eager"]["status"] == "skipped"
