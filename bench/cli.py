@@ -353,6 +353,8 @@ def cmd_run_serve(args) -> int:
 
     if args.config:
         raise UsageError("bench run --scenario serve takes its settings from the command line, not --config")
+    if args.option:
+        raise UsageError("bench run --scenario serve: --option sweeps inference and train cells only")
     if (args.model is None) == (args.checkpoint is None):
         raise UsageError("bench run --scenario serve: give exactly one of --model PRESET or --checkpoint DIR")
     if args.model is not None:
