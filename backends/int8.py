@@ -33,8 +33,10 @@ this stays on the built-in API because torchao is not a dependency of the projec
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -119,10 +121,15 @@ class Int4Linear(nn.Module):
     """A Linear whose weight is held as torch's CPU int4 pack with group-wise scales and zeros."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: torch.Tensor | None, group_size: int):
+                 bias: torch.Tensor | None, group_size: int, prepacked: tuple | None = None):
         super().__init__()
         N, K = packed.shape[0], packed.shape[1] * 2
         self.in_features, self.out_features, self.group_size = K, N, group_size
+        if prepacked is not None:  # (weight_int4pack, scales_and_zeros) as this code packed them before
+            self.register_buffer("weight_int4pack", prepacked[0])
+            self.register_buffer("scales_and_zeros", prepacked[1])
+            self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+            return
         codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(N, K).to(torch.int32)  # (N, K)
         pad = -N % INT4_PACK_N
         if pad:  # padded rows: code 8, scale 1, zero 0, so their outputs are 0 and are cut off
@@ -146,10 +153,21 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+def int4_pack_identity() -> dict:
+    """What torch's CPU int4 pack depends on: its layout is per ISA (64-row blocks on AVX-512, 32 on
+    AVX2) and per torch build, and this file's code decides how codes become the pack. A stored pack
+    is used only where all three match; elsewhere the portable codes are packed again."""
+    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                source=hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16])
+
+
 def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_tensor",
-                    group_size: int = DEFAULT_GROUP_SIZE) -> tuple[dict[str, torch.Tensor], dict]:
+                    group_size: int = DEFAULT_GROUP_SIZE, prepack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Every tensor of ``model`` quantised as ``precision`` asks, in the quantised-checkpoint
-    layout (``model/qcheckpoint.py``), and the "quantization" metadata that describes them."""
+    layout (``model/qcheckpoint.py``), and the "quantization" metadata that describes them.
+
+    ``prepack`` (int4): also torch's packed form of each Linear (``L.int4pack``, ``L.scales_and_zeros``),
+    so a checkpoint loads without packing again on the same torch build and CPU (``int4_pack_identity``)."""
     layers = quantizable_linears(model)
     tensors: dict[str, torch.Tensor] = {}
     if precision == "int8":
@@ -174,6 +192,10 @@ def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_te
             tensors.update({f"{name}.qweight": packed, f"{name}.scales": scales, f"{name}.zero_points": zeros})
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().float()
+            if prepack:
+                built = Int4Linear(packed, scales, zeros, None, group_size)
+                tensors[f"{name}.int4pack"] = built.weight_int4pack
+                tensors[f"{name}.scales_and_zeros"] = built.scales_and_zeros
         scheme, group = INT4_SCHEME, group_size
     else:
         raise BackendError(f"backend 'int8': no quantised state for precision {precision!r}")
@@ -185,6 +207,8 @@ def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_te
         tensors.pop("lm_head.weight", None)
     meta = dict(backend="int8", precision=precision, scheme=scheme, group_size=group, layers=layers,
                 libraries={"torch": torch.__version__}, engine=quantized_engine() if precision == "int8" else None)
+    if prepack and precision == "int4":
+        meta["prepacked"] = int4_pack_identity()
     return tensors, meta
 
 
@@ -198,24 +222,29 @@ def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.
     layers = set(meta["layers"])
     for name, t in tensors.items():
         owner, _, leaf = name.rpartition(".")
-        if owner in layers:
+        if owner in layers or leaf in ("int4pack", "scales_and_zeros"):
             continue
         setattr(model.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
     if meta["precision"] == "int8":
         torch.backends.quantized.engine = quantized_engine()
+    use_pack = bool(meta.get("prepacked")) and meta["prepacked"] == int4_pack_identity()
     for name in meta["layers"]:
         q, scales, zps = (tensors[f"{name}.{k}"] for k in ("qweight", "scales", "zero_points"))
         bias = tensors.get(f"{name}.bias")
         if meta["precision"] == "int8":
             N, K = q.shape
-            module = torch.ao.nn.quantized.dynamic.Linear(K, N, bias_=bias is not None, dtype=torch.qint8)
+            # Made 1x1 and given its size after: made (N, K), it would first prepack an (N, K)
+            # placeholder, as costly as prepacking the real weight.
+            module = torch.ao.nn.quantized.dynamic.Linear(1, 1, bias_=bias is not None, dtype=torch.qint8)
+            module.in_features, module.out_features = K, N
             if meta["scheme"] == "per_channel":
                 qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), zps, 0)
             else:
                 qweight = torch._make_per_tensor_quantized_tensor(q, float(scales[0]), int(zps[0]))
             module.set_weight_bias(qweight, bias)
         else:
-            module = Int4Linear(q, scales, zps, bias, meta["group_size"])
+            prepacked = (tensors[f"{name}.int4pack"], tensors[f"{name}.scales_and_zeros"]) if use_pack else None
+            module = Int4Linear(q, scales, zps, bias, meta["group_size"], prepacked)
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, leaf, module)
     for name, p in model.named_parameters():
@@ -230,6 +259,7 @@ class Int8Backend(TorchBackend):
     default_precision = "int8"
     training_precisions = ()
     training_refusal = "its quantised linears have no backward pass"
+    precision_options = {"int8": ("int8_scheme",), "int4": ("group_size",)}  # each precision's own
     description = ("PyTorch quantised Linears on the CPU: dynamic int8 (FBGEMM/QNNPACK, per-tensor or per-channel), "
                    "or int4 weight-only with group-wise scales (torch's CPU int4 kernel)")
 
@@ -283,6 +313,11 @@ class Int8Backend(TorchBackend):
             self.model = build_quantized(model.config, model.tensors, model.meta)
             self._meta = dict(quantized_checkpoint=str(model.directory), requantized=False,
                               source_digest=model.meta.get("source", {}).get("digest"))
+            if self.precision == "int4":  # whether torch's pack came from the file or was made again
+                held = model.meta.get("prepacked")
+                self._meta["prepacked"] = ("from the file" if held and held == int4_pack_identity() else
+                                           "packed again: " + ("the file holds none" if not held else
+                                                               f"the file's pack is for {held}"))
             return
         super().load(model)
         self._meta = dict(requantized=True)

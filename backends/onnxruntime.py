@@ -52,6 +52,9 @@ class ONNXRuntimeBackend(Backend):
     precisions = ("fp32", "int8", "int4")
     training_refusal = "it runs an exported ONNX inference graph, which has no backward pass"
     default_precision = "fp32"
+    # The options that change the quantised graph, by precision (a sweep gives each only where it applies).
+    precision_options = {"int8": ("int8_scheme", "weight_type", "reduce_range"),
+                         "int4": ("block_size", "symmetric", "accuracy_level")}
     description = ("ONNX Runtime on the exported graph (TorchScript exporter); int8 by dynamic quantisation, "
                    "int4 by MatMulNBits")
 
@@ -111,15 +114,8 @@ class ONNXRuntimeBackend(Backend):
             raise BackendUnavailable(
                 f"onnxruntime {ort.__version__} has no {provider} (available: "
                 f"{', '.join(ort.get_available_providers())}); fix: pip install onnxruntime-gpu")
-        self.config = model.config
-        fingerprint = model_fingerprint(model)
-        path, meta, hit = export.onnx_fp32(model, fingerprint)
-        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
-        if self.precision in ("int8", "int4"):
-            path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
-            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
-        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
-                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+        from model.qcheckpoint import QuantizedCheckpoint
+        path = self._from_file(model) if isinstance(model, QuantizedCheckpoint) else self.graph(model)
 
         opts = ort.SessionOptions()
         if self.threads is not None:
@@ -133,7 +129,9 @@ class ONNXRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types; keep the message
-            raise BackendError(f"onnxruntime could not load {path}: {type(e).__name__}: {e}") from e
+            written = f" (written by {self._meta['written_by']}, this is {ort.__version__})" \
+                if "written_by" in self._meta else ""
+            raise BackendError(f"onnxruntime could not load {path}{written}: {type(e).__name__}: {e}") from e
         if self.session.get_providers()[0] != provider:  # never run on another provider unasked
             got = self.session.get_providers()
             self.session = None
@@ -141,6 +139,45 @@ class ONNXRuntimeBackend(Backend):
         self.ort_device = "cuda" if self.device == "cuda" else "cpu"
         self.in_names = export.input_names(self.config.n_layer)
         self.out_names = export.output_names(self.config.n_layer)
+
+    def graph(self, model: torch.nn.Module) -> Path:
+        """The model's ONNX file at this precision: exported and quantised, each step cached."""
+        self.config = model.config
+        fingerprint = model_fingerprint(model)
+        path, meta, hit = export.onnx_fp32(model, fingerprint)
+        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
+        if self.precision in ("int8", "int4"):
+            path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
+            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
+        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
+                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+        return path
+
+    def file_options(self) -> tuple[str, dict]:
+        """(scheme, quantiser options) of this precision's graph, as a quantised checkpoint records them."""
+        if self.precision == "int8":
+            return self.int8_scheme, dict(int8_scheme=self.int8_scheme, weight_type=self.weight_type,
+                                          reduce_range=self.reduce_range)
+        return (f"groupwise_{'sym' if self.symmetric else 'asym'}",
+                dict(block_size=self.block_size, symmetric=self.symmetric, accuracy_level=self.accuracy_level))
+
+    def _from_file(self, qc) -> Path:
+        """A quantised checkpoint's model.onnx, used as it is: no export, no quantiser."""
+        import onnxruntime as ort
+
+        from model.qcheckpoint import QuantizedCheckpointError
+        qc.check_for(self.name, self.precision)
+        qc.check_library("onnxruntime", ort.__version__)
+        qc.adopt_options(self)
+        if "model.onnx" not in qc.files:
+            raise QuantizedCheckpointError(f"{qc.directory}: quantization.files names no model.onnx")
+        self.config = qc.config
+        path = qc.files["model.onnx"]
+        self._meta = dict(quantized_checkpoint=str(qc.directory), requantized=False, export_s=0.0, quantize_s=0.0,
+                          source_digest=qc.meta.get("source", {}).get("digest"), model_path=str(path),
+                          weight_bytes=qc.meta.get("weight_bytes"), opset=qc.meta.get("opset"), cache_hit=False,
+                          written_by=f"onnxruntime {qc.meta['libraries'].get('onnxruntime')}")
+        return path
 
     def _quantized(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
         """The cached dynamic-int8 version of the fp32 graph."""

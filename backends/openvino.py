@@ -50,6 +50,9 @@ class OpenVINOBackend(Backend):
     precisions = ("fp32", "bf16", "int8", "int4")
     training_refusal = "it runs an exported OpenVINO inference graph, which has no backward pass"
     default_precision = "fp32"
+    # The options of compressed weights, by precision (a sweep gives each only where it applies).
+    precision_options = {"int8": ("int8_mode", "dynamic_quantization_group_size"),
+                         "int4": ("int4_mode", "group_size", "ratio", "all_layers", "dynamic_quantization_group_size")}
     description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
@@ -114,14 +117,8 @@ class OpenVINOBackend(Backend):
         if self.ov_device not in available and not any(d.startswith(self.ov_device + ".") for d in available):
             raise BackendUnavailable(f"openvino has no device {self.ov_device!r} here "
                                      f"(available: {', '.join(available)})")
-        self.config = model.config
-        path, meta, hit = self._fp32_ir(model, model_fingerprint(model))
-        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
-        if self.precision in ("int8", "int4"):
-            path, meta, hit = self._int8_ir(path, meta)
-            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
-        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"],
-                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+        from model.qcheckpoint import QuantizedCheckpoint
+        path = self._from_file(model) if isinstance(model, QuantizedCheckpoint) else self.graph(model)
 
         requested = OV_PRECISION[self.precision]
         config = {
@@ -140,7 +137,9 @@ class OpenVINOBackend(Backend):
         try:
             compiled = core.compile_model(core.read_model(path), self.ov_device, config)
         except RuntimeError as e:
-            raise BackendError(f"openvino could not compile {path} for {self.ov_device}: {e}") from e
+            written = f" (written by {self._meta['written_by']}, this is {ov.get_version()})" \
+                if "written_by" in self._meta else ""
+            raise BackendError(f"openvino could not compile {path} for {self.ov_device}{written}: {e}") from e
 
         got = compiled.get_property(hints.inference_precision).get_type_name()
         if got != requested:  # the plugin substituted a precision: refuse rather than mislabel
@@ -159,6 +158,43 @@ class OpenVINOBackend(Backend):
                 hints.dynamic_quantization_group_size)
         self.request = compiled.create_infer_request()
         self.n_outputs = len(compiled.outputs)
+
+    def graph(self, model: torch.nn.Module) -> Path:
+        """The model's IR at this precision: converted and compressed, each step cached."""
+        self.config = model.config
+        path, meta, hit = self._fp32_ir(model, model_fingerprint(model))
+        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
+        if self.precision in ("int8", "int4"):
+            path, meta, hit = self._int8_ir(path, meta)
+            self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
+        self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"],
+                          cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
+        return path
+
+    def file_options(self) -> tuple[str, dict]:
+        """(scheme, NNCF options) of this precision's IR, as a quantised checkpoint records them."""
+        if self.precision == "int8":
+            return f"per_channel_{self.int8_mode}", dict(int8_mode=self.int8_mode)
+        return f"groupwise_{self.int4_mode}", dict(int4_mode=self.int4_mode, group_size=self.group_size,
+                                                   ratio=self.ratio, all_layers=self.all_layers)
+
+    def _from_file(self, qc) -> Path:
+        """A quantised checkpoint's NNCF-compressed IR, compiled as it is: no conversion, no NNCF."""
+        import openvino as ov
+
+        from model.qcheckpoint import QuantizedCheckpointError
+        qc.check_for(self.name, self.precision)
+        qc.check_library("openvino", ov.get_version())
+        qc.adopt_options(self)
+        if not {"model.xml", "model.bin"} <= set(qc.files):
+            raise QuantizedCheckpointError(f"{qc.directory}: quantization.files must name model.xml and model.bin")
+        self.config = qc.config
+        path = qc.files["model.xml"]
+        self._meta = dict(quantized_checkpoint=str(qc.directory), requantized=False, export_s=0.0, quantize_s=0.0,
+                          source_digest=qc.meta.get("source", {}).get("digest"), model_path=str(path),
+                          weight_bytes=qc.meta.get("weight_bytes"), cache_hit=False,
+                          written_by=f"openvino {qc.meta['libraries'].get('openvino')}")
+        return path
 
     def _fp32_ir(self, model: torch.nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
         import openvino as ov

@@ -139,6 +139,8 @@ def build_sweep(args):
     values.update({k: v for k, v in cli.items() if v is not None})
     if args.no_parity:
         values["parity"] = False
+    if getattr(args, "option", None):
+        values["options"] = dict(values.get("options") or {}, **_sweep_options(args.option))
 
     sweep = Sweep()
     if values.get("checkpoint"):
@@ -206,7 +208,38 @@ def build_sweep(args):
     if "seed" in values:
         sweep.seed = int(values["seed"])
     _train_axes(sweep, values)
+    if "options" in values:
+        sweep.options = _option_axis(values["options"])
     return sweep
+
+
+def _sweep_options(items: list[str]) -> dict[str, str]:
+    """``--option KEY=V1,V2`` (repeatable) -> {key: "V1,V2"}."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE[,VALUE...], e.g. int8_scheme=per_tensor,per_channel")
+        out[key.strip()] = value
+    return out
+
+
+def _option_axis(table) -> dict[str, list]:
+    """The swept options from --option or a TOML [options] table: each a list of values, a value that
+    reads as JSON (32, true) taken as that; "a,b" and ["a", "b"] alike."""
+    from bench.sweep import SweepError, parse_list
+
+    if not isinstance(table, dict):
+        raise SweepError(f"options must be a table of option = values, not {table!r}")
+    out = {}
+    for key, value in table.items():
+        items = value if isinstance(value, list) else parse_list(value, f"option {key}") if isinstance(value, str) \
+            else [value]
+        values = [_option_value(v) if isinstance(v, str) else v for v in items]
+        if not values:
+            raise SweepError(f"--option {key}: no values")
+        out[key] = list(dict.fromkeys(values))
+    return out
 
 
 def _check_quantized_targets(sweep) -> None:
@@ -344,6 +377,8 @@ def cmd_run_serve(args) -> int:
 
     if args.config:
         raise UsageError("bench run --scenario serve takes its settings from the command line, not --config")
+    if args.option:
+        raise UsageError("bench run --scenario serve: --option sweeps inference and train cells only")
     if (args.model is None) == (args.checkpoint is None):
         raise UsageError("bench run --scenario serve: give exactly one of --model PRESET or --checkpoint DIR")
     if args.model is not None:
@@ -459,6 +494,8 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def summary_table(cells: list[dict]) -> Table:
+    from bench.spec import options_text
+
     table = Table(title="Results", title_justify="left")
     for col, justify in (("model", "left"), ("backend", "left"), ("prec", "left"), ("batch", "right"),
                          ("threads", "right"), ("status", "left"), ("decode tok/s", "right"),
@@ -481,8 +518,8 @@ def summary_table(cells: list[dict]) -> Table:
         status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]"
         tpot_txt = f"{_fmt(tpot.get('median'), 2)}/{_fmt(tpot.get('p90'), 2)}" if tpot else "-"
         frac = c.get("roofline_fraction")
-        table.add_row(Path(c["model"]).name, c["backend"], c["precision"] or "-", str(c["batch"]),
-                      str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
+        table.add_row(Path(c["model"]).name, c["backend"], (c["precision"] or "-") + options_text(c.get("options")),
+                      str(c["batch"]), str(c["threads"] or "default"), status, _fmt(c.get("decode_tok_s")), ci, tpot_txt,
                       _fmt(ttft.get("median"), 2), _fmt(c.get("peak_rss_mb"), 0),
                       "-" if frac is None else f"{frac:.0%}", p)
     return table
@@ -928,12 +965,16 @@ def _backend_options(items: list[str]) -> dict[str, dict]:
         backend, dot, key = name.partition(".")
         if not eq or not dot or not backend or not key:
             raise UsageError(f"--option {item!r}: expected BACKEND.KEY=VALUE, e.g. int8.int8_scheme=per_channel")
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        out.setdefault(backend, {})[key] = parsed
+        out.setdefault(backend, {})[key] = _option_value(value)
     return out
+
+
+def _option_value(value: str):
+    """A value that reads as JSON (a number, true/false) is taken as that, else as a string."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _label(row: dict) -> str:
@@ -971,23 +1012,29 @@ def cmd_quantize(args) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"bench quantize: checkpoint directory {args.checkpoint!r} does not exist")
+    options = {}
+    for item in args.option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. block_size=32")
+        options[key] = _option_value(value)
+    settings = dict(backend=args.backend, int8_scheme=args.int8_scheme, group_size=args.group_size, options=options)
     from model.storage import check_access, is_remote, upload_checkpoint
     if is_remote(args.out):  # written locally first, uploaded manifest last
         import tempfile
 
         check_access(args.out)
         with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
-            done = quantize_checkpoint(args.checkpoint, args.precision, Path(tmp) / "q", backend=args.backend,
-                                       int8_scheme=args.int8_scheme, group_size=args.group_size)
+            done = quantize_checkpoint(args.checkpoint, args.precision, Path(tmp) / "q", **settings)
             upload_checkpoint(done["out"], args.out)
         done["out"] = args.out
     else:
-        done = quantize_checkpoint(args.checkpoint, args.precision, args.out, backend=args.backend,
-                                   int8_scheme=args.int8_scheme, group_size=args.group_size)
+        done = quantize_checkpoint(args.checkpoint, args.precision, args.out, **settings)
     if args.json:
         print(json.dumps(done, indent=1))
     else:
         group = f", group size {done['group_size']}" if done["group_size"] else ""
+        group += "".join(f", {k}={v}" for k, v in done["options"].items() if k not in ("group_size", "block_size"))
         print(f"wrote {done['out']}: {done['backend']}/{done['precision']} {done['scheme']}{group}, "
               f"{done['bytes'] / 2**20:,.2f} MiB (source {done['source_bytes'] / 2**20:,.2f} MiB), "
               f"quantised in {done['quantize_s']:.2f} s; load it with --checkpoint {done['out']} "
@@ -1078,6 +1125,10 @@ def make_parser() -> argparse.ArgumentParser:
                      help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "
                           "that bench compare detects a slowdown of that size on this machine")
     run.add_argument("--no-parity", action="store_true", help="skip the parity check against eager fp32")
+    run.add_argument("--option", action="append", metavar="KEY=VALUE[,VALUE...]",
+                     help="a backend option swept as an axis, repeatable: int8_scheme=per_tensor,per_channel; "
+                          "each backend takes the options it has at each precision (the others run without); "
+                          "the options are part of the cell's identity")
     run.add_argument("--scenario", choices=("inference", "train", "serve"), default=None,
                      help="inference: generations in fresh processes (the default); train: forward + backward + "
                           "AdamW steps; serve: a bench serve process per backend and precision, loaded by "
@@ -1245,12 +1296,17 @@ def make_parser() -> argparse.ArgumentParser:
     quant.add_argument("--checkpoint", required=True,
                        help="an fp32 checkpoint directory (ours or a local GPT-2) or s3://bucket/prefix")
     quant.add_argument("--precision", required=True, choices=("int8", "int4"))
-    quant.add_argument("--backend", default="int8", help="the backend that will load it (default int8: PyTorch)")
+    quant.add_argument("--backend", default="int8",
+                       help="the backend that will load it: int8 (PyTorch, the default), onnxruntime or openvino")
     quant.add_argument("--out", required=True,
                        help="a new directory for the quantised checkpoint, or s3://bucket/prefix")
     quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
                        help="int8 weight scales: one per tensor (default) or per output channel")
-    quant.add_argument("--group-size", type=_positive_int, default=None, help="int4: weights per scale (default 128)")
+    quant.add_argument("--group-size", type=_positive_int, default=None,
+                       help="int4: weights per scale (default 128; int8 and openvino backends)")
+    quant.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="a quantiser option of the backend, repeatable: block_size=32, accuracy_level=4, "
+                            "symmetric=true (onnxruntime); int4_mode=sym, ratio=0.8, all_layers=true (openvino)")
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(fn=cmd_quantize)
 

@@ -7,6 +7,10 @@ leaves in the store and the merged record all carry the same identity, and ``--r
 ``bench compare`` match cells by it. ``cell_id`` is the one identity function: every stored
 record carries its result as ``record["cell_id"]``, so readers (``reports/``) match cells
 without knowing which fields make the identity.
+
+Backend options (``int8_scheme=per_channel``, ``block_size=32``) are part of the identity when a
+cell has any: two cells that differ only in options measure different things. A cell without
+options keeps the id it had before options were an axis, so stored runs still match.
 """
 
 from __future__ import annotations
@@ -38,9 +42,16 @@ def cell_id(record: dict) -> str:
     """
     scenario = record.get("scenario") or "inference"
     values = [record.get(f) for f in IDENTITY_FIELDS]
+    options = [{"options": record["options"]}] if record.get("options") else []  # none: the id as it was
     if scenario == "inference":
-        return json.dumps(values)
-    return json.dumps([scenario, *values, *(record.get(f) for f in SCENARIO_FIELDS[scenario])])
+        return json.dumps([*values, *options], sort_keys=True)
+    return json.dumps([scenario, *values, *(record.get(f) for f in SCENARIO_FIELDS[scenario]), *options],
+                      sort_keys=True)
+
+
+def options_text(options: dict | None) -> str:
+    """' int8_scheme=per_channel block_size=32' for a cell's backend options; '' for none."""
+    return "".join(f" {k}={v}" for k, v in sorted((options or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,10 @@ class CellSpec:
 
     def identity(self) -> dict:
         fields_ = IDENTITY_FIELDS + SCENARIO_FIELDS[self.scenario]
-        return {"scenario": self.scenario, **{f: getattr(self, f) for f in fields_}}
+        identity = {"scenario": self.scenario, **{f: getattr(self, f) for f in fields_}}
+        if self.options:
+            identity["options"] = dict(self.options)
+        return identity
 
     def label(self) -> str:
         threads = "default" if self.threads is None else self.threads
@@ -112,7 +126,8 @@ class CellSpec:
         train = ""
         if self.scenario == "train":
             train = f" train seq {self.seq_len} ckpt {'on' if self.grad_checkpointing else 'off'}"
-        return f"{model} {self.backend}/{self.precision}{device} batch {self.batch}{train} threads {threads}"
+        return (f"{model} {self.backend}/{self.precision}{options_text(self.options)}{device} batch {self.batch}"
+                f"{train} threads {threads}")
 
     def later_launch(self) -> CellSpec:
         """The spec of a launch after the cell's first: parity, quality and the KV-cache size

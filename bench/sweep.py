@@ -113,6 +113,9 @@ class Sweep:
     grad_checkpointing: list[bool] = field(default_factory=lambda: [False])  # train
     train_steps: int = 6  # train: timed steps per launch
     warmup_steps: int = 2  # train: untimed steps per launch before them
+    # backend options swept: name -> values ({"int8_scheme": ["per_tensor", "per_channel"]}); each
+    # backend takes those it has (``backend_option_variants``); empty: every backend's defaults
+    options: dict[str, list] = field(default_factory=dict)
 
     def key(self) -> str:
         """Identifies the sweep for --resume."""
@@ -120,6 +123,8 @@ class Sweep:
         if self.scenario == "inference":  # the keys of inference sweeps stay what they were
             for name in TRAIN_ONLY:
                 d.pop(name)
+        if not self.options:  # and so do those of sweeps without options
+            d.pop("options")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -134,7 +139,7 @@ TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions"
              "seed": "seed", "checkpoint": "checkpoint", "launches": "launches",
              "planted_delay": "planted_delay", "quality_tokens": "quality_tokens",
              "scenario": "scenario", "seq_len": "seq_lens", "grad_checkpointing": "grad_checkpointing",
-             "train_steps": "train_steps", "warmup_steps": "warmup_steps"}
+             "train_steps": "train_steps", "warmup_steps": "warmup_steps", "options": "options"}
 
 
 def load_toml(path: str | Path) -> dict:
@@ -148,6 +153,8 @@ def load_toml(path: str | Path) -> dict:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SweepError(f"sweep config {str(path)!r} is not valid TOML: {e}") from None
+    if "sweep" in data and isinstance(data.get("options"), dict):  # an [options] table beside [sweep]
+        data = dict(data["sweep"], options=data["options"])
     data = data.get("sweep", data)
     unknown = sorted(set(data) - set(TOML_KEYS))
     if unknown:
@@ -268,6 +275,48 @@ def quantized_target(directory: str) -> tuple[str, str, str] | None:
     return meta["backend"], meta["precision"], meta["scheme"]
 
 
+def takes_option(cls, key: str, precision: str) -> bool:
+    """Whether backend class ``cls`` takes option ``key`` at ``precision``: a parameter of its
+    constructor, and, for a quantiser option (``cls.precision_options``), one of that precision's."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if key not in params or params[key].kind is inspect.Parameter.VAR_KEYWORD or key in BASE_PARAMETERS:
+        return False
+    by_precision = getattr(cls, "precision_options", {})
+    quantizer = {k for keys in by_precision.values() for k in keys}
+    return key not in quantizer or key in by_precision.get(precision, ())
+
+
+BASE_PARAMETERS = ("self", "precision", "threads", "device", "training")
+
+
+def backend_option_variants(cls, precision: str, options: dict[str, list]) -> list[dict]:
+    """The option sets a backend's cells at ``precision`` run with: every combination of the swept
+    options it takes there; one empty set (its defaults, the cell as without options) if none."""
+    from itertools import product
+
+    keys = [k for k in options if takes_option(cls, k, precision)]
+    return [dict(zip(keys, values)) for values in product(*(options[k] for k in keys))]
+
+
+def check_option_values(cls, precision: str, options: dict) -> None:
+    """Bad option values are bad input, found before anything runs: the backend's own constructor
+    (cheap: it validates and stores, loading nothing) is the one judge of them."""
+    try:
+        cls(precision=precision, **options)
+    except (TypeError, ValueError, InputError) as e:
+        raise SweepError(f"--option for backend {cls.name!r} at {precision}: {e}") from None
+
+
+def check_options(sweep: Sweep, classes: dict) -> None:
+    """An option that no backend of the sweep takes, at any of its precisions, is a typo: one error."""
+    for key in sweep.options:
+        if not any(takes_option(cls, key, p) for cls in classes.values()
+                   for p in (sweep.precisions or cls.precisions)):
+            raise SweepError(f"--option {key}: no backend of this sweep ({', '.join(classes)}) takes it")
+
+
 def default_precisions(cls, isa: dict | None) -> list[str]:
     """A backend's default precision and the reduced precisions it runs natively on this CPU,
     so a machine with native bf16 (AVX-512 BF16, AMX) has its fastest setting in the default sweep."""
@@ -290,6 +339,7 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
 
     train = sweep.scenario == "train"
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    check_options(sweep, {b: registry.get_backend_class(b) for b in sweep.backends})
     cells: list[Planned] = []
     for model in sweep.models:
         checkpoint = sweep.checkpoint or is_checkpoint_dir(model)
@@ -307,14 +357,15 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
             probe = probes[backend]
             for precision in sweep.precisions or (default_training_precisions if train else default_precisions)(cls, isa):
                 for batch in sweep.batches:
-                    for threads, variant in product(sweep.threads, scenario_variants(sweep)):
+                    for threads, variant, options in product(sweep.threads, scenario_variants(sweep),
+                                                             backend_option_variants(cls, precision, sweep.options)):
                         spec = CellSpec(**variant, scenario=sweep.scenario, model=model, backend=backend, precision=precision,
                                         device=cls.default_device(), batch=batch, threads=threads,
                                         prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
                                         checkpoint=checkpoint, budget_s=sweep.budget_s,
                                         target_ci=sweep.target_ci, parity_steps=8 if sweep.parity else 0,
                                         quality_tokens=sweep.quality_tokens if checkpoint else 0,
-                                        planted_delay=sweep.planted_delay)
+                                        planted_delay=sweep.planted_delay, options=options)
                         reason = ""
                         if not probe.available:
                             reason = f"backend unavailable: {probe.reason}" + (
@@ -324,6 +375,8 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                                 cls.check_training(precision) if train else cls.check_precision(precision)
                             except (UnsupportedPrecision, TrainingUnsupported) as e:
                                 reason = str(e)
+                        if not reason and options:
+                            check_option_values(cls, precision, options)
                         if not reason and quantized is not None and (backend, precision) != quantized[:2]:
                             reason = (f"a quantised checkpoint for {quantized[0]}/{quantized[1]} ({quantized[2]}) "
                                       f"runs on that backend and precision only")

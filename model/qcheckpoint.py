@@ -13,10 +13,31 @@ A quantised checkpoint is a directory like ours (``model/checkpoint.py``) with i
                          int8 per_channel  L.qweight int8 (N, K), L.scales f32 (N,), L.zero_points i64 (N,)
                          int4 (group G)    L.qweight uint8 (N, K/2): two 4-bit codes a byte, column 2j in
                                            the low nibble; L.scales f32 (N, K/G), L.zero_points f32 (N, K/G)
-                                           (w = (q - 8) * scale + zero, tinygemm's convention)
+                                           (w = (q - 8) * scale + zero, tinygemm's convention); from
+                                           format 2, when "prepacked" names the torch build, CPU
+                                           capability and packing code, also torch's own pack of them:
+                                           L.int4pack uint8 (N16, K/2), L.scales_and_zeros bf16
+                                           (K/G, N16, 2) (N16: N padded to 16), used as it is where all
+                                           three match and packed again from the codes elsewhere
                        plus L.bias (f32) where the Linear has one, and every other weight of the
                        model in fp32 under its own name (embeddings, LayerNorms).
     tokenizer.json, run.json   copied from the source checkpoint, so quality can be measured.
+
+A graph runtime's quantised checkpoint (ONNX Runtime, OpenVINO; format_version 2) is the same
+directory with another payload: the runtime's own quantised model instead of model.safetensors,
+as the runtime wrote it, and "payload": "files" in the "quantization" object:
+
+    onnxruntime   model.onnx          MatMulNBits (int4) or DynamicQuantizeLinear/MatMulInteger (int8) nodes
+    openvino      model.xml, model.bin   the NNCF-compressed IR
+    config.json   "quantization": {"backend", "precision", "scheme", "payload": "files",
+                                   "options": {every quantiser option: block_size, accuracy_level,
+                                               int4_mode, ratio, ...},
+                                   "files": {name: sha256 of the file},
+                                   "source": {...}, "libraries": {...}}
+
+The backend loads the file straight into its runtime (an InferenceSession, a compiled model)
+without exporting or quantising; an option the file was made with is taken from it, and asking
+for another value than the file holds is refused like another backend or precision.
 
 Which backend and precision a file is for is written in it and checked on load: a
 quantised checkpoint given to any other backend or precision is refused with the one that
@@ -39,8 +60,15 @@ from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, CheckpointError
 from model.gpt import GPT, GPTConfig
 
 QFORMAT = "llm-backend-bench/gpt-quantized"
-QFORMAT_VERSION = 1
+QFORMAT_VERSION = 2  # 2: the "files" payload of the graph runtimes, and int4's prepacked weights
 SCHEMES = {"int8": ("per_tensor", "per_channel"), "int4": ("groupwise_asym",)}
+# The graph runtimes' schemes, by (backend, precision): what their quantisers were asked for.
+FILE_SCHEMES = {
+    ("onnxruntime", "int8"): ("per_tensor", "per_channel"),
+    ("onnxruntime", "int4"): ("groupwise_asym", "groupwise_sym"),
+    ("openvino", "int8"): ("per_channel_asym", "per_channel_sym"),
+    ("openvino", "int4"): ("groupwise_asym", "groupwise_sym"),
+}
 COPIED_FILES = ("tokenizer.json", "run.json", "vocab.json", "merges.txt")
 
 
@@ -65,6 +93,36 @@ class QuantizedCheckpoint:
     def precision(self) -> str:
         return self.meta["precision"]
 
+    @property
+    def files(self) -> dict[str, Path]:
+        """A graph runtime's model files (the "files" payload), checked against their digests."""
+        return {name: self.directory / name for name in self.meta.get("files", {})}
+
+    def check_library(self, name: str, installed: str) -> None:
+        """Refuse a file written by a newer major version of ``name`` than the one installed: an older
+        runtime cannot be trusted to read a newer one's operators. Older files load (runtimes read them)."""
+        written = str(self.meta.get("libraries", {}).get(name, ""))
+        if _major(written) is not None and _major(installed) is not None and _major(written) > _major(installed):
+            raise QuantizedCheckpointError(
+                f"{self.directory}: quantization.libraries.{name}={written!r} is a newer major version than the "
+                f"installed {name} {installed}; install {name}>={written.split('.')[0]} or quantise it again here")
+
+    def adopt_options(self, backend) -> None:
+        """Set ``backend``'s quantiser options to the file's: an option left at its default takes the
+        file's value; one asked for with another value is refused, never requantised."""
+        import inspect
+
+        defaults = inspect.signature(type(backend).__init__).parameters
+        for key, held in self.meta.get("options", {}).items():
+            current = getattr(backend, key)
+            if current == held:
+                continue
+            default = defaults[key].default if key in defaults else inspect.Parameter.empty
+            if default is not None and current != default:
+                raise QuantizedCheckpointError(f"{self.directory}: holds {key}={held!r}, but {key}={current!r} "
+                                               f"was asked for (quantise it again with that option)")
+            setattr(backend, key, held)
+
     def check_for(self, backend: str, precision: str) -> None:
         """Refuse a backend or precision this file is not for, saying which one reads it."""
         if backend != self.backend or precision != self.precision:
@@ -85,15 +143,21 @@ def is_quantized_checkpoint(directory: str | Path) -> bool:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    # the bytes as they lie (a memoryview, no copy): this runs over every tensor at every load
+    return hashlib.sha256(memoryview(t.contiguous().view(torch.uint8).numpy())).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, full: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest() if full else h.hexdigest()[:16]
+
+
+def _major(version: str) -> int | None:
+    head = str(version).split(".")[0]
+    return int(head) if head.isdigit() else None
 
 
 def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -117,10 +181,14 @@ def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dty
             out.update({f"{name}.qweight": (torch.uint8, (N, K // 2)),
                         f"{name}.scales": (torch.float32, (N, K // group)),
                         f"{name}.zero_points": (torch.float32, (N, K // group))})
+        if precision == "int4" and meta.get("prepacked"):  # torch's own pack: N rows padded to 16
+            n_pad = N + (-N % 16)
+            out.update({f"{name}.int4pack": (torch.uint8, (n_pad, K // 2)),
+                        f"{name}.scales_and_zeros": (torch.bfloat16, (K // group, n_pad, 2))})
         if module.bias is not None:
             out[f"{name}.bias"] = (torch.float32, tuple(module.bias.shape))
     if len(layers) != sum(1 for n in out if n.endswith(".qweight")):
-        missing = sorted(layers - {n[:-len(".qweight")] for n in out})
+        missing = sorted(layers - {n[:-len(".qweight")] for n in out if n.endswith(".qweight")})
         raise QuantizedCheckpointError(f"quantization.layers names {missing[0]!r}, which is not a Linear of this model")
     quantized_weights = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers}
     for name, p in model.state_dict().items():
@@ -149,11 +217,32 @@ def save_quantized(directory: str | Path, config: GPTConfig, tensors: dict[str, 
     save_file(tensors, str(directory / SAFETENSORS_FILE), metadata={"format": QFORMAT})
     doc = {"format": QFORMAT, "format_version": QFORMAT_VERSION, "config": config.to_dict(), "quantization": meta}
     (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    _copy_source_files(directory, source)
+    return directory
+
+
+def save_quantized_files(directory: str | Path, config: GPTConfig, files: list[Path], meta: dict,
+                         source: str | Path | None = None) -> Path:
+    """Write a graph runtime's quantised checkpoint: ``files`` (its model as the runtime wrote it)
+    copied in, ``meta`` the "quantization" object (without payload and digests)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for f in files:
+        shutil.copyfile(f, directory / f.name)
+        digests[f.name] = file_digest(directory / f.name, full=True)
+    meta = dict(meta, payload="files", files=digests)
+    doc = {"format": QFORMAT, "format_version": QFORMAT_VERSION, "config": config.to_dict(), "quantization": meta}
+    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    _copy_source_files(directory, source)
+    return directory
+
+
+def _copy_source_files(directory: Path, source: str | Path | None) -> None:
     if source is not None:
         for name in COPIED_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, directory / name)
-    return directory
 
 
 def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
@@ -182,6 +271,11 @@ def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
     meta = doc.get("quantization")
     if not isinstance(meta, dict):
         raise QuantizedCheckpointError(f"{path}: \"quantization\" must be an object")
+    if meta.get("payload", "tensors") == "files":
+        return config, _check_files_meta(meta, path)
+    if meta.get("payload", "tensors") != "tensors":
+        raise QuantizedCheckpointError(f"{path}: quantization.payload={meta.get('payload')!r} is not "
+                                       f"'tensors' or 'files'")
     for key, kind in (("backend", str), ("precision", str), ("scheme", str), ("layers", list), ("tensors", dict)):
         if not isinstance(meta.get(key), kind):
             raise QuantizedCheckpointError(f"{path}: quantization.{key}={meta.get(key)!r} must be a {kind.__name__}")
@@ -201,12 +295,51 @@ def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
     return config, meta
 
 
+def _check_files_meta(meta: dict, path: Path) -> dict:
+    """The "quantization" object of a graph runtime's file, every field it needs checked."""
+    for key, kind in (("backend", str), ("precision", str), ("scheme", str), ("options", dict), ("files", dict),
+                      ("libraries", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise QuantizedCheckpointError(f"{path}: quantization.{key}={meta.get(key)!r} must be a {kind.__name__}")
+    target = (meta["backend"], meta["precision"])
+    if target not in FILE_SCHEMES:
+        raise QuantizedCheckpointError(f"{path}: quantization.backend={target[0]!r} with precision={target[1]!r} "
+                                       f"is not one this code reads as files "
+                                       f"({', '.join(f'{b}/{p}' for b, p in FILE_SCHEMES)})")
+    if meta["scheme"] not in FILE_SCHEMES[target]:
+        raise QuantizedCheckpointError(f"{path}: quantization.scheme={meta['scheme']!r} is not one of "
+                                       f"{', '.join(FILE_SCHEMES[target])} for {target[0]} {target[1]}")
+    if not meta["files"]:
+        raise QuantizedCheckpointError(f"{path}: quantization.files is empty: the checkpoint names no model file")
+    for name, digest in meta["files"].items():
+        if "/" in name or name.startswith(".") or not isinstance(digest, str) or len(digest) != 64:
+            raise QuantizedCheckpointError(f"{path}: quantization.files[{name!r}]={digest!r} must name a file "
+                                           f"in the directory and its sha256 (64 hex digits)")
+    return meta
+
+
+def _load_files(directory: Path, config: GPTConfig, meta: dict) -> QuantizedCheckpoint:
+    """Every model file of a graph runtime's checkpoint present and unchanged (its sha256)."""
+    for name, digest in meta["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise QuantizedCheckpointError(f"{path}: missing; the quantised checkpoint's {CONFIG_FILE} lists it "
+                                           f"in quantization.files")
+        if file_digest(path, full=True) != digest:
+            raise QuantizedCheckpointError(f"{path}: does not match its sha256 in {CONFIG_FILE} "
+                                           f"(the file is corrupted or was edited)")
+    return QuantizedCheckpoint(directory, config, {}, meta)
+
+
 def load_quantized(directory: str | Path) -> QuantizedCheckpoint:
-    """Read and check a quantised checkpoint: every tensor present, of its dtype and shape, unchanged."""
+    """Read and check a quantised checkpoint: every tensor (or model file) present, of its dtype and
+    shape, unchanged."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config, meta = read_quantized_config(directory)
+    if meta.get("payload") == "files":
+        return _load_files(directory, config, meta)
     path = directory / SAFETENSORS_FILE
     if not path.is_file():
         raise QuantizedCheckpointError(f"{path}: missing; a quantised checkpoint needs {SAFETENSORS_FILE}")

@@ -124,7 +124,7 @@ def is_serve(cell: dict) -> bool:
 def serve_key(cell: dict) -> tuple:
     """Model, backend, precision, then the offered load (all at once last)."""
     rate = cell.get("rate")
-    return (str(cell.get("model")), str(cell.get("backend")), str(cell.get("precision")), _none_last(cell.get("batch")),
+    return (str(cell.get("model")), str(cell.get("backend")), str(variant(cell)), _none_last(cell.get("batch")),
             rate is None, rate or 0, _none_last(cell.get("max_concurrency")))
 
 
@@ -149,8 +149,15 @@ def is_peer(cell: dict) -> bool:
 PEER_MARK = " (peer)"
 
 
+def variant(cell: dict) -> str:
+    """The precision and, where a sweep had an options axis, the cell's backend options: what tells
+    a backend's rows apart ("int8 · int8_scheme=per_channel")."""
+    options = "".join(f" · {k}={v}" for k, v in sorted((cell.get("options") or {}).items()))
+    return f"{cell.get('precision')}{options}"
+
+
 def label(cell: dict) -> str:
-    return f"{cell.get('backend')} · {cell.get('precision')}" + (PEER_MARK if is_peer(cell) else "")
+    return f"{cell.get('backend')} · {variant(cell)}" + (PEER_MARK if is_peer(cell) else "")
 
 
 def threads_label(threads: int | None) -> str:
@@ -221,7 +228,7 @@ def _none_last(x):
 def sort_key(cell: dict) -> tuple:
     """Deterministic order: model size, backend, precision, batch, threads, lengths."""
     return (_none_last(cell.get("n_params")), str(cell.get("model")), str(cell.get("backend")),
-            str(cell.get("precision")), _none_last(cell.get("batch")), _none_last(cell.get("threads")),
+            str(variant(cell)), _none_last(cell.get("batch")), _none_last(cell.get("threads")),
             _none_last(cell.get("prompt_len")), _none_last(cell.get("gen_len")))
 
 
@@ -232,7 +239,7 @@ def models(cells: list[dict]) -> list[str]:
 
 
 def rows(cells: list[dict]) -> list[tuple[str, str]]:
-    return sorted({(str(c.get("backend")), str(c.get("precision"))) for c in cells})
+    return sorted({(str(c.get("backend")), str(variant(c))) for c in cells})
 
 
 def best_by_threads(cells: list[dict]) -> dict[tuple, dict]:
@@ -241,7 +248,7 @@ def best_by_threads(cells: list[dict]) -> dict[tuple, dict]:
     for c in sorted(cells, key=sort_key):
         if not is_ok(c) or not _finite(c.get("decode_tok_s")):
             continue
-        k = (c.get("model"), c.get("backend"), c.get("precision"), c.get("batch"))
+        k = (c.get("model"), c.get("backend"), variant(c), c.get("batch"))
         if k not in best or c["decode_tok_s"] > best[k]["decode_tok_s"]:
             best[k] = c
     return best
@@ -403,7 +410,7 @@ def model_table(machine: Machine, model: str) -> Table:
     for backend, precision in rows(cells):
         row = [text(f"{backend} · {precision}" + (PEER_MARK if backend in peers else ""))]
         for b in batches:
-            group = [c for c in cells if (c.get("backend"), c.get("precision"), c.get("batch"))
+            group = [c for c in cells if (c.get("backend"), variant(c), c.get("batch"))
                      == (backend, precision, b)]
             c = best.get((model, backend, precision, b))
             not_ok = [g for g in group if not is_ok(g)]
@@ -503,7 +510,7 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
     groups: dict[tuple, dict] = defaultdict(dict)
     for c in cells:
         if c.get("threads") is not None:
-            groups[(c.get("model"), c.get("backend"), c.get("precision"), c.get("batch"))][c["threads"]] = c
+            groups[(c.get("model"), c.get("backend"), variant(c), c.get("batch"))][c["threads"]] = c
     order = {m: i for i, m in enumerate(models(cells))}
     for k in sorted(groups, key=lambda k: (order[k[0]], str(k[1]), str(k[2]), _none_last(k[3]))):
         by_t = groups[k]
@@ -616,7 +623,7 @@ def problems_table(machine: Machine) -> Table | None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in machine.cells:
         if not is_ok(c):
-            groups[(str(c.get("backend")), str(c.get("precision")), str(c.get("status")),
+            groups[(str(c.get("backend")), str(variant(c)), str(c.get("status")),
                     str(c.get("reason") or "no reason recorded"))].append(c)
     if not groups:
         return None
@@ -675,7 +682,7 @@ def all_cells_table(machine: Machine) -> Table:
         tpot = c.get("tpot_ms") if isinstance(c.get("tpot_ms"), dict) else {}
         ok = is_ok(c)
         out.append((text(model_name(c.get("model"))), text(str(c.get("backend")) + (PEER_MARK if is_peer(c) else "")),
-                    text(str(c.get("precision"))), number(c.get("batch"), str(c.get("batch"))),
+                    text(str(variant(c))), number(c.get("batch"), str(c.get("batch"))),
                     text(threads_label(c.get("threads")), sort=c.get("threads")),
                     text(str(c.get("status")), tone="" if ok else "bad"),
                     Cell((decode_text(c),), c.get("decode_tok_s")),

@@ -16,7 +16,7 @@ from bench.cli import main
 from bench.quantize import QuantizeInputError, open_model, quantize_checkpoint, reference_model
 from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_checkpoint, read_config, save_checkpoint
 from model.errors import InputError
-from model.qcheckpoint import QuantizedCheckpointError, load_quantized, tensor_digest
+from model.qcheckpoint import QFORMAT_VERSION, QuantizedCheckpointError, load_quantized, tensor_digest
 
 SCHEMES = [("int8", "per_tensor"), ("int8", "per_channel"), ("int4", None)]
 
@@ -47,7 +47,7 @@ def _ids():
 def test_round_trip_is_bit_identical_and_gives_identical_logits(tmp_path, source, precision, scheme):
     out = tmp_path / "q"
     _quantize(source, out, precision, scheme)
-    fresh_tensors, meta = quantized_state(load_checkpoint(source), precision, scheme or "per_tensor")
+    fresh_tensors, meta = quantized_state(load_checkpoint(source), precision, scheme or "per_tensor", prepack=True)
     loaded = load_quantized(out)
     assert set(loaded.tensors) == set(fresh_tensors)
     for name, t in fresh_tensors.items():
@@ -63,6 +63,38 @@ def test_round_trip_is_bit_identical_and_gives_identical_logits(tmp_path, source
         assert torch.equal(fresh.logits(_ids()), from_file.logits(_ids()))
         assert from_file.info()["requantized"] is False and fresh.info()["requantized"] is True
         assert from_file.weight_bytes() == fresh.weight_bytes()
+        if precision == "int4":
+            assert from_file.info()["prepacked"] == "from the file"
+
+
+def test_int8_modules_built_from_the_tensor_set_equal_torchs_own_quantize_dynamic(source):
+    """build_quantized makes its quantised Linears 1x1 and sizes them after (no placeholder prepack):
+    the result must compute exactly what quantize_dynamic's modules compute."""
+    from backends.int8 import build_quantized, quantize_linears, quantized_engine
+
+    model = load_checkpoint(source)
+    for per_channel in (False, True):
+        reference = quantize_linears(model, quantized_engine(), per_channel=per_channel)
+        tensors, meta = quantized_state(model, "int8", "per_channel" if per_channel else "per_tensor")
+        built = build_quantized(model.config, tensors, meta)
+        x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1))
+        for name in meta["layers"][:3]:
+            ref, mine = reference.get_submodule(name), built.get_submodule(name)
+            assert (mine.in_features, mine.out_features) == (ref.in_features, ref.out_features)
+            assert torch.equal(mine(x if mine.in_features == 128 else x.repeat(1, 1, 4)),
+                               ref(x if ref.in_features == 128 else x.repeat(1, 1, 4)))
+
+
+def test_a_stored_int4_pack_for_another_torch_or_cpu_is_packed_again_from_the_codes(tmp_path, int4_dir):
+    other = _copy(int4_dir, tmp_path)
+    doc = json.loads((other / CONFIG_FILE).read_text())
+    doc["quantization"]["prepacked"]["cpu_capability"] = "NO AVX"  # as if written on another CPU
+    (other / CONFIG_FILE).write_text(json.dumps(doc))
+    with registry.create("int8", precision="int4") as stored, registry.create("int8", precision="int4") as again:
+        stored.load(open_model(int4_dir, "int8", "int4"))
+        again.load(open_model(other, "int8", "int4"))
+        assert again.info()["prepacked"].startswith("packed again: the file's pack is for")
+        assert torch.equal(stored.logits(_ids()), again.logits(_ids()))
 
 
 def test_int4_records_its_parameters_and_holds_fewer_bytes(source):
@@ -121,7 +153,8 @@ def _corrupt_scale(t):
     (lambda t: t.__setitem__(SCALE, t[SCALE][:, :2].contiguous()), True, None,
      f"tensor {SCALE!r} has shape (128, 2), expected (128, 4)"),
     (lambda t: t.__setitem__(SCALE, -t[SCALE]), True, None, f"tensor {SCALE!r} holds non-finite or non-positive"),
-    (None, False, lambda d: d.__setitem__("format_version", 2), "format_version=2 is newer than this code reads (1)"),
+    (None, False, lambda d: d.__setitem__("format_version", QFORMAT_VERSION + 1),
+     f"format_version={QFORMAT_VERSION + 1} is newer than this code reads ({QFORMAT_VERSION})"),
     (None, False, lambda d: d["quantization"].__setitem__("scheme", "nf4"), "quantization.scheme='nf4'"),
 ])
 def test_a_bad_file_is_one_clear_error(tmp_path, int4_dir, edit, digests, meta, message):
@@ -147,8 +180,8 @@ def test_wrong_backend_or_precision_is_refused_never_dequantised(int4_dir):
 
 
 def test_quantize_refuses_bad_requests(tmp_path, source, int4_dir):
-    with pytest.raises(QuantizeInputError, match="written for int8 only"):
-        quantize_checkpoint(source, "int4", tmp_path / "a", backend="openvino")
+    with pytest.raises(QuantizeInputError, match="written for int8, onnxruntime, openvino only"):
+        quantize_checkpoint(source, "int4", tmp_path / "a", backend="eager")
     with pytest.raises(QuantizeInputError, match="already quantised"):
         quantize_checkpoint(int4_dir, "int4", tmp_path / "b")
     with pytest.raises(QuantizeInputError, match="exists and is not empty"):
