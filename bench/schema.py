@@ -21,6 +21,7 @@ CELL_FIELDS = {
     "backend": "backend name (eager, mkl, ipex, cuda, onnxruntime, openvino, int8; peers hf, optimum-onnxruntime, optimum-openvino)",
     "peer": "true for a peer backend (what a user would run instead: hf, optimum-*), false for ours",
     "precision": "precision actually used: fp32, bf16, fp16, int8 or int4",
+    "options": "backend options swept by --option or a TOML [options] table (int8_scheme, group_size, ...); part of cell_id when given, absent otherwise",
     "device": "device the model ran on (cpu, cuda, xpu, ...)",
     "model": "preset name, or the checkpoint directory",
     "n_params": "parameter count of the model",
