@@ -38,6 +38,7 @@ class Job:
     spec: dict  # ``CellSpec.to_dict()`` of this launch (a later launch skips the cold facts)
     number: int  # 1-based: the cell's launches so far + 1
     previous_fingerprint: str | None = None  # fingerprint id of the cell's earlier launches, if any
+    peak_bytes: int = 0  # the memory guard's estimate of the launch's peak (0: none); a node needs room for it
 
 
 class LocalExecutor:

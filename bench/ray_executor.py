@@ -312,9 +312,11 @@ class RayExecutor:
         return f"start a node with `ray start --labels {labels}`, or change --on" if labels else ""
 
     @property
-    def available_bytes(self) -> int | None:
-        """The most free memory of any probed node: the memory guard plans against the roomiest."""
-        return max((n.available_bytes for n in self.nodes.values()), default=None)
+    def available_bytes(self) -> float:
+        """No limit for the plan: the memory guard runs per node instead, in ``place`` (a cell no
+        matching node has room for is skipped, naming the nodes' free memory) and in ``run`` (a
+        launch goes only to a node it fits, by ``Job.peak_bytes``)."""
+        return float("inf")
 
     # -- the executor interface ------------------------------------------------------------------
     def resume_key(self, sweep_key: str) -> str:
@@ -335,17 +337,31 @@ class RayExecutor:
         for c in cells:
             if not c.skip_reason and not self._eligible(c.spec.backend, None):
                 c = replace(c, skip_reason=self._no_node(c.spec.backend))
+            elif not c.skip_reason and not self._eligible(c.spec.backend, None, c.peak_bytes):
+                c = replace(c, skip_reason=self._no_room(c.spec.backend, c.peak_bytes))
             out.append(c)
         self._backends = {c.spec.backend for c in out if not c.skip_reason}
         return out
 
-    def _eligible(self, backend: str, fingerprint_id: str | None) -> list[Node]:
-        """Alive probed nodes that match the backend's labels, have it available and, for a cell
-        with earlier launches, are the same machine as those (by fingerprint id); by id, for a stable order."""
+    def _eligible(self, backend: str, fingerprint_id: str | None, need: int = 0) -> list[Node]:
+        """Alive probed nodes that match the backend's labels, have it available, have room for
+        ``need`` bytes (the memory guard's estimate, against the node's free memory when probed)
+        and, for a cell with earlier launches, are the same machine as those (by fingerprint id);
+        by id, for a stable order."""
+        from bench.sweep import MEMORY_HEADROOM
+
         return sorted((n for n in self.nodes.values()
                        if n.alive and n.matches(self.selectors, backend) and backend in n.probes
                        and n.probes[backend].available
+                       and (not need or not n.available_bytes or need <= MEMORY_HEADROOM * n.available_bytes)
                        and (fingerprint_id is None or n.fingerprint_id == fingerprint_id)), key=lambda n: n.id)
+
+    def _no_room(self, backend: str, need: int) -> str:
+        from bench.sweep import MEMORY_HEADROOM
+
+        room = ", ".join(f"{n.name} {n.available_bytes / 2**30:.1f} GiB" for n in self._eligible(backend, None))
+        return (f"estimated peak memory {need / 2**30:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} of the free memory "
+                f"of every matching node ({room})")
 
     def _refresh(self) -> None:
         alive = {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
@@ -393,12 +409,13 @@ class RayExecutor:
         while queue or running:
             self._refresh()
             for job in list(queue):  # a launch no alive node can take is failed now, never left waiting
-                if not self._eligible(job.spec["backend"], job.previous_fingerprint):
+                if not self._eligible(job.spec["backend"], job.previous_fingerprint, job.peak_bytes):
                     queue.remove(job)
                     yield job, self._nowhere(job, notes.get(job.key, []))
             busy = {node.id for _, node in running.values()}
             for node in sorted((n for n in self.nodes.values() if n.alive and n.id not in busy), key=lambda n: n.id):
-                job = next((j for j in queue if node in self._eligible(j.spec["backend"], j.previous_fingerprint)), None)
+                job = next((j for j in queue
+                            if node in self._eligible(j.spec["backend"], j.previous_fingerprint, j.peak_bytes)), None)
                 if job is None:
                     continue
                 queue.remove(job)
@@ -442,6 +459,8 @@ class RayExecutor:
         same = f" of fingerprint {job.previous_fingerprint} (the machine of its earlier launches)" \
             if job.previous_fingerprint else ""
         alive = sum(n.alive for n in self.nodes.values())
+        if not notes and self._eligible(backend, job.previous_fingerprint):  # they match, but none has room
+            return dict(status="failed", reason=self._no_room(backend, job.peak_bytes), requeued=notes, wall_s=0.0)
         if notes:
             reason = f"{'; '.join(notes)}, and no other alive node{same} matches {wanted} with backend {backend}"
         else:

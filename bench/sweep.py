@@ -37,6 +37,9 @@ from model.errors import InputError
 GiB = 1024**3
 
 
+MEMORY_HEADROOM = 0.85  # the memory guard: a cell may plan on this share of the free memory, no more
+
+
 class SweepError(InputError):
     """A sweep that cannot be run as written; the message names the bad value."""
 
@@ -172,6 +175,7 @@ class Planned:
 
     spec: CellSpec
     skip_reason: str = ""
+    peak_bytes: int = 0  # the memory guard's estimate of its peak (0: not estimated); executors route by it
 
     @property
     def key(self) -> str:
@@ -366,7 +370,7 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                                         target_ci=sweep.target_ci, parity_steps=8 if sweep.parity else 0,
                                         quality_tokens=sweep.quality_tokens if checkpoint else 0,
                                         planted_delay=sweep.planted_delay, options=options)
-                        reason = ""
+                        reason, need = "", 0
                         if not probe.available:
                             reason = f"backend unavailable: {probe.reason}" + (
                                 f" (fix: {probe.fix})" if probe.fix else "")
@@ -385,10 +389,10 @@ def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available
                                                              spec.grad_checkpointing) if train else \
                                 estimate_peak_bytes(config, backend, precision, batch, seq_len,
                                                     sweep.prompt_len, sweep.parity)
-                            if need > 0.85 * available:
-                                reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds 85% "
+                            if need > MEMORY_HEADROOM * available:
+                                reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} "
                                           f"of the {available / GiB:.1f} GiB available")
-                        cells.append(Planned(spec, reason))
+                        cells.append(Planned(spec, reason, need))
     if roofline is not None:
         cells = _attach_rooflines(cells, roofline)
     return cells
@@ -403,7 +407,7 @@ def _attach_rooflines(cells: list[Planned], roofline: Roofline) -> list[Planned]
         if not c.skip_reason:
             wanted.setdefault((c.spec.device, c.spec.threads), set()).add(c.spec.precision)
     measured = {k: roofline(k[0], k[1], tuple(sorted(p))) for k, p in wanted.items()}
-    return [c if c.skip_reason else Planned(replace(c.spec, roofline=measured[(c.spec.device, c.spec.threads)]))
+    return [c if c.skip_reason else replace(c, spec=replace(c.spec, roofline=measured[(c.spec.device, c.spec.threads)]))
             for c in cells]
 
 
@@ -521,7 +525,7 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
                 left = sum(sweep.launches - s.ok for s in states.values() if not s.failed)
                 events.on_round(round_, order, reading, left)
             jobs = [Job(c.key, (c.spec if states[c.key].ok == 0 else c.spec.later_launch()).to_dict(),
-                        states[c.key].ok + 1, _launch_fingerprint(states[c.key].launches)) for c in order]
+                        states[c.key].ok + 1, _launch_fingerprint(states[c.key].launches), c.peak_bytes) for c in order]
 
             def started(job, round_=round_):
                 if events.on_launch_start:

@@ -260,6 +260,35 @@ def test_a_cell_no_node_can_run_is_skipped_with_the_reason(cluster, tmp_path):
 
 
 @needs_ray
+def test_cells_go_only_to_nodes_with_room_for_their_estimated_peak(cluster, tmp_path):
+    """The memory guard on a cluster: a cell goes only to a matching node whose free memory (when
+    probed) holds its estimated peak, and one that fits no matching node is skipped, saying so."""
+    from bench.machine import fingerprint
+    from bench.ray_executor import RayExecutor, parse_selectors
+    from bench.sweep import estimate_peak_bytes, model_config
+
+    sweep = tiny_sweep(batches=[1, 2])
+    need = estimate_peak_bytes(model_config("tiny", False), "eager", "fp32", 2, 11, 8, False)
+
+    def run(room: dict) -> dict:
+        executor = RayExecutor(sweep.backends, parse_selectors(["accelerator=gpu"]),
+                               run_cell=lambda s, t: fake_launch(s), poll_s=0.2)
+        probes = executor.probes(sweep.backends)
+        for node_id, free in room.items():  # as if those machines had that much free memory
+            executor.nodes[node_id].available_bytes = free
+        store = Store(tmp_path / f"{len(list(tmp_path.iterdir()))}.sqlite")
+        return store.get_run(run_sweep(sweep, store, probes, fingerprint(), executor=executor,
+                                       sentinel=node_sentinel))
+
+    roomy = run({cluster.a.node_id: 64 * 2**30, cluster.b.node_id: need // 2})
+    assert [c["status"] for c in roomy["cells"]] == ["ok", "ok"]
+    assert {c["node"]["id"] for c in roomy["cells"]} == {cluster.a.node_id}  # never the node without room
+    cramped = run({cluster.a.node_id: need // 2, cluster.b.node_id: need // 3})
+    assert {c["status"] for c in cramped["cells"]} == {"skipped"}
+    assert all("of the free memory of every matching node" in c["reason"] for c in cramped["cells"])
+
+
+@needs_ray
 def test_a_killed_nodes_launch_is_requeued_on_another_matching_node(cluster, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
