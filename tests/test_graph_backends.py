@@ -278,11 +278,12 @@ def test_openvino_int4_lm_head_precision_follows_all_layers(all_layers, head_typ
     assert result.passed, result
 
 
-def test_openvino_int4_quantises_activations_in_weight_groups_by_default(tiny_model):
-    backend = loaded("openvino", tiny_model, precision="int4", group_size=64)
-    info = backend.info()
-    assert info["dynamic_quantization_group_size"] == 64  # read back from the compiled model
-    assert info["activations"] == "int8, quantised per call in groups of 64"
+def test_openvino_int4_quantises_activations_by_default(tiny_model):
+    info = loaded("openvino", tiny_model, precision="int4").info()
+    assert info["dynamic_quantization_group_size"] == 32  # read back from the compiled model
+    assert info["activations"] == "int8, quantised per call in groups of 32"
+    asked = loaded("openvino", tiny_model, precision="int4", dynamic_quantization_group_size=64).info()
+    assert asked["dynamic_quantization_group_size"] == 64
     f32 = loaded("openvino", tiny_model, precision="int4", dynamic_quantization_group_size=0).info()
     assert f32["dynamic_quantization_group_size"] == 0 and f32["activations"] == "f32"
     assert loaded("openvino", tiny_model, precision="int8").info()["dynamic_quantization_group_size"] == 0
