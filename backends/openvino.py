@@ -13,8 +13,9 @@ int4 quantises them by default, in groups of 32 (``INT4_ACTIVATION_GROUP``, the 
 own default for compressed weights, which this backend used to turn off): with f32
 activations the plugin decompresses every 4-bit code to f32 on each call, and int4 ran no
 faster than int8 (gpt2, batch 1, 2 threads, AVX-512 VNNI without AMX: the arithmetic, not
-the bytes, bounds it); with int8 activations it ran 1.1-1.4x int8, perplexity within 0.1% of
-fp32 (``dynamic_quantization_group_size=0`` asks for f32 activations again).
+the bytes, bounds it); with int8 activations it ran 1.1-1.3x int8 in most alternating
+measurements (not all: the gain is close to the spread between processes), perplexity within
+0.1% of fp32. ``dynamic_quantization_group_size=0`` asks for f32 activations again.
 
 Precision is asked for explicitly and read back: the CPU plugin quietly runs f32 when bf16
 is requested on a CPU without native bf16 (no AVX-512 BF16 or AMX), so a bf16 request that
