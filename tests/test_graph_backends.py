@@ -1,4 +1,4 @@
-"""The graph backends (onnxruntime, openvino): export and its cache, parity with eager, int8 graphs."""
+"""The graph backends (onnxruntime, openvino): export and its cache, parity with eager, int8 and int4 graphs."""
 
 import math
 import sys
