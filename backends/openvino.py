@@ -7,8 +7,15 @@ fp32 (``compress_to_fp16=False``) and cached; int8 is NNCF weight compression of
 cached too, and still computes with f32 activations. int4 is NNCF's INT4_ASYM or INT4_SYM
 weight compression (``int4_mode``), ``group_size`` weights per scale, ``ratio`` of the layers in
 int4 and the rest in NNCF's backup int8; NNCF keeps the embedding and the last layer (the LM
-head) in int8 too unless ``all_layers``. Activations stay f32 for both unless
+head) in int8 too unless ``all_layers``. int8 computes with f32 activations unless
 ``dynamic_quantization_group_size`` > 0 asks the CPU plugin to quantise them to int8 per group.
+int4 quantises them by default, in groups of 32 (``INT4_ACTIVATION_GROUP``, the CPU plugin's
+own default for compressed weights, which this backend used to turn off): with f32
+activations the plugin decompresses every 4-bit code to f32 on each call, and int4 ran no
+faster than int8 (gpt2, batch 1, 2 threads, AVX-512 VNNI without AMX: the arithmetic, not
+the bytes, bounds it); with int8 activations it ran 1.1-1.3x int8 in most alternating
+measurements (not all: the gain is close to the spread between processes), perplexity within
+0.1% of fp32. ``dynamic_quantization_group_size=0`` asks for f32 activations again.
 
 Precision is asked for explicitly and read back: the CPU plugin quietly runs f32 when bf16
 is requested on a CPU without native bf16 (no AVX-512 BF16 or AMX), so a bf16 request that
@@ -33,6 +40,7 @@ from backends.base import (Backend, BackendError, BackendUnavailable, Probe, Uns
 INSTALL_HINT = "pip install openvino nncf"
 INT8_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT8_ASYM / INT8_SYM
 INT4_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT4_ASYM / INT4_SYM
+INT4_ACTIVATION_GROUP = 32  # int4's default dynamic_quantization_group_size: int8 activations per 32
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # int weights, f32 activations
 
 
@@ -57,7 +65,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
                  group_size: int = 128, ratio: float = 1.0, all_layers: bool = False,
-                 dynamic_quantization_group_size: int = 0, **options):
+                 dynamic_quantization_group_size: int | None = None, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown openvino options: {', '.join(sorted(options))}")
@@ -69,6 +77,8 @@ class OpenVINOBackend(Backend):
             raise ValueError(f"group_size={group_size!r} must be an integer of at least 2")
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
+        if dynamic_quantization_group_size is None:  # int4: int8 activations; int8: f32 activations
+            dynamic_quantization_group_size = INT4_ACTIVATION_GROUP if self.precision == "int4" else 0
         if not isinstance(dynamic_quantization_group_size, int) or dynamic_quantization_group_size < 0:
             raise ValueError(f"dynamic_quantization_group_size={dynamic_quantization_group_size!r} must be an "
                              f"integer >= 0 (0: f32 activations)")
@@ -129,10 +139,9 @@ class OpenVINOBackend(Backend):
         if self.threads is not None:
             config[props.inference_num_threads] = self.threads
         if self.precision in ("int8", "int4") and self.ov_device == "CPU":
-            # The CPU plugin may quantise activations on the fly for compressed weights;
-            # int8 here means int8 weights with f32 activations, so turn that off.
-            # (dynamic_quantization_group_size > 0 asks for it explicitly: the CPU plugin then
-            # quantises activations to int8 in groups of that size, its fast path for int4 weights.)
+            # The CPU plugin may quantise activations on the fly for compressed weights; set it
+            # explicitly either way: int8 by default means int8 weights with f32 activations (0),
+            # int4 int8 activations in groups of INT4_ACTIVATION_GROUP (see the docstring).
             config[hints.dynamic_quantization_group_size] = self.dynamic_quantization_group_size
         try:
             compiled = core.compile_model(core.read_model(path), self.ov_device, config)

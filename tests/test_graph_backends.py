@@ -1,5 +1,6 @@
-"""The graph backends (onnxruntime, openvino): export and its cache, parity with eager, int8 graphs."""
+"""The graph backends (onnxruntime, openvino): export and its cache, parity with eager, int8 and int4 graphs."""
 
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -246,6 +247,46 @@ def test_openvino_int8_sym_mode_gives_signed_weights(tiny_model):
     types = Counter(op.get_output_element_type(0).get_type_name()
                     for op in model.get_ops() if op.get_type_name() == "Constant")
     assert types["i8"] >= 4 * tiny_model.config.n_layer + 1, types
+
+
+# -- int4 -------------------------------------------------------------------------------------
+
+def _lm_head_weight_type(ov_model) -> str:
+    """The element type of the constant the logits' MatMul reads its weight from (through the
+    decompression Convert/Subtract/Multiply/Reshape chain NNCF puts between them)."""
+    vocab, n_embd = get_config("tiny").vocab_size, get_config("tiny").n_embd
+    node = ov_model.output("logits").get_node().input_value(0).get_node()
+    while node.get_type_name() != "MatMul":
+        node = node.input_value(0).get_node()
+    todo = [node.input_value(1).get_node()]
+    while todo:
+        n = todo.pop()
+        if n.get_type_name() == "Constant" and math.prod(n.get_output_shape(0)) == vocab * n_embd:  # not a scale
+            return n.get_output_element_type(0).get_type_name()
+        todo += [v.get_node() for v in n.input_values()]
+    raise AssertionError("no vocab-sized constant feeds the LM head")
+
+
+@pytest.mark.parametrize("all_layers,head_type", [(False, "u8"), (True, "u4")])
+def test_openvino_int4_lm_head_precision_follows_all_layers(all_layers, head_type, tiny_model, eager):
+    ov = pytest.importorskip("openvino")
+    backend = loaded("openvino", tiny_model, precision="int4", all_layers=all_layers)
+    assert _lm_head_weight_type(ov.Core().read_model(backend.info()["model_path"])) == head_type
+    assert backend.info()["all_layers"] is all_layers
+    from backends.parity import check_parity
+    result = check_parity(backend, eager, prompts(2, 6), steps=6)
+    assert result.passed, result
+
+
+def test_openvino_int4_quantises_activations_by_default(tiny_model):
+    info = loaded("openvino", tiny_model, precision="int4").info()
+    assert info["dynamic_quantization_group_size"] == 32  # read back from the compiled model
+    assert info["activations"] == "int8, quantised per call in groups of 32"
+    asked = loaded("openvino", tiny_model, precision="int4", dynamic_quantization_group_size=64).info()
+    assert asked["dynamic_quantization_group_size"] == 64
+    f32 = loaded("openvino", tiny_model, precision="int4", dynamic_quantization_group_size=0).info()
+    assert f32["dynamic_quantization_group_size"] == 0 and f32["activations"] == "f32"
+    assert loaded("openvino", tiny_model, precision="int8").info()["dynamic_quantization_group_size"] == 0
 
 
 # -- runtime settings -------------------------------------------------------------------------
