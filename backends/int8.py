@@ -215,10 +215,9 @@ def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_te
 def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.Module:
     """The model from a quantised tensor set: fp32 rest, each listed Linear replaced by its
     quantised module. Nothing is quantised here; the integer weights are used as they are."""
-    from model.gpt import GPT
+    from model.checkpoint import meta_model
 
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     layers = set(meta["layers"])
     for name, t in tensors.items():
         owner, _, leaf = name.rpartition(".")

@@ -12,6 +12,7 @@ Nothing is ever downloaded: the directory must already be on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -37,6 +38,20 @@ _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 class CheckpointError(InputError):
     """A checkpoint directory cannot be loaded; the message names the file and the tensor."""
+
+
+def meta_model(config: GPTConfig) -> GPT:
+    """``GPT(config)`` on the meta device: its names and shapes, to be filled from a file. The
+    modules' default initialisers are skipped (a meta tensor has no values to set, and running
+    them goes through torch's Python decompositions, whose first import cost about 2 s of every
+    fresh process that loaded a checkpoint)."""
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, lambda tensor, *a, **k: tensor))
+        stack.enter_context(torch.device("meta"))
+        return GPT(config)
 
 
 def save_checkpoint(model: GPT, directory: str | Path) -> Path:
@@ -97,8 +112,7 @@ def load_checkpoint(directory: str | Path) -> GPT:
             f"{meta['backend']!r} at precision {meta['precision']!r} loads it, never as an fp32 model")
     weights_path, state = _read_weights(directory)
     model_state = _match_state(state, config, conv1d, weights_path)
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     model.load_state_dict(model_state, strict=True, assign=True)
     if config.tie_embeddings:  # assign=True gave lm_head its own Parameter; share wte's again
         model.lm_head.weight = model.transformer.wte.weight
@@ -173,8 +187,7 @@ def _match_state(state: dict[str, torch.Tensor], config: GPTConfig, conv1d: bool
     # Hugging Face names start "transformer." inside GPT2LMHeadModel but not in a bare GPT2Model.
     state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
              for k, v in state.items()}
-    with torch.device("meta"):
-        expected = GPT(config).state_dict()
+    expected = meta_model(config).state_dict()
     out = {}
     for name, want in expected.items():
         if name == "lm_head.weight" and config.tie_embeddings:

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, CheckpointError
+from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, CheckpointError, meta_model
 from model.gpt import GPT, GPTConfig
 
 QFORMAT = "llm-backend-bench/gpt-quantized"
@@ -162,8 +162,7 @@ def _major(version: str) -> int | None:
 
 def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every tensor the file must hold for ``config`` and ``meta``: name -> (dtype, shape)."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     layers = set(meta["layers"])
     precision, scheme, group = meta["precision"], meta["scheme"], meta.get("group_size")
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
