@@ -218,12 +218,19 @@ class ONNXRuntimeBackend(Backend):
 
     def _int4(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
         """The cached MatMulNBits (4-bit weight-only) version of the fp32 graph."""
+        import logging
+
         import onnxruntime as ort
+        root = logging.getLogger()
+        level, handlers = root.level, list(root.handlers)
         try:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         except ImportError as e:  # it imports onnx_ir, an extra of onnxruntime's quantiser
             raise BackendUnavailable(f"onnxruntime int4 needs onnxruntime.quantization.matmul_nbits_quantizer, "
                                      f"which cannot be imported ({e}); fix: pip install onnx-ir") from e
+        finally:  # its module calls logging.basicConfig(level=INFO) on import: a line per graph node
+            root.setLevel(level)
+            root.handlers[:] = handlers
         parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__), onnxruntime=ort.__version__,
                      bits=4, block_size=self.block_size, symmetric=self.symmetric,
                      accuracy_level=self.accuracy_level, algorithm="RTN", op_types=["MatMul"])
