@@ -12,9 +12,11 @@ residual Add + LayerNormalization pairs into ``SkipLayerNormalization`` and the 
 (with the MLP's bias Add) into ``FastGelu``, which the session's own optimizer does not do for this
 export; the MatMuls stay, so the quantisers still find them. Its attention fusion does not match
 this export (see ``FUSIONS_MISSED``). The fused graph is cached too, and the quantised graphs are
-keyed on it. The KV
-cache stays in ORT's own ``OrtValue``s: I/O binding lets each step's present tensors be
-fed back as the next past without copying them through numpy.
+keyed on it. Off by default: on gpt2 (batch 1, 2 threads, a loaded 2-vCPU EPYC) it took the
+session's graph from 660 to 516 nodes at int4 but changed no precision's decode step by more than
+the noise (median step time fp32 -1%, int8 +5%, int4 -3%). The KV cache stays in ORT's own
+``OrtValue``s: I/O binding lets each step's present tensors be fed back as the next past without
+copying them through numpy.
 """
 
 from __future__ import annotations

@@ -132,3 +132,20 @@ def test_fusions_is_a_sweep_axis_at_every_precision_and_checked():
             {"fusions": False}, {"fusions": True}]
     with pytest.raises(ValueError, match="fusions='yes'"):
         registry.create("onnxruntime", fusions="yes")
+
+
+def test_a_quantised_checkpoint_keeps_the_fused_graph_and_records_it(tiny_model, tmp_path):
+    from bench.quantize import open_model, quantize_checkpoint
+    from model.checkpoint import save_checkpoint
+    from model.qcheckpoint import QuantizedCheckpointError
+    save_checkpoint(tiny_model, tmp_path / "fp32")
+    out = tmp_path / "int8-fused"
+    quantize_checkpoint(tmp_path / "fp32", "int8", out, backend="onnxruntime", options={"fusions": True})
+    backend = registry.create("onnxruntime", precision="int8")  # fusions left at its default: the file's is taken
+    backend.load(open_model(out, "onnxruntime", "int8"))
+    assert backend.info()["fusions"] is True and backend.info()["requantized"] is False
+    assert ops(backend)["SkipLayerNormalization"] == 2 * tiny_model.config.n_layer
+    with pytest.raises(QuantizedCheckpointError, match="holds fusions=False, but fusions=True was asked for"):
+        plain = tmp_path / "int8-plain"
+        quantize_checkpoint(tmp_path / "fp32", "int8", plain, backend="onnxruntime")
+        registry.create("onnxruntime", precision="int8", fusions=True).load(open_model(plain, "onnxruntime", "int8"))
