@@ -321,12 +321,19 @@ class OpenVINOBackend(Backend):
         info.update(self._meta, openvino=ov.get_version())
         info.update(getattr(self, "compiled_properties", {}))
         if self.precision == "int8":
-            info.update(int8_mode=self.int8_mode, activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
+            info.update(int8_mode=self.int8_mode, activations=self._activations())
         if self.precision == "int4":
             info.update(int4_mode=self.int4_mode, group_size=self.group_size, ratio=self.ratio,
                         all_layers=self.all_layers, backup_mode="int8_asym (NNCF default)",
-                        activations="f32" if not self.dynamic_quantization_group_size else f"int8, quantised per call in groups of {self.dynamic_quantization_group_size}")
+                        activations=self._activations())
         return info
+
+    def _activations(self) -> str:
+        """What the int8/int4 matmuls compute their activations in, as ``load`` configured it."""
+        if self.ov_device != "CPU":  # dynamic_quantization_group_size is given to the CPU plugin only
+            return f"the {self.ov_device} plugin's default"
+        group = self.dynamic_quantization_group_size
+        return f"int8, quantised per call in groups of {group}" if group else "f32"
 
     def close(self) -> None:
         self.request = None

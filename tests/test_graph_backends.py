@@ -287,6 +287,10 @@ def test_openvino_int4_quantises_activations_by_default(tiny_model):
     f32 = loaded("openvino", tiny_model, precision="int4", dynamic_quantization_group_size=0).info()
     assert f32["dynamic_quantization_group_size"] == 0 and f32["activations"] == "f32"
     assert loaded("openvino", tiny_model, precision="int8").info()["dynamic_quantization_group_size"] == 0
+    # The setting goes to the CPU plugin only; another device's record does not claim it.
+    from backends import registry
+    assert registry.get_backend_class("openvino")(precision="int4", device="gpu").info()["activations"] \
+        == "the GPU plugin's default"
 
 
 # -- runtime settings -------------------------------------------------------------------------
