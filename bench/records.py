@@ -26,8 +26,8 @@ from bench.spec import CellSpec
 SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
 # Facts of the cell, not of the process: taken from the first launch that measured them.
 COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "first_call_ms", "weights_mb",
-               "kv_cache_mb", "parity", "quality", "backend_info")
-MAX_FIELDS = ("peak_rss_mb", "model_mb", "device_peak_mb")
+               "kv_cache_mb", "parity", "quality", "backend_info", "peak_after_load")
+MAX_FIELDS = ("peak_rss_mb", "load_peak_rss_mb", "model_mb", "device_peak_mb")
 # A training cell's launches (``bench.measure_train``): each trains from the same seed on the same
 # tokens, so the losses are facts of the cell (the first launch's); memory, the largest of any launch.
 TRAIN_SAMPLE_KINDS = ("step_ms",)

@@ -43,8 +43,10 @@ CELL_FIELDS = {
     "decode_tok_s": "batch / median tpot",
     "e2e_tok_s": "batch * gen_len / median end-to-end generation time",
     # memory
-    "peak_rss_mb": "peak resident memory of the cell process, MiB",
-    "model_mb": "resident memory added by building and loading the model, MiB",
+    "peak_rss_mb": "peak resident memory of the cell process while it runs the model (the peak restarts after the load; see peak_after_load), MiB",
+    "load_peak_rss_mb": "peak resident memory up to the end of the load, export, quantisation or compilation included when the launch did them, MiB",
+    "peak_after_load": "true when the peak could restart after the load (/proc/self/clear_refs); false: peak_rss_mb includes the load",
+    "model_mb": "resident memory added by building and loading the model (freed heap handed back first), MiB",
     "weights_mb": "bytes of the weights as the backend holds them, MiB",
     "kv_cache_mb": "bytes of the KV cache at the end of generation, MiB",
     "device_peak_mb": "peak device memory where there is a device, MiB",
