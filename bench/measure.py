@@ -54,23 +54,21 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; bytes on macOS
 
 
-def _release_and_reset_peak() -> bool:
-    """Hand freed heap back to the OS (glibc's ``malloc_trim``) and restart the resident
-    high-water mark from the current RSS (``/proc/self/clear_refs``, Linux 4.0+), so the peak
-    read later is that of running the model, whether or not this launch also exported or
-    quantised it (a cold export cache once put a gpt2 ONNX Runtime int8 cell at 4.2 GB against
-    1.4 GB warm). False where the kernel refuses: the peak then includes the load."""
+def malloc_trim() -> None:
+    """Return freed heap pages to the system (glibc), so the resident size is what is live."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: freed heap stays with the process
         pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current resident size; False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
         return True
     except OSError:
         return False
@@ -145,7 +143,11 @@ def measure_cell(spec: CellSpec) -> dict:
         del model
         gc.collect()
         out["load_peak_rss_mb"] = _peak_rss_mb()  # export, quantise or compile included, when they ran
-        out["peak_after_load"] = _release_and_reset_peak()
+        # The peak from here on is that of running the model, whether or not this launch also
+        # exported or quantised it: a cold export cache once put a gpt2 ONNX Runtime int8 cell at
+        # 4.2 GB against 1.4 GB warm. Where the kernel refuses, the peak includes the load.
+        malloc_trim()
+        out["peak_after_load"] = reset_peak_rss()
         out["model_mb"] = _rss_mb() - rss0
         weights = backend.weight_bytes()
         out["weights_mb"] = None if weights is None else weights / MiB

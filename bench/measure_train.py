@@ -53,7 +53,6 @@ training) fails the cell with that reason.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import time
@@ -61,7 +60,7 @@ import time
 import torch
 
 from backends import registry
-from bench.measure import MiB, _peak_rss_mb, _rss_mb, build
+from bench.measure import MiB, _peak_rss_mb, _rss_mb, build, malloc_trim, reset_peak_rss
 from bench.spec import CellSpec
 from model.train import TrainConfig, lr_factor, make_optimizer, train_step
 
@@ -78,24 +77,6 @@ def synthetic_batches(spec: CellSpec, vocab_size: int, n: int) -> list[tuple[tor
         ids = torch.randint(0, vocab_size, (spec.batch, spec.seq_len + 1), generator=g)  # (B, T + 1)
         out.append((ids[:, :-1], ids[:, 1:]))  # each (B, T)
     return out
-
-
-def _malloc_trim() -> None:
-    """Return freed heap pages to the system (glibc), so the resident size is what is live."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current resident size; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _tensor_mb(tensors) -> float:
@@ -200,7 +181,7 @@ def _memory_step(backend, model, run_step) -> dict:
     """The resident training state, and the peak above it during one step (see the module docstring)."""
     lifetime_peak = _peak_rss_mb()
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     state = _rss_mb()
     device = backend.memory()
     if device is not None:
@@ -210,7 +191,7 @@ def _memory_step(backend, model, run_step) -> dict:
 
     def before_head(module, args):
         gc.collect()
-        _malloc_trim()
+        malloc_trim()
         at_head.append(_rss_mb())
 
     head = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None)
@@ -221,7 +202,7 @@ def _memory_step(backend, model, run_step) -> dict:
         backend.synchronize()
         at_update.append(_peak_rss_mb())
 
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     try:
         run_step(before_update)
     finally:

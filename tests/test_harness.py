@@ -217,12 +217,13 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
 def test_the_peak_restarts_after_the_load_so_a_cold_export_does_not_count():
     """What a launch loaded and let go of (an exporter's or quantiser's memory) is not in the
     peak it reports for running the model, so a cold and a warm export cache agree."""
-    from bench.measure import _peak_rss_mb, _release_and_reset_peak
+    from bench.measure import _peak_rss_mb, malloc_trim, reset_peak_rss
 
     big = bytearray(400 * 2**20)  # touched: 400 MiB resident, as an export's scratch would be
     big[::4096] = b"x" * len(big[::4096])
     loading = _peak_rss_mb()
     del big
-    if not _release_and_reset_peak():
+    malloc_trim()
+    if not reset_peak_rss():
         pytest.skip("this kernel does not let a process restart its peak RSS (/proc/self/clear_refs)")
     assert _peak_rss_mb() < loading - 300  # the peak now starts from what is still resident
