@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight model, and a private cache directory for exports."""
+"""Shared fixtures: a tiny random-weight model, eager on it, and private cache directories for exports."""
 
 import os
 
@@ -24,3 +24,20 @@ def bench_cache_dir(tmp_path_factory):
 def tiny_model() -> GPT:
     """The ``tiny`` preset with seed-0 weights, in eval mode. Shared: do not modify it."""
     return build_model(get_config("tiny"), seed=0)
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty export cache for this test alone."""
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model):
+    """The reference: eager fp32 loaded with ``tiny_model``, closed after the module."""
+    from backends.eager import EagerBackend
+
+    with EagerBackend() as backend:
+        backend.load(tiny_model)
+        yield backend

@@ -38,13 +38,6 @@ def backend(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_model):
-    with EagerBackend() as e:
-        e.load(tiny_model)
-        yield e
-
-
-@pytest.fixture(scope="module")
 def prompt():
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, get_config("tiny").vocab_size, (BATCH, PROMPT), generator=g)

@@ -6,19 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.eager import EagerBackend
 from model.generate import _beam_search, _left_pad, generate
 
 PROMPT = [1, 2, 3, 4]
 N = 10
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    backend = EagerBackend()
-    backend.load(tiny_model)
-    with backend:
-        yield backend
 
 
 def sequence_logprob(model, prompt: list[int], tokens: list[int]) -> float:

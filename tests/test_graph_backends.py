@@ -10,7 +10,6 @@ import torch
 
 from backends import export, registry
 from backends.base import BackendUnavailable, UnsupportedPrecision
-from backends.eager import EagerBackend
 from model.gpt import build_model, get_config
 
 GRAPH_BACKENDS = ("onnxruntime", "openvino")
@@ -21,20 +20,6 @@ def skip_unless_available(name: str):
     if not probe.available:
         pytest.skip(f"{name} unavailable: {probe.reason}")
     return probe
-
-
-@pytest.fixture()
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty export cache for this test alone."""
-    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    backend = EagerBackend()
-    backend.load(tiny_model)
-    return backend
 
 
 def loaded(name: str, model, **kwargs):

@@ -7,26 +7,11 @@ import pytest
 import torch
 
 from backends import registry
-from backends.eager import EagerBackend
 from backends.parity import check_parity
 from model.gpt import get_config
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-
-
-@pytest.fixture()
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty export cache for this test alone."""
-    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    backend = EagerBackend()
-    backend.load(tiny_model)
-    return backend
 
 
 def loaded(model, **kwargs):
