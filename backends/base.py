@@ -87,7 +87,7 @@ class Probe:
 
 
 def isa_has_native_bf16(isa: dict) -> bool:
-    """Whether a CPU with these ISA flags (``bench.machine.fingerprint()["cpu"]["isa"]``) has bf16
+    """Whether a CPU with these ISA flags (``bench.machine.environment.fingerprint()["cpu"]["isa"]``) has bf16
     matmul instructions (AVX-512 BF16 or AMX-BF16); without them bf16 runs a slow fp32 emulation."""
     return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
 
@@ -117,7 +117,7 @@ class Backend(ABC):
     default_precision: ClassVar[str] = "fp32"
     description: ClassVar[str] = ""
     # Whether join_caches and trim_cache work: a graph runtime whose cache lives in its own
-    # buffers may not, and a server then runs one batch at a time (bench.serve).
+    # buffers may not, and a server then runs one batch at a time (bench.scenarios.serve).
     supports_join: ClassVar[bool] = False
     # A peer is not one of our adapters but what a user would run instead (backends/hf.py,
     # optimum_*.py); reports mark its rows and rate our backends against the best peer.
@@ -173,7 +173,7 @@ class Backend(ABC):
     @classmethod
     def native_precisions(cls, isa: dict) -> tuple[str, ...]:
         """The reduced precisions, among ``precisions`` and besides the default, that this backend
-        runs natively fast on a CPU with these ISA flags (``bench.machine.fingerprint()["cpu"]["isa"]``):
+        runs natively fast on a CPU with these ISA flags (``bench.machine.environment.fingerprint()["cpu"]["isa"]``):
         a default sweep measures them too. None unless a backend says so.
         """
         return ()

@@ -95,11 +95,14 @@ def probe_isolated(name: str, timeout: float = 180.0) -> Probe:
         return Probe(False, reason=f"probe printed no result ({e})")
 
 
-def probe_all(isolated: bool = True) -> dict[str, Probe]:
-    """Every registered backend's probe, run side by side."""
+def probe_all(isolated: bool = True, names: list[str] | None = None) -> dict[str, Probe]:
+    """Every registered backend's probe (or those of ``names``), run side by side."""
     fn = probe_isolated if isolated else probe
-    with ThreadPoolExecutor(max_workers=len(BACKENDS)) as pool:
-        return dict(zip(BACKENDS, pool.map(fn, BACKENDS)))
+    names = list(BACKENDS) if names is None else list(names)
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(fn, names)))
 
 
 if __name__ == "__main__":  # the child side of probe_isolated

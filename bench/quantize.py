@@ -7,9 +7,8 @@ option and the library versions. For the PyTorch path (backend ``int8``) that is
 weights as tensors (``backends.int8.quantized_state``); for ONNX Runtime and OpenVINO it is the
 runtime's own quantised model (the ``.onnx`` with MatMulNBits or dynamic-int8 nodes, the
 NNCF-compressed IR), exported and quantised by the backend itself (``Backend.graph``), so the
-file holds exactly what a run would otherwise build. ``open_model`` is what every command that
-takes ``--checkpoint`` uses: a quantised checkpoint comes back as it is, checked against the
-backend and precision asked for; a plain one comes back as an fp32 ``GPT``.
+file holds exactly what a run would otherwise build; ``bench.models.open_model`` loads it back as
+it is, checked against the backend and precision asked for.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from model.checkpoint import SAFETENSORS_FILE, TORCH_FILE, CheckpointError, load_checkpoint
+from model.checkpoint import SAFETENSORS_FILE, TORCH_FILE, load_checkpoint
 from model.errors import InputError
-from model.qcheckpoint import (file_digest, is_quantized_checkpoint, load_quantized, save_quantized,
-                               save_quantized_files)
+from model.qcheckpoint import file_digest, is_quantized_checkpoint, save_quantized, save_quantized_files
 
 FILE_BACKENDS = {"int8": ("int8", "int4"), "onnxruntime": ("int8", "int4"), "openvino": ("int8", "int4")}
 
@@ -139,34 +137,17 @@ def _versions() -> dict:
     return out
 
 
-def open_model(directory: str | Path, backend: str, precision: str | None):
-    """What ``Backend.load`` takes for a checkpoint directory: a checked ``QuantizedCheckpoint``
-    for a quantised one (refused with the backend that reads it when ``backend`` or
-    ``precision`` differ), or an fp32 ``GPT``."""
-    if is_quantized_checkpoint(directory):
-        from backends import registry
+def quantize_to(checkpoint: str | Path, precision: str, out: str, **settings) -> dict:
+    """``quantize_checkpoint`` into a local directory or an ``s3://`` prefix (written locally
+    first, then uploaded, its manifest last)."""
+    import tempfile
 
-        qc = load_quantized(directory)
-        # No precision given means the backend's default, as the backend itself will take it.
-        qc.check_for(backend, precision or registry.get_backend_class(backend).default_precision)
-        return qc
-    return load_checkpoint(directory)
+    from model.storage import check_access, is_remote, upload_checkpoint
 
-
-def reference_model(directory: str | Path):
-    """The fp32 model a quantised checkpoint was made from, for parity and quality: its source
-    checkpoint, which must still be where it was and hold the same weights (by digest)."""
-    if not is_quantized_checkpoint(directory):
-        return load_checkpoint(directory)
-    from model.qcheckpoint import read_quantized_config
-
-    source = read_quantized_config(directory)[1].get("source") or {}
-    path = Path(source.get("path", ""))
-    weights = path / source.get("weights_file", SAFETENSORS_FILE)
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: its fp32 source {str(path)!r} is gone, so there is no reference "
-                              f"to check it against (run with --no-parity, or restore the source)")
-    if file_digest(weights) != source.get("digest"):
-        raise CheckpointError(f"{directory}: its source {str(path)!r} now holds other weights (digest "
-                              f"{file_digest(weights)}, recorded {source.get('digest')})")
-    return load_checkpoint(path)
+    if not is_remote(out):
+        return quantize_checkpoint(checkpoint, precision, out, **settings)
+    check_access(out)
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+        done = quantize_checkpoint(checkpoint, precision, Path(tmp) / "q", **settings)
+        upload_checkpoint(done["out"], out)
+    return dict(done, out=out)

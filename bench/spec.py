@@ -24,7 +24,7 @@ IDENTITY_FIELDS = ("model", "backend", "precision", "device", "batch", "threads"
 # What a cell measures. "inference" is a generation (time to first token, time per output
 # token); other scenarios add the fields that make their cells distinct to the identity.
 SCENARIOS = ("inference", "serve", "train")
-# "serve": a load run against bench serve (bench.load); batch is the server's max batch, and the
+# "serve": a load run against bench serve (bench.scenarios.load); batch is the server's max batch, and the
 # offered load (request rate, None for all at once; burstiness; concurrency cap; request count)
 # makes one load point distinct from another.
 SCENARIO_FIELDS: dict[str, tuple[str, ...]] = {
@@ -68,7 +68,7 @@ class CellSpec:
     prompt_len: int = 32
     gen_len: int = 16
     scenario: str = "inference"  # one of SCENARIOS; its SCENARIO_FIELDS join the identity
-    # serve: the offered load (bench.load)
+    # serve: the offered load (bench.scenarios.load)
     rate: float | None = None  # requests per second; None: all at once
     burstiness: float | None = None  # the gamma shape of the arrival gaps; 1 is Poisson
     max_concurrency: int | None = None  # requests in flight at most; None: no cap

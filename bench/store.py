@@ -4,7 +4,7 @@ Four tables for benchmark runs, and two for training runs. ``runs`` holds one ro
 status. ``rounds`` holds one row per round of the sweep: the seeded order it visited the
 cells in and the drift sentinel's reading at its start. ``launches`` holds one row per
 launch of a cell (one process), its raw record as JSON. ``cells`` holds the cell record
-derived from the cell's launches (``bench.records.cell_record``), rewritten as each launch
+derived from the cell's launches (``bench.results.records.cell_record``), rewritten as each launch
 lands. Every launch is committed the moment it finishes, in WAL mode, so a run killed
 half-way keeps every launch that had finished; ``--resume`` picks up from there.
 ``train_runs`` holds one row per ``bench train`` (its configs, checkpoint directory, status
@@ -35,8 +35,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from bench.machine import fingerprint_id as compute_fingerprint_id
-from bench.schema import CELL_FIELDS, STAT_KEYS, STATUSES
+from bench.machine.environment import fingerprint_id as compute_fingerprint_id
+from bench.results.records import decode_rate
+from bench.results.schema import CELL_FIELDS, STAT_KEYS, STATUSES
 from bench.spec import cell_id
 from model.errors import InputError
 
@@ -378,6 +379,17 @@ class Store:
         return [dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], n_cells=r["n_cells"],
                      n_ok=r["n_ok"], fingerprint_id=r["fingerprint_id"], status=r["status"]) for r in rows]
 
+    def with_training(self, run: dict) -> dict:
+        """The run with ``training``: the latest finished training run of each checkpoint its cells
+        measured, so a report can show how the model it benchmarks was trained (its loss curve)."""
+        dirs = sorted({c["model"] for c in run["cells"] if Path(str(c.get("model"))).is_absolute()})
+        found = []
+        for d in dirs:
+            ids = self.training_runs_for(d, status="finished")
+            if ids:
+                found.append(self.get_training_run(ids[0]))
+        return dict(run, training=found)
+
     def get_run(self, run_id: str) -> dict:
         """The run and the latest attempt of each of its cells, in the order they finished."""
         run_id = self.resolve(run_id)
@@ -385,6 +397,8 @@ class Store:
         cells = [json.loads(c["record"]) for c in self.db.execute(_LATEST_CELLS, (run_id,))]
         for c in cells:
             c.setdefault("cell_id", cell_id(c))  # records stored before schema 2 lack it
+            if "decode_tok_s_ci" not in c:  # nor did records before the rate's interval was stored
+                c["decode_tok_s_ci"] = decode_rate(c.get("tpot_ms"), c.get("batch"))[1]
         return dict(run_id=r["run_id"], created_at=r["created_at"], name=r["name"], status=r["status"],
                     finished_at=r["finished_at"], fingerprint_id=r["fingerprint_id"],
                     fingerprint=json.loads(r["fingerprint"]), sweep=json.loads(r["sweep"]),

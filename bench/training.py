@@ -117,3 +117,19 @@ class RunUploader:
         for name in list_checkpoints(self.uri):
             if name.startswith("step-") and not (self.out_dir / name).is_dir():
                 delete_checkpoint(f"{self.uri}/{name}")
+
+
+def remote_uploader(out: str, announce: Callable[[str], None] | None = None) -> tuple[Path | str, RunUploader | None]:
+    """(where to train, uploader) for ``bench train --out``: a local directory as it is, no uploader;
+    an ``s3://`` prefix: its local staging directory and a ``RunUploader`` into it. A prefix that
+    already holds objects with no run of it staged here is refused before anything is written."""
+    from model.errors import InputError
+    from model.storage import check_access, is_remote
+
+    if not is_remote(out):
+        return out, None
+    out_dir = remote_staging_dir(out)
+    if check_access(out) and not out_dir.is_dir():
+        raise InputError(f"bench train: {out} already holds objects and no run of it is staged on this "
+                         f"machine ({out_dir}); nothing was written: choose another prefix")
+    return out_dir, RunUploader(out_dir, out, announce=announce)

@@ -40,6 +40,106 @@ class CheckpointError(InputError):
     """A checkpoint directory cannot be loaded; the message names the file and the tensor."""
 
 
+# -- the quantised format's marker and config (its tensors and files: model.qcheckpoint) ---------
+
+QFORMAT = "llm-backend-bench/gpt-quantized"
+QFORMAT_VERSION = 2  # 2: the "files" payload of the graph runtimes, and int4's prepacked weights
+SCHEMES = {"int8": ("per_tensor", "per_channel"), "int4": ("groupwise_asym",)}
+# The graph runtimes' schemes, by (backend, precision): what their quantisers were asked for.
+FILE_SCHEMES = {
+    ("onnxruntime", "int8"): ("per_tensor", "per_channel"),
+    ("onnxruntime", "int4"): ("groupwise_asym", "groupwise_sym"),
+    ("openvino", "int8"): ("per_channel_asym", "per_channel_sym"),
+    ("openvino", "int4"): ("groupwise_asym", "groupwise_sym"),
+}
+
+class QuantizedCheckpointError(CheckpointError):
+    """A quantised checkpoint cannot be read, or was given to a backend it is not for."""
+
+
+def is_quantized_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a quantised checkpoint (its config.json carries our marker)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text()).get("format") == QFORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
+    """(config, quantization meta) of a quantised checkpoint, every field checked."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise QuantizedCheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise QuantizedCheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != QFORMAT:
+        raise QuantizedCheckpointError(f"{path}: not a quantised checkpoint (no \"format\": {QFORMAT!r})")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise QuantizedCheckpointError(f"{path}: format_version={version!r} must be an integer")
+    if version > QFORMAT_VERSION:
+        raise QuantizedCheckpointError(f"{path}: format_version={version} is newer than this code reads "
+                                       f"({QFORMAT_VERSION}); update llm-backend-bench to load it")
+    if version < 1:
+        raise QuantizedCheckpointError(f"{path}: format_version={version} is not a valid version")
+    try:
+        config = GPTConfig(**doc.get("config", {}))
+    except (TypeError, ValueError) as e:
+        raise QuantizedCheckpointError(f"{path}: config: {e}") from None
+    meta = doc.get("quantization")
+    if not isinstance(meta, dict):
+        raise QuantizedCheckpointError(f"{path}: \"quantization\" must be an object")
+    if meta.get("payload", "tensors") == "files":
+        return config, _check_files_meta(meta, path)
+    if meta.get("payload", "tensors") != "tensors":
+        raise QuantizedCheckpointError(f"{path}: quantization.payload={meta.get('payload')!r} is not "
+                                       f"'tensors' or 'files'")
+    for key, kind in (("backend", str), ("precision", str), ("scheme", str), ("layers", list), ("tensors", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise QuantizedCheckpointError(f"{path}: quantization.{key}={meta.get(key)!r} must be a {kind.__name__}")
+    if meta["precision"] not in SCHEMES:
+        raise QuantizedCheckpointError(f"{path}: quantization.precision={meta['precision']!r} is not one of "
+                                       f"{', '.join(SCHEMES)}")
+    if meta["scheme"] not in SCHEMES[meta["precision"]]:
+        raise QuantizedCheckpointError(f"{path}: quantization.scheme={meta['scheme']!r} is not one of "
+                                       f"{', '.join(SCHEMES[meta['precision']])} for {meta['precision']}")
+    if meta["precision"] == "int4":
+        group = meta.get("group_size")
+        if not isinstance(group, int) or group < 2 or group % 2:
+            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group!r} must be an even integer")
+        if config.n_embd % group or (4 * config.n_embd) % group:
+            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group} does not divide "
+                                           f"n_embd={config.n_embd}")
+    return config, meta
+
+
+def _check_files_meta(meta: dict, path: Path) -> dict:
+    """The "quantization" object of a graph runtime's file, every field it needs checked."""
+    for key, kind in (("backend", str), ("precision", str), ("scheme", str), ("options", dict), ("files", dict),
+                      ("libraries", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise QuantizedCheckpointError(f"{path}: quantization.{key}={meta.get(key)!r} must be a {kind.__name__}")
+    target = (meta["backend"], meta["precision"])
+    if target not in FILE_SCHEMES:
+        raise QuantizedCheckpointError(f"{path}: quantization.backend={target[0]!r} with precision={target[1]!r} "
+                                       f"is not one this code reads as files "
+                                       f"({', '.join(f'{b}/{p}' for b, p in FILE_SCHEMES)})")
+    if meta["scheme"] not in FILE_SCHEMES[target]:
+        raise QuantizedCheckpointError(f"{path}: quantization.scheme={meta['scheme']!r} is not one of "
+                                       f"{', '.join(FILE_SCHEMES[target])} for {target[0]} {target[1]}")
+    if not meta["files"]:
+        raise QuantizedCheckpointError(f"{path}: quantization.files is empty: the checkpoint names no model file")
+    for name, digest in meta["files"].items():
+        if "/" in name or name.startswith(".") or not isinstance(digest, str) or len(digest) != 64:
+            raise QuantizedCheckpointError(f"{path}: quantization.files[{name!r}]={digest!r} must name a file "
+                                           f"in the directory and its sha256 (64 hex digits)")
+    return meta
+
+
+
 def meta_model(config: GPTConfig) -> GPT:
     """``GPT(config)`` on the meta device: its names and shapes, to be filled from a file. The
     modules' default initialisers are skipped (a meta tensor has no values to set, and running
@@ -90,7 +190,6 @@ def _read_config(directory: Path) -> tuple[GPTConfig, bool]:
 
     if meta.get("format") == FORMAT:
         return _our_config(meta, config_path), False
-    from model.qcheckpoint import QFORMAT, read_quantized_config
     if meta.get("format") == QFORMAT:  # its config reads like ours; its weights only a quantised backend loads
         return read_quantized_config(directory)[0], False
     if meta.get("model_type") == "gpt2":
@@ -104,7 +203,6 @@ def load_checkpoint(directory: str | Path) -> GPT:
     """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
     directory = Path(directory)
     config, conv1d = _read_config(directory)
-    from model.qcheckpoint import QuantizedCheckpointError, is_quantized_checkpoint, read_quantized_config
     if is_quantized_checkpoint(directory):  # never dequantised into an fp32 model
         meta = read_quantized_config(directory)[1]
         raise QuantizedCheckpointError(

@@ -96,7 +96,7 @@ class GPTConfig:
 
     def kv_cache_elements(self, batch: int, seq_len: int) -> int:
         """Numbers in the keys and values of ``batch`` sequences of ``seq_len`` tokens (bytes per
-        precision are the harness's business: ``bench.roofline.kv_cache_bytes``)."""
+        precision are the harness's business: ``bench.machine.roofline.kv_cache_bytes``)."""
         return 2 * self.n_layer * batch * seq_len * self.n_embd
 
     def decode_flops(self, batch: int, past_len: int) -> int:

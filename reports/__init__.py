@@ -3,7 +3,7 @@
     render_markdown(runs) -> str        GitHub-flavoured Markdown, for an issue
     render_html(runs) -> str            one self-contained page with inline SVG charts
     compare_markdown(comparison) -> str, compare_table(comparison) -> rich Table: a
-        ``bench.compare.Comparison`` of two runs, drawn
+        ``bench.results.compare.Comparison`` of two runs, drawn
 
 The content both reports share (sections, tables, number formatting) is in ``reports.format``.
 """

@@ -1,7 +1,7 @@
 """Render a comparison of two runs: what got faster, what got slower, and what only looks different.
 
 The comparison itself -- matching cells, the hierarchical bootstrap of each change, the noise
-floor measured from the runs' drift sentinels -- is computed by ``bench.compare.compare_runs``;
+floor measured from the runs' drift sentinels -- is computed by ``bench.results.compare.compare_runs``;
 these renderers take its result (a ``Comparison``) and only draw it, like every renderer here.
 """
 

@@ -262,7 +262,7 @@ def page(title: str, view: str, fragments: dict[str, str], heading: str = "") ->
 def create_app(open_store: Callable, compare: Callable | None = None, poll_s: float = 0.5):
     """The dashboard as a FastAPI app over the store that ``open_store()`` opens (read-only).
 
-    ``compare(base_run, new_run)``: ``bench.compare.compare_runs``, passed in so this renderer does
+    ``compare(base_run, new_run)``: ``bench.results.compare.compare_runs``, passed in so this renderer does
     not depend on the harness. ``app.state.stopping``: a callable the server sets (uvicorn's
     ``should_exit``), so open event streams end by themselves at shutdown instead of being cut.
     """

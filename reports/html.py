@@ -1,6 +1,6 @@
 """Runs -> one self-contained HTML file: inline CSS, inline JavaScript, charts as inline SVG.
 
-The sections and tables are those of the Markdown report (``reports.format.sections``); the
+The sections and tables are those of the Markdown report (``reports.sections.sections``); the
 HTML adds charts to them. Nothing is fetched: the file opens offline. Every value from the store
 goes through ``html.escape``.
 
@@ -18,8 +18,10 @@ from reports import charts
 from reports.charts import Series
 from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval,
                             environment, flat_samples, group_runs, is_ok, label, median, model_name, models,
-                            num, parity_passed, quality_of, quality_verdict, sections, sentinel_rows,
+                            num, parity_passed, quality_of, quality_verdict, sentinel_rows,
                             thread_counts, threads_label, training_runs)
+from reports.sections import sections
+from reports.training import is_train, throughput_charts
 
 CSS = """
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --accent:#4e79a7;
@@ -391,8 +393,6 @@ def serve_latency(m: Machine, model: str, kind: str) -> str | None:
 
 
 def section_charts(m: Machine, s: Section, pal: dict[str, str]) -> list[str]:
-    from reports.training import is_train, throughput_charts
-
     if s.id.startswith("train-") and s.id not in ("train-vs-inference", "train-did-not-pass"):
         model = next(n for n in models([c for c in m.cells if is_train(c)]) if f"train-{model_name(n)}" == s.id)
         return throughput_charts(m, model, pal)

@@ -7,7 +7,8 @@ a table or inject HTML. The output is deterministic: the same runs give the same
 
 from __future__ import annotations
 
-from reports.format import HOW_TO_READ, Machine, Section, Table, environment, group_runs, sections
+from reports.format import HOW_TO_READ, Machine, Section, Table, environment, group_runs
+from reports.sections import sections
 
 
 def md_escape(s: str) -> str:

@@ -73,9 +73,9 @@ def test_every_boundary_error_is_an_input_error():
     """What bench.cli.main reports as bad input (exit 2) rather than as a bug (exit 1)."""
     from backends.base import UnsupportedPrecision
     from backends.registry import UnknownBackend
-    from bench.quality import QualityInputError
+    from bench.scenarios.quality import QualityInputError
     from bench.store import StoreError, UnknownRun
-    from bench.sweep import SweepError
+    from bench.planner import SweepError
     from model.checkpoint import CheckpointError
     from model.corpus import CorpusError
     from model.errors import InputError
@@ -92,12 +92,12 @@ def test_every_boundary_error_is_an_input_error():
 
 def test_an_unexpected_error_is_a_bug_with_a_traceback_and_exit_code_1(monkeypatch, capsys):
     """Only bad input is a usage error: a ValueError from inside a command is a bug, shown in full."""
-    from bench import cli
+    from bench.cli import results
 
     def broken(args):
         raise ValueError("boom")
 
-    monkeypatch.setattr(cli, "cmd_runs", broken)
+    monkeypatch.setattr(results, "cmd_runs", broken)
     assert main(["runs"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: boom" in err
@@ -182,9 +182,10 @@ def test_export_of_an_unknown_run_is_one_line(tmp_path, capsys):
 
 
 def test_threads_all_means_one_per_physical_core(monkeypatch):
-    from bench import cli, machine
+    from bench.machine import environment
+    from bench.planner import parse_threads
 
-    monkeypatch.setattr(machine, "all_threads", lambda: 3)
-    assert cli._threads("all") == [3]
-    assert cli._threads("1,all") == [1, 3]
-    assert cli._threads(["all"]) == [3]  # from a TOML list
+    monkeypatch.setattr(environment, "all_threads", lambda: 3)
+    assert parse_threads("all") == [3]
+    assert parse_threads("1,all") == [1, 3]
+    assert parse_threads(["all"]) == [3]  # from a TOML list

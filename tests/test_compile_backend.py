@@ -17,7 +17,7 @@ from backends.base import BackendError, BackendUnavailable, UnsupportedPrecision
 from backends.compile import CompileBackend, compile_options
 from backends.eager import EagerBackend
 from backends.parity import check_parity
-from bench import records
+from bench.results import records
 from bench.spec import CellSpec
 from model.generate import generate
 from model.gpt import build_model, get_config
@@ -145,7 +145,7 @@ def test_a_launch_that_compiled_while_measured_is_flagged():
 
 
 def test_the_harness_records_compiles_in_load_and_none_while_measuring(backend):
-    from bench.measure import measure_cell
+    from bench.scenarios.inference import measure_cell
 
     spec = CellSpec(model="tiny", backend="compile", precision="fp32", device="cpu", batch=BATCH,
                     prompt_len=PROMPT, gen_len=GEN, min_warmup=1, max_warmup=2, min_reps=2, max_reps=3,
@@ -243,7 +243,7 @@ def test_compile_trains_a_compiled_module_through_the_training_hook():
     freezing (weights as constants) refused for training."""
     from backends.base import BackendError
     from backends.compile import CompileBackend
-    from bench.measure_train import measure_train
+    from bench.scenarios.train import measure_train
     from bench.spec import CellSpec
 
     spec = CellSpec(model="tiny", backend="compile", precision="fp32", device="cpu", batch=2, threads=1,

@@ -65,7 +65,7 @@ class Server:
     def __init__(self, store_path: Path, port: int | None = None):
         import uvicorn
 
-        from bench.compare import compare_runs
+        from bench.results.compare import compare_runs
 
         self.port = port or free_port()
         app = create_app(lambda: Store(store_path, read_only=True), compare=compare_runs, poll_s=0.2)
@@ -242,7 +242,7 @@ def _store_fixture_run(store: Store, name: str) -> str:
 
 
 def test_compare_page_shows_the_verdicts_of_two_runs(tmp_path):
-    from bench.compare import compare_runs
+    from bench.results.compare import compare_runs
 
     path = tmp_path / "two.sqlite"
     with Store(path) as store:

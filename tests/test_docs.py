@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bench.schema import CELL_FIELDS
+from bench.results.schema import CELL_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +14,7 @@ def test_readme_documents_every_cell_field():
 
 
 def test_default_sweep_parses():
-    from bench.sweep import load_toml
+    from bench.planner import load_toml
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
     assert values["backend"] == "all" and values["model"]

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from backends.base import Probe
-from bench.cell import _died, run_cell
-from bench.measure import prompt_ids
-from bench.records import cell_record
-from bench.roofline import kv_cache_bytes, weight_bytes
+from bench.executors.cell import _died, run_cell
+from bench.scenarios.inference import prompt_ids
+from bench.results.records import cell_record
+from bench.machine.roofline import kv_cache_bytes, weight_bytes
 from bench.spec import CellSpec
-from bench.sweep import Sweep, SweepError, estimate_peak_bytes, parse_list, plan
+from bench.planner import Sweep, SweepError, estimate_peak_bytes, parse_list, plan
 from model.gpt import build_model, get_config
 
 AVAILABLE = Probe(True)
@@ -146,7 +146,7 @@ def test_harness_attributes_prefill_and_decode_time_exactly(monkeypatch):
     7 ms, sampling between steps 0), the harness must report exactly those times: nothing of
     a step is lost, double-counted or given to its neighbour."""
     from backends.eager import EagerBackend
-    from bench import measure
+    from bench.scenarios import inference as measure
 
     clock = _VirtualClock()
     monkeypatch.setattr(measure.time, "perf_counter", clock)
@@ -183,7 +183,7 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
     above checks the attribution exactly; this one checks it against the real clock.
     """
     from backends.eager import EagerBackend
-    from bench.measure import _repeat
+    from bench.scenarios.inference import _repeat
     from model.generate import generate
 
     class Sleepy(EagerBackend):
@@ -217,7 +217,7 @@ def test_harness_decode_rate_agrees_with_an_outside_timing():
 def test_the_peak_restarts_after_the_load_so_a_cold_export_does_not_count():
     """What a launch loaded and let go of (an exporter's or quantiser's memory) is not in the
     peak it reports for running the model, so a cold and a warm export cache agree."""
-    from bench.measure import _peak_rss_mb, malloc_trim, reset_peak_rss
+    from bench.scenarios.inference import _peak_rss_mb, malloc_trim, reset_peak_rss
 
     big = bytearray(400 * 2**20)  # touched: 400 MiB resident, as an export's scratch would be
     big[::4096] = b"x" * len(big[::4096])

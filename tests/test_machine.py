@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from bench import machine
-from bench.machine import ISA_FLAGS, THREAD_ENV, diff_fingerprints, fingerprint, fingerprint_id
+from bench.machine import environment as machine
+from bench.machine.environment import ISA_FLAGS, THREAD_ENV, diff_fingerprints, fingerprint, fingerprint_id
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_fingerprint_has_the_fields(fp):
 
 
 def test_fingerprint_does_not_import_heavy_libraries():
-    code = ("import sys; from bench.machine import fingerprint; fingerprint(); "
+    code = ("import sys; from bench.machine.environment import fingerprint; fingerprint(); "
             "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime', 'nncf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=machine.REPO_ROOT)

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from backends.base import Probe
-from bench.cli import build_sweep, make_parser
+from bench.cli import make_parser
+from bench.cli.run import build_sweep
 from bench.spec import CellSpec, cell_id
-from bench.sweep import Sweep, SweepError, plan
+from bench.planner import Sweep, SweepError, plan
 from reports.format import label
 
 BACKENDS = ["eager", "int8", "onnxruntime"]

@@ -110,7 +110,7 @@ def test_fusions_are_in_the_cache_key(precision, tiny_model, fresh_cache):
 
 
 def test_fusions_is_a_sweep_axis_at_every_precision_and_checked():
-    from bench.sweep import backend_option_variants
+    from bench.planner import backend_option_variants
     cls = registry.get_backend_class("onnxruntime")
     for precision in cls.precisions:
         assert backend_option_variants(cls, precision, {"fusions": [False, True]}) == [
@@ -120,7 +120,8 @@ def test_fusions_is_a_sweep_axis_at_every_precision_and_checked():
 
 
 def test_a_quantised_checkpoint_keeps_the_fused_graph_and_records_it(tiny_model, tmp_path):
-    from bench.quantize import open_model, quantize_checkpoint
+    from bench.models import open_model
+    from bench.quantize import quantize_checkpoint
     from model.checkpoint import save_checkpoint
     from model.qcheckpoint import QuantizedCheckpointError
     save_checkpoint(tiny_model, tmp_path / "fp32")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from backends import registry
 from backends.base import Backend, BackendUnavailable, UnsupportedPrecision
 from backends.eager import EagerBackend
-from bench.quality import compare, perplexity, unigram_perplexity, verdict, windows
+from bench.scenarios.quality import compare, perplexity, unigram_perplexity, verdict, windows
 from model.gpt import build_model, get_config
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from backends import registry
 from backends.int8 import quantized_state
 from bench.cli import main
-from bench.quantize import QuantizeInputError, open_model, quantize_checkpoint, reference_model
+from bench.models import open_model, reference_model
+from bench.quantize import QuantizeInputError, quantize_checkpoint
 from model.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_checkpoint, read_config, save_checkpoint
 from model.errors import InputError
 from model.qcheckpoint import QFORMAT_VERSION, QuantizedCheckpointError, load_quantized, tensor_digest

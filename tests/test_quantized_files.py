@@ -12,7 +12,8 @@ import torch
 
 from backends import registry
 from bench.cli import main
-from bench.quantize import QuantizeInputError, open_model, quantize_checkpoint
+from bench.models import open_model
+from bench.quantize import QuantizeInputError, quantize_checkpoint
 from model.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from model.errors import InputError
 from model.qcheckpoint import QFORMAT_VERSION, QuantizedCheckpointError, load_quantized

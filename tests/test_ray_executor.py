@@ -3,7 +3,7 @@
 The Ray tests share one ``ray.cluster_utils.Cluster`` on this machine: a head labelled
 ``accelerator=cpu`` and two workers labelled ``accelerator=gpu`` (``rack=1`` and ``rack=2``;
 the second started with another ``MALLOC_CONF``, so its fingerprint differs, as a different
-machine's would). One test runs a real launch, a fresh ``bench.cell`` process, on a node; the
+machine's would). One test runs a real launch, a fresh ``bench.executors.cell`` process, on a node; the
 others pass a stand-in launch (shipped to the node by Ray) so they take seconds and the
 killed-node tests control exactly when a launch is in flight. The killed-node tests remove
 the workers, so they come last.
@@ -24,9 +24,10 @@ from types import SimpleNamespace
 import pytest
 
 from backends.base import Probe
-from bench.executor import LocalExecutor
+from bench.executors.local import LocalExecutor
 from bench.store import Store
-from bench.sweep import Sweep, plan, round_order, run_sweep
+from bench.planner import Sweep, plan
+from bench.sweep import round_order, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -47,7 +48,7 @@ def fake_launch(spec: dict) -> dict:
 
 
 def gated_cell(gate: str, block: tuple, spec: dict, timeout: float) -> dict:
-    """Stands in for ``bench.cell.run_cell`` on a node: says where it started, and a launch whose batch
+    """Stands in for ``bench.executors.cell.run_cell`` on a node: says where it started, and a launch whose batch
     is in ``block`` waits for the test's ``go`` file (at most a minute) before it returns."""
     import ray
 
@@ -104,8 +105,8 @@ def cluster():
 
 
 def ray_sweep(store, sweep, on, run_cell=None, sentinel=node_sentinel, resume=False):
-    from bench.machine import fingerprint
-    from bench.ray_executor import RayExecutor, parse_selectors
+    from bench.machine.environment import fingerprint
+    from bench.executors.ray import RayExecutor, parse_selectors
 
     executor = RayExecutor(sweep.backends, parse_selectors(on), run_cell=run_cell, poll_s=0.2)
     probes = executor.probes(sweep.backends)
@@ -121,12 +122,13 @@ def test_the_local_executor_and_the_cli_need_no_ray(tmp_path):
     code = f"""
 import sys
 sys.modules["ray"] = None  # import ray now raises ImportError
-import bench.cell
+import bench.executors.cell
 from backends.base import Probe
-from bench.executor import LocalExecutor
+from bench.executors.local import LocalExecutor
 from bench.store import Store
-from bench.sweep import Sweep, run_sweep
-bench.cell.run_cell = lambda spec, timeout: dict(status="failed", reason="stand-in launch")
+from bench.planner import Sweep
+from bench.sweep import run_sweep
+bench.executors.cell.run_cell = lambda spec, timeout: dict(status="failed", reason="stand-in launch")
 store = Store({str(tmp_path / 's.sqlite')!r})
 run_id = run_sweep(Sweep(models=["tiny"], backends=["eager"], launches=1), store, {{"eager": Probe(True)}},
                    {{"cpu": {{}}}}, sentinel=lambda t: {{}})
@@ -158,7 +160,7 @@ def test_bad_executor_options_are_one_line_and_exit_2(argv, message, tmp_path, c
 
 
 def test_parse_selectors_reads_labels_and_backend_scopes():
-    from bench.ray_executor import Selector, parse_selectors
+    from bench.executors.ray import Selector, parse_selectors
 
     assert parse_selectors(["accelerator=gpu", "cuda:ray.io/accelerator-type=H100"]) == [
         Selector("accelerator", "gpu"), Selector("ray.io/accelerator-type", "H100", "cuda")]
@@ -167,7 +169,7 @@ def test_parse_selectors_reads_labels_and_backend_scopes():
 def test_reports_and_compare_keep_cells_of_different_nodes_apart():
     """One run whose two cells two Ray nodes measured renders as two machines, each with its node's
     fingerprint; comparing it with a run whose cell another machine measured is not a match."""
-    from bench.compare import compare_runs
+    from bench.results.compare import compare_runs
     from reports.format import group_runs
 
     def cell(batch, fp):
@@ -240,7 +242,7 @@ def test_cells_follow_their_labels_and_reports_split_them_by_node(cluster, tmp_p
     # --resume finds the Ray run of the same sweep and --on, and has nothing left to launch
     again, _ = ray_sweep(store, tiny_sweep(batches=[1, 2]), ["rack=2"], run_cell=cell, resume=True)
     assert again["run_id"] == on_b["run_id"] and len(store.launches(on_b["run_id"])) == 2
-    from bench.machine import fingerprint
+    from bench.machine.environment import fingerprint
 
     local = run_sweep(tiny_sweep(batches=[1, 2]), store, {"eager": Probe(True)}, fingerprint(), resume=True,
                       sentinel=lambda t: {}, executor=LocalExecutor(run_cell=lambda spec, t: fake_launch(spec)))
@@ -263,9 +265,10 @@ def test_a_cell_no_node_can_run_is_skipped_with_the_reason(cluster, tmp_path):
 def test_cells_go_only_to_nodes_with_room_for_their_estimated_peak(cluster, tmp_path):
     """The memory guard on a cluster: a cell goes only to a matching node whose free memory (when
     probed) holds its estimated peak, and one that fits no matching node is skipped, saying so."""
-    from bench.machine import fingerprint
-    from bench.ray_executor import RayExecutor, parse_selectors
-    from bench.sweep import estimate_peak_bytes, model_config
+    from bench.machine.environment import fingerprint
+    from bench.executors.ray import RayExecutor, parse_selectors
+    from bench.models import model_config
+    from bench.planner import estimate_peak_bytes
 
     sweep = tiny_sweep(batches=[1, 2])
     need = estimate_peak_bytes(model_config("tiny", False), "eager", "fp32", 2, 11, 8, False)

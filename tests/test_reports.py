@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import FASTER, NOT_COMPARABLE, SAME, SLOWER, compare_runs
+from bench.results.compare import FASTER, NOT_COMPARABLE, SAME, SLOWER, compare_runs
 from bench.spec import cell_id as cell_key
-from bench.stats import nested_ratio_ci
+from bench.results.stats import nested_ratio_ci
 from reports import charts
 from reports.compare import compare_markdown, compare_table
-from reports.format import group_runs, sections
+from reports.format import group_runs
+from reports.sections import sections
 from reports.html import render_html
 from reports.markdown import render_markdown
 

@@ -1,6 +1,6 @@
 """Numbers that reproduce: interleaved rounds, honest intervals, the drift sentinel, and compare's verdicts.
 
-Most tests here drive ``run_sweep`` with a fake launch (``bench.cell.run_cell`` replaced by a
+Most tests here drive ``run_sweep`` with a fake launch (``bench.executors.cell.run_cell`` replaced by a
 function that returns a made-up launch record at once), so the bookkeeping -- rounds, orders,
 storing every launch, resuming -- is tested without timing anything. The statistics are tested
 on generated samples with a fixed seed, so a verdict never depends on chance. One test runs real
@@ -14,14 +14,15 @@ import random
 import numpy as np
 import pytest
 
-import bench.cell
+import bench.executors.cell
 from backends.base import Probe
-from bench import stats
-from bench.compare import FASTER, SAME, SLOWER, compare_runs
-from bench.records import cell_record
+from bench.results import stats
+from bench.results.compare import FASTER, SAME, SLOWER, compare_runs
+from bench.results.records import cell_record
 from bench.spec import CellSpec
 from bench.store import Store
-from bench.sweep import Sweep, plan, round_order, run_sweep
+from bench.planner import Sweep, plan
+from bench.sweep import round_order, run_sweep
 
 AVAILABLE = Probe(True)
 FP = {"cpu": {"brand": "Test CPU", "isa": {"avx2": True}}, "versions": {"torch": "2.8.0"}, "python": "3.11"}
@@ -32,7 +33,7 @@ def fake_sentinel(threads):
 
 
 class FakeLaunches:
-    """Stands in for ``bench.cell.run_cell``: a made-up ok launch per call, every call recorded."""
+    """Stands in for ``bench.executors.cell.run_cell``: a made-up ok launch per call, every call recorded."""
 
     def __init__(self, fail=(), interrupt_at=None, tpot=1.0):
         self.calls: list[dict] = []
@@ -62,7 +63,7 @@ class FakeLaunches:
 def fake(monkeypatch):
     def install(**kw):
         launches = FakeLaunches(**kw)
-        monkeypatch.setattr(bench.cell, "run_cell", launches)
+        monkeypatch.setattr(bench.executors.cell, "run_cell", launches)
         return launches
     return install
 
@@ -191,8 +192,8 @@ def test_backend_all_stores_unavailable_backends_as_skipped_with_the_reason(fake
     probes = {n: AVAILABLE if n == "eager" else Probe(False, reason=f"{n} is missing", fix=f"install {n}")
               for n in registry.names()}
     monkeypatch.setattr(registry, "probe_all", lambda: probes)
-    monkeypatch.setattr("bench.sentinel.read_isolated", fake_sentinel)
-    monkeypatch.setattr("bench.roofline.roofline_for", lambda *a, **k: None)
+    monkeypatch.setattr("bench.machine.sentinel.read_isolated", fake_sentinel)
+    monkeypatch.setattr("bench.machine.roofline.roofline_for", lambda *a, **k: None)
     db = tmp_path / "b.sqlite"
     assert main(["run", "--model", "tiny", "--backend", "all", "--batch", "1", "--threads", "1",
                  "--launches", "1", "--store", str(db), "--json"]) == 0
@@ -344,7 +345,7 @@ def test_bench_compare_detects_a_planted_slowdown_in_real_launches():
     planted change is 100%: this test proves the wiring from real launches to the verdict, and
     the 20% sensitivity is shown on generated samples above, where chance cannot make it flaky.
     """
-    from bench.cell import run_cell
+    from bench.executors.cell import run_cell
 
     base = CellSpec(model="small", backend="eager", precision="fp32", device="cpu", threads=1, prompt_len=8,
                     gen_len=12, budget_s=1.0, parity_steps=0, measure_kv=False)
@@ -363,14 +364,14 @@ def test_bench_compare_detects_a_planted_slowdown_in_real_launches():
 
 
 def test_the_sentinel_reads_in_a_fresh_process():
-    from bench.sentinel import read_isolated
+    from bench.machine.sentinel import read_isolated
 
     reading = read_isolated(1)
     assert reading["decode_ms"] > 0 and reading["gemv_gb_s"] > 0 and reading["threads"] == 1
 
 
 def test_a_launch_that_lands_far_from_the_others_is_named_and_kept():
-    from bench.records import unsteady
+    from bench.results.records import unsteady
 
     assert unsteady([49.1, 48.1, 595.9], "per token") == (
         "launch 3 of 3 ran 12.1x slower than the median launch (596 vs 49.1 ms per token)")

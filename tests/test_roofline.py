@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bench import roofline
-from bench.roofline import (decode_bound, kv_cache_bytes, measure_bandwidth, measure_peak_gflops, measure_roofline,
+from bench.machine import roofline
+from bench.machine.roofline import (decode_bound, kv_cache_bytes, measure_bandwidth, measure_peak_gflops, measure_roofline,
                             weight_bytes)
 from model.gpt import get_config
 
@@ -175,3 +175,10 @@ def test_small_cuda_measurement_is_positive_and_finite():
     for precision in ("fp32", "fp16", "bf16", "int8"):
         rate, _ = measure_peak_gflops(precision, device="cuda", sizes=(256, 512), budget_s=0.5)
         assert rate > 0 and math.isfinite(rate), precision
+
+
+def test_the_default_cache_lies_beside_the_default_store():
+    from bench.machine.roofline import DEFAULT_CACHE
+    from bench.store import DEFAULT_STORE
+
+    assert DEFAULT_CACHE.parent == DEFAULT_STORE.parent

@@ -118,7 +118,7 @@ def test_a_second_fetch_downloads_nothing_and_a_changed_remote_is_fetched_afresh
 
 
 def test_a_quantized_checkpoint_round_trips_and_runs_from_s3(s3, checkpoint, tmp_path, capsys):
-    from bench.quantize import open_model
+    from bench.models import open_model
 
     uri = f"s3://{BUCKET}/models/tiny-int8"
     assert main(["quantize", "--checkpoint", str(checkpoint), "--precision", "int8", "--out", uri]) == 0
@@ -309,7 +309,8 @@ def test_bench_run_on_an_s3_checkpoint_then_export_to_s3(s3, checkpoint, tmp_pat
 
 
 def test_lists_and_sweep_files_name_s3_checkpoints_beside_presets(s3, checkpoint, tmp_path):
-    from bench.cli import build_sweep, make_parser
+    from bench.cli import make_parser
+    from bench.cli.run import build_sweep
 
     uri = f"s3://{BUCKET}/models/tiny"
     upload_checkpoint(checkpoint, uri)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from backends.eager import EagerBackend
-from bench.serve import Engine, Metrics, create_app, serving_in_thread
+from bench.scenarios.serve import Engine, Metrics, create_app, serving_in_thread
 from model.generate import generate
 from model.tokenizer import ByteTokenizer
 
@@ -349,7 +349,7 @@ def test_shutdown_drains_the_running_requests(tiny_model):
 
 def test_bench_load_measures_every_request_and_stores_serve_cells(server, tmp_path):
     from bench.cli import main
-    from bench.compare import SAME, compare_runs
+    from bench.results.compare import SAME, compare_runs
     from bench.store import Store
 
     url, _ = server
@@ -392,7 +392,7 @@ def test_bench_load_measures_every_request_and_stores_serve_cells(server, tmp_pa
 
 
 def test_bench_load_counts_refused_requests_by_kind_and_keeps_the_others(tiny_model, tmp_path):
-    from bench.load import LoadSpec, run_load
+    from bench.scenarios.load import LoadSpec, run_load
 
     app, _ = make_app(tiny_model, delay=0.05, max_batch=1, queue_size=1)  # one request: >= 0.45 s
     with serving_in_thread(app) as (_, url):
@@ -406,7 +406,7 @@ def test_bench_load_counts_refused_requests_by_kind_and_keeps_the_others(tiny_mo
 
 
 def test_arrivals_are_seeded_gamma_gaps_or_all_at_once():
-    from bench.load import arrival_times, parse_rates
+    from bench.scenarios.load import arrival_times, parse_rates
 
     a = arrival_times(200, 10.0, 0.5, seed=3)
     assert a == arrival_times(200, 10.0, 0.5, seed=3) and a != arrival_times(200, 10.0, 0.5, seed=4)
@@ -452,8 +452,8 @@ def test_bench_run_scenario_serve_starts_a_server_per_backend_and_sweeps_the_rat
 def test_bench_compare_calls_a_slower_server_slower(tiny_model, tmp_path):
     """The same load point against the same (eager, tiny) server, once with every decode step made
     at least 30 ms long: compare matches the cells and calls the change."""
-    from bench.compare import SLOWER, compare_runs
-    from bench.load import LoadSpec, run_and_store
+    from bench.results.compare import SLOWER, compare_runs
+    from bench.scenarios.load import LoadSpec, run_and_store
     from bench.store import Store
 
     store = Store(tmp_path / "bench.sqlite")

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.schema import STAT_KEYS
-from bench.stats import median_ci, ratio_ci, relative_ci_width, settled, summarize
+from bench.results.schema import STAT_KEYS
+from bench.results.stats import median_ci, ratio_ci, relative_ci_width, settled, summarize
 
 
 def test_summary_of_known_samples():

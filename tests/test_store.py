@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.schema import CELL_FIELDS, STAT_KEYS
+from bench.results.schema import CELL_FIELDS, STAT_KEYS
 from bench.spec import cell_id as cell_key
 from bench.store import (DEFAULT_STORE, SCHEMA_VERSION, Store, StoreError, UnknownRun, export_csv,
                          export_json, sweep_key)
@@ -30,6 +30,7 @@ def make_cell(backend="eager", batch=1, status="ok", **extra):
     cell = dict(model="tiny", backend=backend, precision="fp32", device="cpu", batch=batch, threads=2,
                 prompt_len=8, gen_len=4, status=status, reason="" if status == "ok" else "boom",
                 ttft_ms=stats(2.0), tpot_ms=stats(1.0), decode_tok_s=batch / 1.0e-3,
+                decode_tok_s_ci=[batch * 1000 / 1.05, batch * 1000 / 0.95],
                 parity=dict(max_abs_logit_diff=1e-6, token_agreement=1.0, steps=8, precision="fp32",
                             tolerance=dict(max_abs_logit_diff=1e-3, min_token_agreement=1.0), passed=True),
                 samples=dict(ttft_ms=[2.0, 2.1, 1.9], tpot_ms=[1.0, 1.1, 0.9]),
@@ -61,6 +62,20 @@ def test_round_trip_keeps_every_sample(store):
     assert run["fingerprint"] == FINGERPRINT and run["sweep"] == SWEEP
     assert run["sweep_key"] == sweep_key(SWEEP)
     assert run["cells"] == cells  # raw samples included, in the order added
+
+
+def test_a_record_of_an_earlier_version_gets_its_decode_interval_on_read(store):
+    """Records stored before decode_tok_s_ci existed open with it derived from their tpot_ms."""
+    run_id = store.create_run(FINGERPRINT, SWEEP)
+    old = make_cell("eager", 4)
+    del old["decode_tok_s_ci"]
+    store.add_cell(run_id, old)
+    train = make_cell("eager", 1, scenario="train", tpot_ms=None)
+    del train["decode_tok_s_ci"]
+    store.add_cell(run_id, train)
+    first, second = store.get_run(run_id)["cells"]
+    assert first["decode_tok_s_ci"] == pytest.approx([4000 / 1.05, 4000 / 0.95])
+    assert second["decode_tok_s_ci"] is None  # no time per token, no interval
 
 
 def test_run_ids_are_unique(store):

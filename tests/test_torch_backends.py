@@ -13,7 +13,7 @@ import torch.nn as nn
 from backends import cuda, int8, ipex, mkl
 from backends.base import BackendError, BackendUnavailable, UnsupportedPrecision
 from backends.eager import EagerBackend
-from bench.roofline import weight_bytes
+from bench.machine.roofline import weight_bytes
 from model.gpt import build_model, get_config
 
 
@@ -52,7 +52,7 @@ def test_default_precisions():
 
 
 # A CPU with AVX-512 but no bf16 instructions (Skylake-SP), one with AVX-512 BF16 (Cooper
-# Lake, Zen 4) and one with AMX (Sapphire Rapids), as bench.machine's fingerprint lists them.
+# Lake, Zen 4) and one with AMX (Sapphire Rapids), as bench.machine.environment's fingerprint lists them.
 NO_BF16 = {"avx2": True, "fma": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": False,
            "avx512_bf16": False, "amx_bf16": False, "amx_int8": False, "amx_tile": False}
 AVX512_BF16 = {**NO_BF16, "avx512_bf16": True}

@@ -110,7 +110,8 @@ def test_quality_of_a_whole_file(trained, corpus, tmp_path, capsys):
 
 def test_a_sweep_cell_of_a_trained_checkpoint_carries_its_quality(trained, tmp_path, monkeypatch):
     from backends.base import Probe
-    from bench.sweep import Sweep, run_sweep
+    from bench.planner import Sweep
+    from bench.sweep import run_sweep
 
     out, _ = trained
     sweep = Sweep(models=[str(out), "tiny"], backends=["int8"], batches=[1], threads=[1], launches=1,
@@ -127,7 +128,8 @@ def test_a_sweep_cell_of_a_trained_checkpoint_carries_its_quality(trained, tmp_p
 
 def test_report_shows_the_quality_and_the_loss_curve_of_a_trained_checkpoint(trained, tmp_path):
     from backends.base import Probe
-    from bench.sweep import Sweep, run_sweep
+    from bench.planner import Sweep
+    from bench.sweep import run_sweep
 
     out, store_path = trained
     sweep = Sweep(models=[str(out)], backends=["eager", "int8"], batches=[1], threads=[1], launches=1,

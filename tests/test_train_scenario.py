@@ -10,13 +10,14 @@ import math
 
 import pytest
 
-import bench.sweep
+import bench.planner
 from backends.base import Probe
 from bench.cli import main
-from bench.records import cell_record
+from bench.results.records import cell_record
 from bench.spec import CellSpec, cell_id
 from bench.store import Store
-from bench.sweep import Sweep, estimate_train_peak_bytes, plan, run_sweep
+from bench.planner import Sweep, estimate_train_peak_bytes, plan
+from bench.sweep import run_sweep
 from model.gpt import get_config
 from reports.markdown import render_markdown
 
@@ -125,7 +126,8 @@ def test_a_toml_scenario_is_checked_too(tmp_path, capsys):
 
 
 def test_training_axes_come_from_a_toml_sweep(tmp_path):
-    from bench.cli import build_sweep, make_parser
+    from bench.cli import make_parser
+    from bench.cli.run import build_sweep
 
     path = tmp_path / "train.toml"
     path.write_text('[sweep]\nscenario = "train"\nmodel = "tiny"\nseq_len = [16, 32]\n'
@@ -137,9 +139,9 @@ def test_training_axes_come_from_a_toml_sweep(tmp_path):
 
 
 def test_a_train_sweep_resumes_from_its_last_stored_launch(tmp_path, monkeypatch):
-    import bench.cell
+    import bench.executors.cell
 
-    real = bench.cell.run_cell
+    real = bench.executors.cell.run_cell
     calls = []
 
     def interrupt_second(spec, timeout):
@@ -150,10 +152,10 @@ def test_a_train_sweep_resumes_from_its_last_stored_launch(tmp_path, monkeypatch
 
     sweep = train_sweep(launches=2)
     with Store(tmp_path / "bench.sqlite") as store:
-        monkeypatch.setattr(bench.cell, "run_cell", interrupt_second)
+        monkeypatch.setattr(bench.executors.cell, "run_cell", interrupt_second)
         with pytest.raises(KeyboardInterrupt):
             run_sweep(sweep, store, {"eager": AVAILABLE}, FP, sentinel=no_sentinel)
-        monkeypatch.setattr(bench.cell, "run_cell", real)
+        monkeypatch.setattr(bench.executors.cell, "run_cell", real)
         run_id = run_sweep(sweep, store, {"eager": AVAILABLE}, FP, sentinel=no_sentinel, resume=True)
         (cell,) = store.get_run(run_id)["cells"]
         assert len(store.launches(run_id)) == 2
@@ -228,7 +230,7 @@ def test_a_training_only_run_renders_in_both_formats():
 
 def test_report_lists_training_cells_that_did_not_run():
     spec = CellSpec(model="tiny", backend="int8", precision="int8", device="cpu", scenario="train", seq_len=16)
-    from bench.records import skipped_record
+    from bench.results.records import skipped_record
 
     cells = [_train_record("fp32", False, 10.0, 100.0, 900.0),
              skipped_record(spec, "backend 'int8' cannot train: no backward pass", 1_000_000)]
@@ -237,11 +239,11 @@ def test_report_lists_training_cells_that_did_not_run():
 
 
 def test_sweep_module_plans_no_training_variants_for_inference():
-    assert bench.sweep.scenario_variants(Sweep()) == [{}]
+    assert bench.planner.scenario_variants(Sweep()) == [{}]
 
 
 def test_a_non_finite_loss_fails_the_cell_with_the_reason(monkeypatch):
-    import bench.measure_train as mt
+    import bench.scenarios.train as mt
 
     real = mt.train_step
     calls = []
@@ -259,7 +261,7 @@ def test_a_non_finite_loss_fails_the_cell_with_the_reason(monkeypatch):
 
 
 def test_compare_does_not_judge_training_cells_by_inference_metrics():
-    from bench.compare import NOT_COMPARABLE, compare_runs
+    from bench.results.compare import NOT_COMPARABLE, compare_runs
 
     base = _run([_train_record("fp32", False, 10.0, 100.0, 900.0)])
     new = dict(_run([_train_record("fp32", False, 20.0, 100.0, 900.0)]), run_id="r2")
@@ -270,7 +272,8 @@ def test_compare_does_not_judge_training_cells_by_inference_metrics():
 def test_the_shipped_train_sweep_parses_and_plans():
     from pathlib import Path
 
-    from bench.cli import build_sweep, make_parser
+    from bench.cli import make_parser
+    from bench.cli.run import build_sweep
 
     path = Path(__file__).resolve().parents[1] / "sweeps" / "train.toml"
     sweep = build_sweep(make_parser().parse_args(["run", "--config", str(path)]))
@@ -282,7 +285,7 @@ def test_the_shipped_train_sweep_parses_and_plans():
 @pytest.mark.parametrize("backend, precision", [("mkl", "bf16"), ("ipex", "bf16")])
 def test_torch_backends_train_in_their_precisions(backend, precision):
     from backends import registry
-    from bench.measure_train import measure_train
+    from bench.scenarios.train import measure_train
 
     probe = registry.probe(backend)
     if not probe.available:

@@ -362,3 +362,46 @@ def backend_quality(backend, reference, stream: dict, context: int = DEFAULT_CON
     cmp = compare(reference, backend, stream["ids"], context, stride, stream["n_bytes"])
     return dict(stream=meta, perplexity=cmp.pop("candidate"), reference_perplexity=cmp.pop("reference"),
                 divergence=cmp, verdict=verdict(cmp))
+
+
+INFO_KEYS = ("int8_scheme", "group_size", "block_size", "accuracy_level", "symmetric", "int4_mode", "ratio",
+             "quantized_checkpoint")
+
+
+def quality_sweep(checkpoint: str, backends: list[str], precisions: list[str], *, corpus: str | None = None,
+                  max_tokens: int | None = None, context: int = 128, stride: int | None = None,
+                  threads: int | None = None, options: dict[str, dict] | None = None, on_row=None) -> tuple[dict, list]:
+    """``bench quality``: perplexity and divergence from eager fp32 for each (backend, precision)
+    the planner gives (``bench.planner.plan_targets``; a quantised checkpoint on its own target
+    only), on the same windows of one token stream. Returns (the stream's description, rows);
+    a target that cannot run is a row with status ``skipped`` and the reason."""
+    from backends import registry
+    from bench.models import open_model, quantized_target, reference_model
+    from bench.planner import plan_targets
+
+    quantized = quantized_target(checkpoint)
+    targets = plan_targets(backends, precisions, registry.probe_isolated, quantized=quantized,
+                           defaults=lambda cls, isa: [cls.default_precision])
+    stream = checkpoint_stream(checkpoint, corpus_path=corpus, max_tokens=max_tokens)
+    reference = registry.create("eager")
+    reference.load(reference_model(checkpoint, checkpoint=True))  # a quantised checkpoint's fp32 source
+    rows = []
+    try:
+        for target in targets:
+            row = dict(backend=target.backend, precision=target.precision)
+            if target.reason:
+                row.update(status="skipped", reason=target.reason)
+            else:
+                with registry.create(target.backend, precision=target.precision, threads=threads,
+                                     **(options or {}).get(target.backend, {})) as backend:
+                    backend.load(open_model(checkpoint, target.backend, target.precision, checkpoint=True))
+                    row["backend_info"] = {k: v for k, v in backend.info().items() if k in INFO_KEYS}
+                    is_ref = (target.backend, backend.precision, backend.device) == ("eager", "fp32", "cpu")
+                    row.update(status="ok", quality=backend_quality(backend, reference, stream, context,
+                                                                     stride or context, is_reference=is_ref))
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    finally:
+        reference.close()
+    return {k: v for k, v in stream.items() if k != "ids"}, rows

@@ -15,7 +15,7 @@ backends use:
   quantised ``Linear`` forward (what CPU int8 inference runs); the result says which.
 
 Measurements take a few seconds, so they are cached in a JSON file keyed by the
-environment fingerprint (``bench.machine.fingerprint_id``), the device and the thread
+environment fingerprint (``bench.machine.environment.fingerprint_id``), the device and the thread
 count. The default cache sits beside the default result store (``runs/roofline.json``):
 the harness and CI both write there, and a different machine or library version never
 reuses another's numbers.
@@ -31,12 +31,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from bench.store import DEFAULT_STORE
 
 if TYPE_CHECKING:
     from model.gpt import GPTConfig
 
-DEFAULT_CACHE = DEFAULT_STORE.parent / "roofline.json"
+DEFAULT_CACHE = Path("runs") / "roofline.json"  # beside the default store (bench.store.DEFAULT_STORE)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 BANDWIDTH_MIB = 128  # per array: 4x the 32 MiB L3 here; three arrays keep first-touch cost low
 MATMUL_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (1024, 2048, 4096, 8192)}
@@ -195,7 +194,7 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
     ``threads``: intra-op threads for the measurement (None: torch's default); the caller's
     setting is restored afterwards. ``cache``: the JSON cache file (default ``runs/roofline.json``).
     ``refresh``: measure even if cached. ``fingerprint_id``: the cache key's environment,
-    computed from ``bench.machine.fingerprint()`` when not given.
+    computed from ``bench.machine.environment.fingerprint()`` when not given.
     Returns {"bandwidth_gb_s", "bandwidth_kernels", "peak_gflops": {precision: GFLOP/s},
     "peak_method": {precision: how}, "threads", "device", "method", "measured_at", "fingerprint_id"}.
     """
@@ -205,7 +204,7 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
     if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} must be at least 1")
     if fingerprint_id is None:
-        from bench.machine import fingerprint, fingerprint_id as compute_id
+        from bench.machine.environment import fingerprint, fingerprint_id as compute_id
         fingerprint_id = compute_id(fingerprint())
     path = Path(cache) if cache is not None else DEFAULT_CACHE
     key = _cache_key(fingerprint_id, device, threads)

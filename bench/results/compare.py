@@ -2,14 +2,14 @@
 
 Cells are matched by ``cell_id`` (``bench.spec``). For each matched cell, the change of a
 latency is the ratio of medians new / base, and its 95% interval comes from the same
-hierarchical bootstrap the run's own intervals use (``bench.stats.nested_ratio_ci``): each run
+hierarchical bootstrap the run's own intervals use (``bench.results.stats.nested_ratio_ci``): each run
 is resampled at its own levels, launches and then whole generations, and each draw gives a
 ratio of medians. The decode rate is batch / time per output token, so its ratio is the
 inverse of the time's.
 
 A change is *significant* when its interval excludes 1 **and** it is larger than the
 comparison's noise floor. The floor is measured, not assumed: it is how far the machine itself
-moved between the two runs by their drift sentinels (``bench.sentinel``, read at the start of
+moved between the two runs by their drift sentinels (``bench.machine.sentinel``, read at the start of
 every round) -- the ratio of the two runs' median sentinel readings, for whichever sentinel
 moved most. A cell that moved by less than the whole machine did cannot be told apart from the
 machine. Runs stored without sentinel readings fall back to ``FALLBACK_FLOOR_PCT``, and the
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench import stats
-from bench.schema import diff_fields
+from bench.results import stats
+from bench.results.schema import diff_fields
 from bench.spec import cell_id
 
 FALLBACK_FLOOR_PCT = 2.0

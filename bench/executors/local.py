@@ -3,12 +3,12 @@
 ``bench.sweep.run_sweep`` decides *what* runs: the plan, the seeded rounds, resume and every
 store write. An executor decides *where and when* each launch of a round runs and hands the
 finished launch records back one by one, as they finish, so the sweep stores each at once.
-A launch is always ``bench.cell.run_cell``: a fresh process with the same isolation, timeout
+A launch is always ``bench.executors.cell.run_cell``: a fresh process with the same isolation, timeout
 and memory guard wherever it runs; the cell's code does not know which executor started it.
 
 - ``LocalExecutor``: this machine, one launch at a time, in the round's order (what ``bench
   run`` always did; it needs nothing beyond the harness).
-- ``bench.ray_executor.RayExecutor``: a Ray cluster, each launch a Ray task on a node chosen
+- ``bench.executors.ray.RayExecutor``: a Ray cluster, each launch a Ray task on a node chosen
   by its labels (``--on KEY=VALUE``); imported only when asked for, so Ray stays optional.
 
 The interface, as ``run_sweep`` calls it:
@@ -18,7 +18,7 @@ The interface, as ``run_sweep`` calls it:
 - ``run_fingerprint(fingerprint)``: the fingerprint stored with the run;
 - ``available_bytes``: the free memory the memory guard plans against (None: this machine's);
 - ``place(cells)``: the planned cells, with a skip reason on those no place can run;
-- ``sentinel(read, threads)``: the round's drift reading (``bench.sentinel``), taken where the
+- ``sentinel(read, threads)``: the round's drift reading (``bench.machine.sentinel``), taken where the
   launches will run;
 - ``run(jobs, timeout, started)``: run one round's jobs; yields ``(job, launch record)`` as
   each finishes and calls ``started(job)`` as each starts.
@@ -48,7 +48,7 @@ class LocalExecutor:
     available_bytes = None  # the memory guard reads this machine's free memory
 
     def __init__(self, run_cell: Callable[[dict, float], dict] | None = None):
-        self.run_cell = run_cell  # None: ``bench.cell.run_cell``, looked up at each launch
+        self.run_cell = run_cell  # None: ``bench.executors.cell.run_cell``, looked up at each launch
 
     def resume_key(self, sweep_key: str) -> str:
         return sweep_key  # local runs keep the keys they always had
@@ -63,11 +63,11 @@ class LocalExecutor:
         return read(threads)
 
     def run(self, jobs: list[Job], timeout: float, started: Callable[[Job], None]) -> Iterator[tuple[Job, dict]]:
-        import bench.cell
+        import bench.executors.cell
 
         for job in jobs:
             started(job)
-            yield job, (self.run_cell or bench.cell.run_cell)(job.spec, timeout)
+            yield job, (self.run_cell or bench.executors.cell.run_cell)(job.spec, timeout)
 
     def close(self) -> None:
         pass

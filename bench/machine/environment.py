@@ -26,7 +26,7 @@ from pathlib import Path
 import cpuinfo
 import psutil
 
-from bench.schema import diff_fields
+from bench.results.schema import diff_fields
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "fma")
 

@@ -9,7 +9,7 @@ process saw (memory, load time, backend details). The *cell record* that reports
   the cold facts of the first launch (load time, first call, parity, KV-cache size, backend
   details) and the largest memory reading of any launch;
 - ``derive`` computes every statistic and rate from those samples: the median and the
-  hierarchical bootstrap interval of each latency (``bench.stats.summarize_nested``), the
+  hierarchical bootstrap interval of each latency (``bench.results.stats.summarize_nested``), the
   token rates, and the roofline fraction against the cell's own device and thread count.
 
 Nothing else computes these numbers, so a merged record, a resumed one and a fixture built
@@ -18,9 +18,10 @@ for the report tests all come out of the same arithmetic.
 
 from __future__ import annotations
 
+import math
 import statistics
 
-from bench import stats
+from bench.results import stats
 from bench.spec import CellSpec
 
 SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -28,7 +29,7 @@ SAMPLE_KINDS = ("ttft_ms", "tpot_ms", "e2e_ms")
 COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "first_call_ms", "weights_mb",
                "kv_cache_mb", "parity", "quality", "backend_info", "peak_after_load")
 MAX_FIELDS = ("peak_rss_mb", "load_peak_rss_mb", "model_mb", "device_peak_mb")
-# A training cell's launches (``bench.measure_train``): each trains from the same seed on the same
+# A training cell's launches (``bench.scenarios.train``): each trains from the same seed on the same
 # tokens, so the losses are facts of the cell (the first launch's); memory, the largest of any launch.
 TRAIN_SAMPLE_KINDS = ("step_ms",)
 TRAIN_COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "weights_mb", "grads_mb",
@@ -65,6 +66,25 @@ def merge(launches: list[dict], kinds: tuple[str, ...] = SAMPLE_KINDS, cold: tup
     return merged
 
 
+def decode_rate(tpot: dict | None, batch: int | None) -> tuple[float | None, list[float] | None]:
+    """Decode tokens/s of a batch and its 95% interval, from the time per output token's statistics.
+
+    The one place this rate is derived: ``batch * 1000 / median TPOT``, its interval the TPOT
+    interval read the other way round (the slow end of TPOT is the low end of the rate). Cell
+    records store both (``decode_tok_s``, ``decode_tok_s_ci``); renderers only read them.
+    """
+    if not isinstance(tpot, dict) or not isinstance(batch, (int, float)):
+        return None, None
+    median, lo, hi = tpot.get("median"), tpot.get("ci95_low"), tpot.get("ci95_high")
+    rate = batch / (median / 1e3) if _positive(median) else None
+    ci = [batch * 1000 / hi, batch * 1000 / lo] if _positive(lo) and _positive(hi) else None
+    return rate, ci
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
 def derive(record: dict, spec: CellSpec) -> dict:
     """The record with every statistic and rate computed from its samples (in place, and returned)."""
     samples = record["samples"]
@@ -85,7 +105,7 @@ def derive(record: dict, spec: CellSpec) -> dict:
         record["unsteady"] = f"{record['unsteady']}; {note}" if record["unsteady"] else note
     batch = spec.batch
     record["prefill_tok_s"] = batch * spec.prompt_len / (record["ttft_ms"]["median"] / 1e3)
-    record["decode_tok_s"] = batch / (record["tpot_ms"]["median"] / 1e3) if has_steps else None
+    record["decode_tok_s"], record["decode_tok_s_ci"] = decode_rate(record["tpot_ms"] if has_steps else None, batch)
     record["e2e_tok_s"] = batch * spec.gen_len / (stats.nested_median(e2e) / 1e3)
     record.update(roofline_fields(record, spec))
     return record
@@ -165,8 +185,8 @@ def roofline_fields(record: dict, spec: CellSpec) -> dict:
     out = dict(roofline_decode_tok_s=None, roofline_fraction=None, roofline_bound=None)
     if not spec.roofline or not record.get("decode_tok_s"):
         return out
-    from bench.roofline import decode_bound  # arithmetic only; measured by the parent at plan time
-    from bench.sweep import model_config
+    from bench.machine.roofline import decode_bound  # arithmetic only; measured by the parent at plan time
+    from bench.models import model_config
 
     config = model_config(spec.model, spec.checkpoint)
     past = spec.prompt_len + spec.gen_len // 2  # the mean cache length over the decode steps

@@ -1,12 +1,12 @@
 """One launch, one process.
 
-The parent (``run_cell``) starts ``python -m bench.cell`` with the backend's thread
+The parent (``run_cell``) starts ``python -m bench.executors.cell`` with the backend's thread
 environment already in place (OMP/MKL/KMP variables act only if set before the libraries
 load), sends the cell's spec on stdin and reads one JSON launch record back from stdout. A
 crash, an abort in a native library, an out-of-memory kill or a hang ends that launch alone:
 the parent records it as ``failed``, ``oom`` or ``timeout`` with the reason. A cell runs in
 several such launches, one per round of the sweep (``bench.sweep.run_sweep``); its record is
-derived from them (``bench.records``).
+derived from them (``bench.results.records``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
     """Run one cell in a fresh subprocess; always returns a record with a status."""
     start = time.perf_counter()
     env = child_environment(spec["backend"], spec.get("threads"))
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cell"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "bench.executors.cell"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -75,13 +75,13 @@ def _child() -> None:
     spec_dict = json.loads(sys.stdin.read())
     # Imported here, after the environment is in place, so thread settings take effect.
     from backends.base import BackendUnavailable, TrainingUnsupported, UnsupportedPrecision
-    from bench.measure import measure_cell
+    from bench.scenarios.inference import measure_cell
     from bench.spec import CellSpec
 
     try:
         spec = CellSpec.from_dict(spec_dict)
         if spec.scenario == "train":
-            from bench.measure_train import measure_train as measure
+            from bench.scenarios.train import measure_train as measure
         else:
             measure = measure_cell
         record = dict(status="ok", reason="", **measure(spec))

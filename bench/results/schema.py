@@ -41,6 +41,7 @@ CELL_FIELDS = {
     # throughput, tokens of all sequences
     "prefill_tok_s": "batch * prompt_len / median ttft",
     "decode_tok_s": "batch / median tpot",
+    "decode_tok_s_ci": "the 95% interval of decode_tok_s, [low, high], from tpot_ms's (null: no interval)",
     "e2e_tok_s": "batch * gen_len / median end-to-end generation time",
     # memory
     "peak_rss_mb": "peak resident memory of the cell process while it runs the model (the peak restarts after the load; see peak_after_load), MiB",
@@ -76,7 +77,7 @@ CELL_FIELDS = {
     "samples": "raw samples by launch and generation: ttft_ms and e2e_ms [launch][generation], tpot_ms [launch][generation][step]",
     "backend_info": "what the backend reports of itself (runtime options, providers, versions)",
     "wall_s": "seconds the whole cell took, process start to result",
-    # training cells (scenario "train", bench.measure_train)
+    # training cells (scenario "train", bench.scenarios.train)
     "scenario": "what the cell measures: inference (a generation) or train (optimizer steps)",
     "seq_len": "train: tokens per sequence of a training batch",
     "grad_checkpointing": "train: whether each block's activations were recomputed in the backward pass",

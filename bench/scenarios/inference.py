@@ -1,6 +1,6 @@
 """Measure one cell in this process: load, warm up, repeat generations, check parity.
 
-This runs inside the cell's own subprocess (``bench.cell``), after the thread environment
+This runs inside the cell's own subprocess (``bench.executors.cell``), after the thread environment
 was set and before anything else was loaded, so its peak memory is the cell's own.
 
 One *generation* is a whole greedy generation of ``gen_len`` tokens for the batch, timed
@@ -13,7 +13,7 @@ narrower than the target or the time budget is spent. Every raw sample is kept, 
 generation: ``tpot_ms`` is a list of generations, each the list of its decode steps.
 
 This process measures; it derives nothing. Statistics, rates and the roofline fraction are
-computed once, by the parent, after the cell's launches are merged (``bench.records``).
+computed once, by the parent, after the cell's launches are merged (``bench.results.records``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import torch
 
 from backends import registry
 from backends.parity import check_parity
-from bench import stats
+from bench.results import stats
+from bench.models import open_model, reference_model
 from bench.spec import CellSpec
 from model.generate import generate
-from model.gpt import build_model, get_config
 
 MiB = 1024 * 1024
 
@@ -77,18 +77,12 @@ def reset_peak_rss() -> bool:
 def build(spec: CellSpec):
     """What the backend loads: a preset's fp32 model, a checkpoint's, or a quantised checkpoint
     as it is (checked against the cell's backend and precision)."""
-    if spec.checkpoint:
-        from bench.quantize import open_model
-        return open_model(spec.model, spec.backend, spec.precision)
-    return build_model(get_config(spec.model), seed=spec.seed)
+    return open_model(spec.model, spec.backend, spec.precision, checkpoint=spec.checkpoint, seed=spec.seed)
 
 
 def build_reference(spec: CellSpec):
     """The fp32 model eager checks the backend against: for a quantised checkpoint, its source."""
-    if spec.checkpoint:
-        from bench.quantize import reference_model
-        return reference_model(spec.model)
-    return build_model(get_config(spec.model), seed=spec.seed)
+    return reference_model(spec.model, checkpoint=spec.checkpoint, seed=spec.seed)
 
 
 def prompt_ids(spec: CellSpec, vocab_size: int) -> torch.Tensor:
@@ -304,7 +298,7 @@ def _parity(backend, spec: CellSpec, ids: torch.Tensor, reference: _Reference) -
 
 def _quality(backend, spec: CellSpec, reference: _Reference) -> dict:
     """A trained checkpoint's perplexity and divergence from eager fp32 on its test split."""
-    from bench.quality import QualityInputError, backend_quality, checkpoint_stream
+    from bench.scenarios.quality import QualityInputError, backend_quality, checkpoint_stream
 
     try:
         stream = checkpoint_stream(spec.model, max_tokens=spec.quality_tokens)

@@ -3,7 +3,7 @@
 ``bench run --executor ray [--address ADDR] [--on KEY=VALUE ...]`` connects to a running Ray
 cluster (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` on the others,
 each with the project installed) and runs every launch of the sweep as a Ray task. The task's
-body is the same ``bench.cell.run_cell`` as a local launch: a fresh process, the same
+body is the same ``bench.executors.cell.run_cell`` as a local launch: a fresh process, the same
 isolation, timeout and memory guard. Only where it runs changes.
 
 Routing. A node is chosen by its *labels*, Ray's own key-value node attributes (``ray start
@@ -20,7 +20,7 @@ node at a time: a launch reserves all of its node's CPUs and GPUs (two benchmark
 machine at once would spoil both), while different nodes measure in parallel.
 
 At the start, every matching node is probed by a small task: its fingerprint
-(``bench.machine.fingerprint``), its free memory and the probe of each backend of the sweep,
+(``bench.machine.environment.fingerprint``), its free memory and the probe of each backend of the sweep,
 as ``bench info`` would report them there. A cell goes only to a node whose probe says its
 backend is available; a cell no node can run is stored ``skipped`` with the nodes' reasons.
 The task bodies run with the node's own environment (the worker process's environment as the
@@ -51,7 +51,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from bench.executor import Job
+from bench.executors.local import Job
 from model.errors import InputError
 
 PROBE_TIMEOUT_S = 600.0  # a node's first probe imports every backend's libraries
@@ -183,7 +183,7 @@ def probe_node(backends: list[str]) -> dict:
     import ray
 
     from backends import registry
-    from bench.machine import fingerprint, fingerprint_id
+    from bench.machine.environment import fingerprint, fingerprint_id
 
     with node_environment():
         fp = fingerprint()
@@ -194,10 +194,10 @@ def probe_node(backends: list[str]) -> dict:
 
 def launch_on_node(spec: dict, timeout: float, run_cell: Callable | None) -> dict:
     """One launch on this node, in a fresh process as locally (a Ray task's body)."""
-    import bench.cell
+    import bench.executors.cell
 
     with node_environment():
-        return (run_cell or bench.cell.run_cell)(spec, timeout)
+        return (run_cell or bench.executors.cell.run_cell)(spec, timeout)
 
 
 def sentinel_on_node(read: Callable, threads: int | None) -> dict:
@@ -220,7 +220,7 @@ class RayExecutor:
 
         ``address``: the cluster (default: ``RAY_ADDRESS``, else ``auto``, the one started on this
         machine by ``ray start``). ``run_cell``: what a launch runs on the node (default
-        ``bench.cell.run_cell``; tests pass a stand-in, which Ray ships to the node).
+        ``bench.executors.cell.run_cell``; tests pass a stand-in, which Ray ships to the node).
         """
         self.ray = ray = import_ray()
         self.selectors = list(on or [])
@@ -255,7 +255,7 @@ class RayExecutor:
 
     def _probe(self, backends: list[str]) -> None:
         from backends.base import Probe
-        from bench.machine import fingerprint_id
+        from bench.machine.environment import fingerprint_id
 
         alive = [n for n in self.ray.nodes() if n.get("Alive")]
         self.alive_at_start = len(alive)
@@ -348,7 +348,7 @@ class RayExecutor:
         ``need`` bytes (the memory guard's estimate, against the node's free memory when probed)
         and, for a cell with earlier launches, are the same machine as those (by fingerprint id);
         by id, for a stable order."""
-        from bench.sweep import MEMORY_HEADROOM
+        from bench.planner import MEMORY_HEADROOM
 
         return sorted((n for n in self.nodes.values()
                        if n.alive and n.matches(self.selectors, backend) and backend in n.probes
@@ -357,7 +357,7 @@ class RayExecutor:
                        and (fingerprint_id is None or n.fingerprint_id == fingerprint_id)), key=lambda n: n.id)
 
     def _no_room(self, backend: str, need: int) -> str:
-        from bench.sweep import MEMORY_HEADROOM
+        from bench.planner import MEMORY_HEADROOM
 
         room = ", ".join(f"{n.name} {n.available_bytes / 2**30:.1f} GiB" for n in self._eligible(backend, None))
         return (f"estimated peak memory {need / 2**30:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} of the free memory "

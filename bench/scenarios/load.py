@@ -270,9 +270,9 @@ def summarize(spec: LoadSpec, results: list[dict], wall_s: float) -> dict:
 
 
 def cell_record(spec: LoadSpec, health: dict, results: list[dict], wall_s: float) -> dict:
-    """The stored cell of one load point (``bench.records``' shape, scenario "serve")."""
-    from bench import stats
-    from bench.records import identity_fields
+    """The stored cell of one load point (``bench.results.records``' shape, scenario "serve")."""
+    from bench.results import stats
+    from bench.results.records import decode_rate, identity_fields
     from bench.spec import CellSpec
 
     cell = CellSpec(model=str(health["model"]), backend=health["backend"], precision=health["precision"],
@@ -294,7 +294,7 @@ def cell_record(spec: LoadSpec, health: dict, results: list[dict], wall_s: float
         record["ttft_ms"] = stats.summarize([r["ttft_ms"] for r in ok])
         record["e2e_ms"] = stats.summarize([r["e2e_ms"] for r in ok])
         record["tpot_ms"] = stats.summarize_nested([steps]) if steps else None
-        record["decode_tok_s"] = 1e3 / record["tpot_ms"]["median"] if steps else None
+        record["decode_tok_s"], record["decode_tok_s_ci"] = decode_rate(record["tpot_ms"], 1)  # one stream's
         record.update(status="ok", reason="" if not summary["n_errors"] else
                       f"{summary['n_errors']} of {len(results)} requests failed: " + _errors_text(summary))
     else:
@@ -354,7 +354,7 @@ def server_process(backend: str, *, model: str | None = None, checkpoint: str | 
     import sys
     import tempfile
 
-    from bench.cell import child_environment
+    from bench.executors.cell import child_environment
 
     cmd = [sys.executable, "-m", "bench.cli", "serve", "--backend", backend, "--port", "0",
            "--max-batch", str(max_batch), "--queue-size", str(queue_size)]
@@ -395,7 +395,7 @@ class ServerFailed(Exception):
 
 
 def sweep_serve(store, fingerprint: dict, *, backends: list[str], model: str | None, checkpoint: str | None,
-                precisions: list[str | None], rates: list[float | None], num_requests: int, prompt_len: int,
+                precisions: list[str], rates: list[float | None], num_requests: int, prompt_len: int,
                 gen_len: int, max_batch: int = 8, threads: int | None = None, burstiness: float = 1.0,
                 max_concurrency: int | None = None, slo_ms: dict | None = None, seed: int = 0,
                 duration_s: float = 600.0, name: str | None = None, on_cell=None) -> str:
@@ -405,7 +405,8 @@ def sweep_serve(store, fingerprint: dict, *, backends: list[str], model: str | N
     from pathlib import Path
 
     from backends import registry
-    from bench.records import skipped_record
+    from bench.planner import plan_targets
+    from bench.results.records import skipped_record
     from bench.spec import CellSpec
 
     sweep = dict(scenario="serve", backends=backends, model=model or checkpoint, precisions=precisions, rates=rates,
@@ -421,38 +422,34 @@ def sweep_serve(store, fingerprint: dict, *, backends: list[str], model: str | N
 
     status = "interrupted"
     try:
-        for backend in backends:
+        for target in plan_targets(backends, [p for p in precisions if p], registry.probe_isolated,
+                                   defaults=lambda cls, isa: [cls.default_precision]):
+            backend, resolved = target.backend, target.precision
             cls = registry.get_backend_class(backend)
-            for precision in precisions:
-                resolved = precision or cls.default_precision
 
-                def unserved(state: str, reason: str):
+            def unserved(state: str, reason: str):
+                for rate in rates:
+                    spec = CellSpec(model=model or str(Path(checkpoint).resolve()), backend=backend, precision=resolved,
+                                    device=cls.default_device(), batch=max_batch, threads=threads,
+                                    prompt_len=prompt_len, gen_len=gen_len, scenario="serve", rate=rate,
+                                    burstiness=burstiness, max_concurrency=max_concurrency,
+                                    num_requests=num_requests, checkpoint=checkpoint is not None)
+                    land(dict(skipped_record(spec, reason, None), status=state))
+
+            if target.reason:
+                unserved("skipped", target.reason)
+                continue
+            try:
+                with server_process(backend, model=model, checkpoint=checkpoint, precision=resolved,
+                                    threads=threads, max_batch=max_batch) as url:
+                    health = server_health(url)
                     for rate in rates:
-                        spec = CellSpec(model=model or str(Path(checkpoint).resolve()), backend=backend, precision=resolved,
-                                        device=cls.default_device(), batch=max_batch, threads=threads,
-                                        prompt_len=prompt_len, gen_len=gen_len, scenario="serve", rate=rate,
-                                        burstiness=burstiness, max_concurrency=max_concurrency,
-                                        num_requests=num_requests, checkpoint=checkpoint is not None)
-                        land(dict(skipped_record(spec, reason, None), status=state))
-
-                probe = registry.probe_isolated(backend)
-                if not probe.available:
-                    unserved("skipped", f"backend unavailable: {probe.reason}")
-                    continue
-                if resolved not in cls.precisions:
-                    unserved("skipped", f"backend {backend!r} does not support precision {resolved!r}")
-                    continue
-                try:
-                    with server_process(backend, model=model, checkpoint=checkpoint, precision=precision,
-                                        threads=threads, max_batch=max_batch) as url:
-                        health = server_health(url)
-                        for rate in rates:
-                            land(run_load(LoadSpec(url=url, num_requests=num_requests, prompt_len=prompt_len,
-                                                   gen_len=gen_len, rate=rate, burstiness=burstiness,
-                                                   max_concurrency=max_concurrency, slo_ms=dict(slo_ms or {}),
-                                                   seed=seed, duration_s=duration_s), health))
-                except ServerFailed as e:
-                    unserved("failed", str(e))
+                        land(run_load(LoadSpec(url=url, num_requests=num_requests, prompt_len=prompt_len,
+                                               gen_len=gen_len, rate=rate, burstiness=burstiness,
+                                               max_concurrency=max_concurrency, slo_ms=dict(slo_ms or {}),
+                                               seed=seed, duration_s=duration_s), health))
+            except ServerFailed as e:
+                unserved("failed", str(e))
         status = "finished"
     finally:
         store.finish_run(run_id, status)

@@ -1,7 +1,7 @@
 """Measure one launch of a training cell in this process: warm-up steps, timed steps, memory.
 
-This is ``bench.measure`` for ``scenario="train"``: it runs inside the cell's own subprocess
-(``bench.cell``), so its memory is the cell's own. One *step* is ``bench train``'s step
+This is ``bench.scenarios.inference`` for ``scenario="train"``: it runs inside the cell's own subprocess
+(``bench.executors.cell``), so its memory is the cell's own. One *step* is ``bench train``'s step
 (``model.train.train_step``): forward, backward and an AdamW update of ``batch`` sequences of
 ``seq_len`` tokens, with the backend's training autocast (bf16, fp16 with a gradient scaler on
 CUDA) and, when the cell asks, gradient checkpointing (``GPT.grad_checkpointing``). The
@@ -12,7 +12,7 @@ A launch runs ``warmup_steps`` untimed steps (the first one creates the optimize
 and warms the allocator), then up to ``train_steps`` timed steps, fewer when ``budget_s`` is
 spent (two at least), each closed by a device synchronisation before the clock is read. Step
 times are kept in groups of ``group_steps`` consecutive steps, the launch > group > step
-nesting the hierarchical bootstrap resamples (``bench.stats.summarize_nested``), as an
+nesting the hierarchical bootstrap resamples (``bench.results.stats.summarize_nested``), as an
 inference launch keeps generations > decode steps.
 
 Memory, after the timed steps, in one more step of its own:
@@ -60,7 +60,7 @@ import time
 import torch
 
 from backends import registry
-from bench.measure import MiB, _peak_rss_mb, _rss_mb, build, malloc_trim, reset_peak_rss
+from bench.scenarios.inference import MiB, _peak_rss_mb, _rss_mb, build, malloc_trim, reset_peak_rss
 from bench.spec import CellSpec
 from model.train import TrainConfig, lr_factor, make_optimizer, train_step
 

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.schema import STAT_KEYS
+from bench.results.schema import STAT_KEYS
 
 
 def _as_array(samples: Sequence[float], name: str = "samples") -> np.ndarray:
@@ -87,7 +87,7 @@ def median_ci(samples: Sequence[float], *, confidence: float = 0.95, n_boot: int
 
 def summarize(samples: Sequence[float], *, confidence: float = 0.95, n_boot: int = 2000,
               seed: int = 0) -> dict:
-    """The statistics dict of ``samples``, with exactly the keys of ``bench.schema.STAT_KEYS``.
+    """The statistics dict of ``samples``, with exactly the keys of ``bench.results.schema.STAT_KEYS``.
 
     Percentiles interpolate linearly between order statistics (numpy's default). ``stdev``
     is the sample standard deviation (n - 1); ``cv`` is stdev / mean. ``ci95_low`` and

@@ -85,10 +85,10 @@ def read_isolated(threads: int | None = None, timeout: float = 120.0) -> dict:
 
     A reading that cannot be taken says why (``error``) instead of stopping the sweep.
     """
-    from bench.cell import child_environment
+    from bench.executors.cell import child_environment
 
     env = child_environment("eager", threads)
-    cmd = [sys.executable, "-m", "bench.sentinel", "" if threads is None else str(threads)]
+    cmd = [sys.executable, "-m", "bench.machine.sentinel", "" if threads is None else str(threads)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         return json.loads(done.stdout.strip().splitlines()[-1])
