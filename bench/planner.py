@@ -344,7 +344,7 @@ def sweep_from_config(values: dict, given: dict | None = None, *, model_flag: bo
         shared = [k for k in part if k in RUN_KEYS or k == "also"]
         if shared:
             raise SweepError(f"[[sweep.also]] table {i}: {shared[0]!r} applies to the whole run; set it in [sweep]")
-        sweep.also.append(sweep_from_values(dict(values, **part, **given), model_flag=model_flag))
+        sweep.also.append(sweep_from_values({**values, **part, **given}, model_flag=model_flag))
     return sweep
 
 
