@@ -102,6 +102,10 @@ class Sweep:
     prompt_len: int = 32
     gen_len: int = 16
     launches: int = 3  # fresh processes per cell, one per round; the interval spans their spread
+    # 0: every cell gets all its launches. N: a screen first: every cell runs one launch, then only
+    # the N fastest of each model x batch x threads (passing parity and quality), the fastest peer
+    # and eager fp32 (the reference) get the rest; the others keep one launch, marked in the record
+    confirm: int = 0
     timeout_s: float = 600.0
     budget_s: float = 20.0
     target_ci: float = 0.05
@@ -132,6 +136,8 @@ class Sweep:
             d.pop("options")
         if not self.also:  # and of sweeps in one part
             d.pop("also")
+        if not self.confirm:  # and of sweeps without a screen
+            d.pop("confirm")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -147,9 +153,9 @@ TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions"
              "planted_delay": "planted_delay", "quality_tokens": "quality_tokens",
              "scenario": "scenario", "seq_len": "seq_lens", "grad_checkpointing": "grad_checkpointing",
              "train_steps": "train_steps", "warmup_steps": "warmup_steps", "options": "options",
-             "also": "also"}
+             "also": "also", "confirm": "confirm"}
 # What a whole run shares, so an [[sweep.also]] part may not set it: its launches, rounds and limits.
-RUN_KEYS = ("launches", "timeout", "seed", "scenario", "planted_delay", "parity")
+RUN_KEYS = ("launches", "confirm", "timeout", "seed", "scenario", "planted_delay", "parity")
 
 
 def load_toml(path: str | Path) -> dict:
@@ -296,6 +302,11 @@ def sweep_from_values(values: dict, *, model_flag: bool = False) -> Sweep:
         sweep.parity = bool(values["parity"])
     if "seed" in values:
         sweep.seed = int(values["seed"])
+    if "confirm" in values:
+        v = values["confirm"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise SweepError(f"confirm: {v!r} must be a whole number of cells (0: no screen)")
+        sweep.confirm = v
     if "quality_tokens" in values:
         v = values["quality_tokens"]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

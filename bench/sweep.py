@@ -37,6 +37,9 @@ class _CellState:
     attempt: int = 0
     launches: list[dict] = field(default_factory=list)  # this attempt's launch records, in order
     row_id: int | None = None
+    target: int = 1  # the launches it is to get (after a screen: 1 for a cell screened out)
+    record: dict | None = None  # its latest cell record
+    screen: str | None = None  # what the screen decided, when the sweep has one
 
     @property
     def ok(self) -> int:
@@ -122,18 +125,26 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
     for c in cells:
         if c.skip_reason and c.key not in stored:
             store.add_cell(run_id, skipped_record(c.spec, c.skip_reason, _n_params(c.spec)))
+    for state in states.values():
+        state.target = 1 if sweep.confirm else sweep.launches
+    screened = False
     sentinel_threads = max((t for part in (sweep, *sweep.also) for t in part.threads if t), default=None)
     round_ = next_round
     try:
         while True:
-            todo = [s.planned for s in states.values() if not s.failed and s.ok < sweep.launches]
+            if sweep.confirm and not screened and all(s.failed or s.ok for s in states.values()):
+                screened = True
+                for state in screen(states, sweep.confirm, sweep.launches):
+                    state.record.update(launches_planned=state.target, screen=state.screen)
+                    store.update_cell(state.row_id, state.record)
+            todo = [s.planned for s in states.values() if not s.failed and s.ok < s.target]
             if not todo:
                 break
             order = round_order(todo, sweep.seed, round_)
             reading = dict(executor.sentinel(sentinel, sentinel_threads), round=round_)
             store.add_round(run_id, round_, [c.key for c in order], reading)
             if events.on_round:
-                left = sum(sweep.launches - s.ok for s in states.values() if not s.failed)
+                left = sum(s.target - s.ok for s in states.values() if not s.failed)
                 events.on_round(round_, order, reading, left)
             jobs = [Job(c.key, (c.spec if states[c.key].ok == 0 else c.spec.later_launch()).to_dict(),
                         states[c.key].ok + 1, _launch_fingerprint(states[c.key].launches), c.peak_bytes) for c in order]
@@ -149,8 +160,11 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
                 launch.setdefault("sentinel", reading)  # an executor on several machines gives each its own
                 store.add_launch(run_id, cell.key, round_, launch)
                 state.launches.append(launch)
-                record = cell_record(cell.spec, state.launches, sweep.launches, state.n_params)
+                record = cell_record(cell.spec, state.launches, state.target, state.n_params)
                 record["attempt"] = state.attempt
+                if state.screen:
+                    record["screen"] = state.screen
+                state.record = record
                 record.update(_where(state.launches))
                 if state.row_id is None:
                     state.row_id = store.add_cell(run_id, record)
@@ -166,6 +180,58 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
         executor.close()
     store.finish_run(run_id, "finished")
     return run_id
+
+
+def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_CellState]:
+    """After every cell's first launch: which get all ``launches`` and which keep the one they had.
+
+    In each group of cells that answer one question (model, batch, threads and lengths), the
+    ``confirm`` fastest that passed parity and quality, the fastest peer, and eager fp32 (the
+    reference every speed-up is measured against) are confirmed; the rest are screened out, their
+    note saying by how much. A launch can land 2x slow on a shared machine, so ``confirm`` should
+    leave room; a screened-out figure is one process's and the report says so. Returns the states
+    it decided, in order."""
+    groups: dict[tuple, list[_CellState]] = {}
+    for state in states.values():
+        if state.record is None or state.failed:
+            continue
+        spec = state.planned.spec
+        groups.setdefault((spec.model, spec.batch, spec.threads, spec.scenario, spec.prompt_len, spec.gen_len,
+                           spec.seq_len, spec.grad_checkpointing), []).append(state)
+    decided = []
+    for members in groups.values():
+        ranked = sorted((s for s in members if _acceptable(s.record) and _rate(s.record) is not None),
+                        key=lambda s: -_rate(s.record))
+        ours = [s for s in ranked if not s.record.get("peer")]
+        peers = [s for s in ranked if s.record.get("peer")]
+        keep = {id(s) for s in ours[:confirm] + peers[:1]}
+        best = _rate(ranked[0].record) if ranked else None
+        for s in members:
+            spec = s.planned.spec
+            if id(s) in keep or (spec.backend, spec.precision) == ("eager", "fp32"):
+                s.target, s.screen = launches, "confirmed after one launch: " + (
+                    "the reference" if (spec.backend, spec.precision) == ("eager", "fp32") else
+                    f"among the {confirm} fastest" if not s.record.get("peer") else "the fastest peer")
+            else:
+                rate = _rate(s.record)
+                s.target, s.screen = 1, ("screened out after one launch: " + (
+                    f"{rate:.3g} tok/s against the fastest's {best:.3g}" if rate is not None and best else
+                    "it did not pass parity or quality"))
+            decided.append(s)
+    return decided
+
+
+def _rate(record: dict) -> float | None:
+    return record.get("train_tok_s") if record.get("scenario") == "train" else record.get("decode_tok_s")
+
+
+def _acceptable(record: dict) -> bool:
+    """Parity passed (or it is the reference, or was not checked) and the quality verdict, where
+    measured, did not fail."""
+    parity = record.get("parity")  # None: not checked (--no-parity), which is not a failure
+    quality = ((record.get("quality") or {}).get("verdict") or {}).get("verdict")
+    return record.get("status") == "ok" and (parity is None or bool(parity.get("passed") or parity.get("reference"))) \
+        and quality != "fail"
 
 
 def _launch_fingerprint(launches: list[dict]) -> str | None:

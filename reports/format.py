@@ -420,6 +420,9 @@ def model_table(machine: Machine, model: str) -> Table:
                      f"roof {pct(c.get('roofline_fraction'))} · {parity_text(c)}{thr}"]
             if c.get("unsteady"):
                 lines.append("⚠ launches disagree (see drift)")
+            if c.get("launches") == 1 and (c.get("launches_planned") or 1) == 1:
+                lines.append("1 launch: one process's spread" + (" (screened out)" if str(
+                    c.get("screen", "")).startswith("screened out") else ""))
             lines += [f"{threads_label(g.get('threads'))} thr: {g.get('status')}" for g in not_ok]
             tone = "bad" if isinstance(c.get("parity"), dict) and not parity_passed(c) else ""
             row.append(Cell(tuple(lines), c["decode_tok_s"], strong=True, tone=tone))

@@ -191,7 +191,7 @@ def test_backend_all_stores_unavailable_backends_as_skipped_with_the_reason(fake
     fake()
     probes = {n: AVAILABLE if n == "eager" else Probe(False, reason=f"{n} is missing", fix=f"install {n}")
               for n in registry.names()}
-    monkeypatch.setattr(registry, "probe_all", lambda: probes)
+    monkeypatch.setattr(registry, "probe_all", lambda names=None: {n: probes[n] for n in names or probes})
     monkeypatch.setattr("bench.machine.sentinel.read_isolated", fake_sentinel)
     monkeypatch.setattr("bench.machine.roofline.roofline_for", lambda *a, **k: None)
     db = tmp_path / "b.sqlite"

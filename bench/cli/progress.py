@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from rich.markup import escape
+
 from bench.cli.common import err
 
 
@@ -48,11 +50,22 @@ class SweepProgress:
             self.print(f"resuming run {run_id}: {stored} of {planned} launches already stored")
         self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped), "
                    f"{self.sweep.launches} launches each in interleaved rounds")
+        skipped: dict[str, list[str]] = {}
+        for c in cells:
+            if c.skip_reason:
+                skipped.setdefault(c.skip_reason, []).append(c.spec.label())
+        for reason, labels in skipped.items():  # what will not run, and why, before anything runs
+            shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+            self.print(f"[yellow]skipped[/] {escape(shown)}: {escape(reason)}")
 
     def on_round(self, round_, order, reading, left):
         if self.task is None:  # every launch left to run, counted when the first round starts
             self.task = self.progress.add_task("starting", total=left)
             self.total, self.started = left, time.monotonic()
+        elif self.done + left != self.total:  # a screen after the first round changed what is left
+            self.total = self.done + left
+            self.progress.update(self.task, total=self.total)
+            self.print(f"screen: the fastest cells get their other launches; {left} launch(es) left")
         line = f"[bold]round {round_ + 1}[/]: {len(order)} cells in a seeded random order"
         if reading and "decode_ms" in reading:
             line += (f"; sentinel: small decode step {reading['decode_ms']:.3f} ms, "

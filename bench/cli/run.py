@@ -28,6 +28,10 @@ def add_parser(sub, default_store: str) -> None:
     run.add_argument("--launches", type=positive_int,
                      help="fresh processes per cell, one per round of interleaved launches (default 3); "
                           "the 95%% interval spans their spread")
+    run.add_argument("--confirm", type=int, metavar="N",
+                     help="screen first: every cell runs one launch, then only the N fastest of each model and "
+                          "batch (passing parity and quality), the fastest peer and eager fp32 get the other "
+                          "launches (default 0: every cell gets them all)")
     run.add_argument("--plant-slowdown", type=float, default=None, metavar="FRACTION",
                      help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "
                           "that bench compare detects a slowdown of that size on this machine")
@@ -71,6 +75,7 @@ def build_sweep(args):
     cli = dict(model=args.model, checkpoint=args.checkpoint, backend=args.backend, precision=args.precision,
                batch=args.batch, threads=args.threads, prompt_len=args.prompt_len, gen_len=args.gen_len,
                timeout=args.timeout, budget=args.budget, target_ci=args.target_ci, launches=args.launches,
+               confirm=args.confirm,
                planted_delay=args.plant_slowdown, scenario=args.scenario, seq_len=args.seq_len,
                grad_checkpointing=args.grad_checkpointing, train_steps=args.train_steps,
                warmup_steps=args.warmup_steps)

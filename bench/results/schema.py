@@ -61,6 +61,7 @@ CELL_FIELDS = {
     # how the numbers were taken
     "launches": "ok launches (fresh processes, one per round) the record pools; the interval spans their spread",
     "launches_planned": "launches the sweep asked for (fewer ran when the run was interrupted or a launch failed)",
+    "screen": "a sweep with a screen (confirm = N): whether this cell was confirmed after its first launch (and got them all) or screened out (one launch: its interval spans that process only); absent otherwise",
     "launch_rounds": "the round each pooled launch ran in (rounds visit the cells in a seeded random order)",
     "launch_medians": "dict: the median ttft_ms and tpot_ms of each launch",
     "launch_sizes": "dict: how many generations each launch measured, per sample kind",
