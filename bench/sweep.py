@@ -215,8 +215,8 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
             else:
                 rate = _rate(s.record)
                 s.target, s.screen = 1, ("screened out after one launch: " + (
-                    f"{rate:.3g} tok/s against the fastest's {best:.3g}" if rate is not None and best else
-                    "it did not pass parity or quality"))
+                    f"{rate:.3g} tok/s against the fastest's {best:.3g}" if _acceptable(s.record) and rate and best
+                    else "it did not pass parity or quality"))
             decided.append(s)
     return decided
 

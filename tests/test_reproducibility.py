@@ -384,3 +384,47 @@ def test_a_launch_that_lands_far_from_the_others_is_named_and_kept():
     record = cell_record(spec, launches, 3, 1)
     assert record["unsteady"].startswith("launch 3 of 3 ran") and record["status"] == "ok"
     assert record["tpot_ms"]["n"] == 3 * 4 * 3  # the outlier stays in the statistics
+
+
+# -- a screen before the launches -------------------------------------------------------------------
+
+
+class SpeedByBackend(FakeLaunches):
+    """Launches whose time per token depends on the backend and precision: a known ranking."""
+
+    TPOT = {("eager", "fp32"): 4.0, ("onnxruntime", "fp32"): 2.0, ("onnxruntime", "int8"): 1.0,
+            ("onnxruntime", "int4"): 0.5, ("int8", "int8"): 1.5, ("int8", "int4"): 3.0}
+
+    def __call__(self, spec, timeout):
+        self.tpot = self.TPOT[(spec["backend"], spec["precision"])]
+        launch = super().__call__(spec, timeout)
+        if (spec["backend"], spec["precision"]) == ("onnxruntime", "int4") and launch.get("parity"):
+            launch["parity"] = {"passed": False}  # the fastest gives other answers: never confirmed
+        return launch
+
+
+def test_a_screen_confirms_the_fastest_that_pass_and_the_reference(monkeypatch, store):
+    launches = SpeedByBackend()
+    monkeypatch.setattr(bench.executors.cell, "run_cell", launches)
+    backends = ["eager", "onnxruntime", "int8"]
+    s = sweep(backends=backends, precisions=["all"], batches=[1], confirm=2)
+    run_id = run_sweep(s, store, {b: AVAILABLE for b in backends}, FP, sentinel=fake_sentinel)
+    cells = {(c["backend"], c["precision"]): c for c in store.get_run(run_id)["cells"]}
+    confirmed = {k for k, c in cells.items() if c["launches"] == 3}
+    # onnxruntime int8 (1.0 ms) and int8 int8 (1.5 ms) are the two fastest that pass; eager is the reference
+    assert confirmed == {("onnxruntime", "int8"), ("int8", "int8"), ("eager", "fp32")}
+    for key, c in cells.items():
+        assert c["launches_planned"] == c["launches"]
+        assert c["screen"].startswith("confirmed" if key in confirmed else "screened out"), (key, c["screen"])
+    assert "it did not pass" in cells[("onnxruntime", "int4")]["screen"]
+    assert len(launches.calls) == len(cells) + 2 * len(confirmed)  # one each, then two more for three cells
+    rounds = store.rounds(run_id)
+    assert [len(r["order"]) for r in rounds] == [len(cells), 3, 3]
+
+
+def test_without_a_screen_every_cell_gets_every_launch_and_no_note(fake, store):
+    launches = fake()
+    run_id = run_sweep(sweep(), store, PROBES, FP, sentinel=fake_sentinel)
+    cells = store.get_run(run_id)["cells"]
+    assert all(c["launches"] == 3 and "screen" not in c for c in cells)
+    assert len(launches.calls) == 3 * len(cells)
