@@ -37,7 +37,7 @@ from typing import Iterable
 
 from bench.machine.environment import fingerprint_id as compute_fingerprint_id
 from bench.results.records import decode_rate
-from bench.results.schema import CELL_FIELDS, STAT_KEYS, STATUSES
+from bench.results.schema import CELL_FIELDS, FAILED, STAT_KEYS, STATUSES
 from bench.spec import cell_id
 from model.errors import InputError
 
@@ -45,7 +45,7 @@ DEFAULT_STORE = Path("runs") / "bench.sqlite"
 SCHEMA_VERSION = 2  # 2: rounds, launches and training tables
 
 RUN_STATUSES = ("running", "finished", "interrupted", "failed")
-RETRY_ON_RESUME = ("failed", "timeout", "oom")
+RETRY_ON_RESUME = FAILED
 
 # Record fields that hold a statistics dict (STAT_KEYS) and the keys of the parity dict:
 # fixed here so CSV columns do not depend on which cells happen to be in a run.
@@ -473,20 +473,20 @@ class Store:
 
 
 # -- export ------------------------------------------------------------------------------------
-def _finite(value):
+def _json_safe(value):
     """JSON has no NaN or infinity: write null for them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 
 def export_json(run: dict) -> str:
     """The whole run (``Store.get_run``), raw samples included, as strict JSON."""
-    return json.dumps(_finite(run), indent=2, allow_nan=False) + "\n"
+    return json.dumps(_json_safe(run), indent=2, allow_nan=False) + "\n"
 
 
 def csv_columns(run: dict) -> list[str]:

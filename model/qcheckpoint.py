@@ -61,7 +61,7 @@ import torch
 from model.checkpoint import (CONFIG_FILE, FILE_SCHEMES, QFORMAT, QFORMAT_VERSION, SAFETENSORS_FILE,  # noqa: F401
                               SCHEMES, CheckpointError, QuantizedCheckpointError, is_quantized_checkpoint,
                               meta_model, read_quantized_config)
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPTConfig
 
 COPIED_FILES = ("tokenizer.json", "run.json", "vocab.json", "merges.txt")
 

@@ -100,6 +100,7 @@ def cmd_run(args) -> int:
     from bench.machine import roofline as rooflines
     from bench.machine.environment import fingerprint
     from bench.planner import all_backends, check_store
+    from bench.results.schema import FAILED
     from bench.store import Store
     from bench.sweep import run_sweep
     from reports.terminal import summary_table, train_summary_table
@@ -131,7 +132,7 @@ def cmd_run(args) -> int:
     else:
         out_console().print((train_summary_table if sweep.scenario == "train" else summary_table)(cells))
     ran = [c for c in cells if c["status"] != "skipped"]
-    failed = [c for c in ran if c["status"] in ("failed", "timeout", "oom")]
+    failed = [c for c in ran if c["status"] in FAILED]
     return EXIT_FAILURE if failed and len(failed) == len(ran) else 0
 
 

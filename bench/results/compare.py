@@ -23,7 +23,6 @@ beyond ``MEMORY_FLOOR_PCT``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +46,6 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 # sentinel reading -> higher is better
 SENTINEL_KINDS = {"decode_ms": False, "gemv_gb_s": True}
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _is_ok(cell: dict) -> bool:
@@ -103,12 +98,12 @@ def _ratio(base: dict, new: dict, kind: str, seed: int) -> tuple[float, float | 
     if b is not None and n is not None:
         return stats.nested_ratio_ci(b, n, n_boot=N_BOOT, seed=seed)
     bs, ns = base.get(kind), new.get(kind)
-    if not (isinstance(bs, dict) and isinstance(ns, dict)) or not (_finite(bs.get("median"))
-                                                                     and _finite(ns.get("median"))):
+    if not (isinstance(bs, dict) and isinstance(ns, dict)) or not (stats.finite(bs.get("median"))
+                                                                     and stats.finite(ns.get("median"))):
         return None
     ratio = ns["median"] / bs["median"]
     lo_hi = (bs.get("ci95_low"), bs.get("ci95_high"), ns.get("ci95_low"), ns.get("ci95_high"))
-    if not all(_finite(x) and x > 0 for x in lo_hi):
+    if not all(stats.finite(x) and x > 0 for x in lo_hi):
         return ratio, None, None
     b_lo, b_hi, n_lo, n_hi = lo_hi
     return ratio, n_lo / b_hi, n_hi / b_lo
@@ -118,7 +113,7 @@ def compare_metric(base: dict, new: dict, metric: str, floor_pct: float, seed: i
     higher = METRICS[metric][1]
     if metric == "peak_rss_mb":
         b, n = base.get(metric), new.get(metric)
-        if not (_finite(b) and _finite(n)) or b <= 0:
+        if not (stats.finite(b) and stats.finite(n)) or b <= 0:
             return MetricChange(metric, b, n, None, None, None, higher, False)
         ratio = n / b
         return MetricChange(metric, b, n, ratio, None, None, higher, abs(ratio - 1) * 100 >= MEMORY_FLOOR_PCT)
@@ -192,7 +187,7 @@ def readings(run: dict, kind: str) -> list[float]:
     out = []
     for r in run.get("rounds") or []:
         s = r.get("sentinel") or {}
-        if _finite(s.get(kind)) and s[kind] > 0:
+        if stats.finite(s.get(kind)) and s[kind] > 0:
             out.append(float(s[kind]))
     return out
 
@@ -269,7 +264,7 @@ class Comparison:
 
     def regressions(self, threshold_pct: float) -> list[CellChange]:
         """Cells whose decode rate got significantly slower by more than ``threshold_pct`` percent."""
-        if not _finite(threshold_pct) or threshold_pct < 0:
+        if not stats.finite(threshold_pct) or threshold_pct < 0:
             raise ValueError(f"threshold_pct={threshold_pct!r} must be a percentage >= 0")
         return [c for c in self.by_verdict(SLOWER) if -c.decode.change * 100 > threshold_pct]
 
@@ -311,7 +306,7 @@ def compare_runs(base: dict, new: dict, noise_floor_pct: float | None = None, se
     ``noise_floor_pct``: None (the default) measures it from the runs' sentinels; a number
     overrides it (and the comparison says it was given).
     """
-    if noise_floor_pct is not None and (not _finite(noise_floor_pct) or noise_floor_pct < 0):
+    if noise_floor_pct is not None and (not stats.finite(noise_floor_pct) or noise_floor_pct < 0):
         raise ValueError(f"noise_floor_pct={noise_floor_pct!r} must be a percentage >= 0")
     a, b = _cells(base, "base"), _cells(new, "new")
     drift = sentinel_drift(base, new, seed)

@@ -18,7 +18,6 @@ for the report tests all come out of the same arithmetic.
 
 from __future__ import annotations
 
-import math
 import statistics
 
 from bench.results import stats
@@ -82,7 +81,7 @@ def decode_rate(tpot: dict | None, batch: int | None) -> tuple[float | None, lis
 
 
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    return stats.finite(v) and v > 0
 
 
 def derive(record: dict, spec: CellSpec) -> dict:

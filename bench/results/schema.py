@@ -12,6 +12,7 @@ from __future__ import annotations
 from bench.spec import IDENTITY_FIELDS  # noqa: F401  (re-exported: the identity lives with the spec)
 
 STATUSES = ("ok", "skipped", "failed", "timeout", "oom")
+FAILED = ("failed", "timeout", "oom")  # ran and did not finish: retried by --resume, counted as failures
 
 STAT_KEYS = ("median", "p90", "p99", "mean", "stdev", "cv", "ci95_low", "ci95_high", "n")
 

@@ -41,6 +41,11 @@ import numpy as np
 from bench.results.schema import STAT_KEYS
 
 
+def finite(x) -> bool:
+    """A real, finite number (not a bool, None, NaN or infinity)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _as_array(samples: Sequence[float], name: str = "samples") -> np.ndarray:
     x = np.asarray(samples, dtype=np.float64).ravel()
     if x.size == 0:
