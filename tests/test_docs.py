@@ -21,7 +21,13 @@ def test_default_sweep_parses():
     from bench.planner import load_toml
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
-    assert values["backend"] == "all" and values["model"]
+    # the first answer: every own backend at every precision on gpt2, then the peers and the trained model
+    assert (values["backend"], values["precision"], values["model"]) == ("ours", "all", ["gpt2"])
+    assert values["confirm"] >= 1 and values["launches"] == 3
+    assert [p.get("backend") for p in values["also"]] == ["peers", None]
+    assert values["also"][1]["model"] == ["runs/small-trained"]
+    full = load_toml(ROOT / "sweeps" / "full.toml")
+    assert full["backend"] == "all" and full["launches"] == 3 and "confirm" not in full
 
 
 def test_make_bench_trains_a_valid_config():

@@ -657,8 +657,7 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
 
     from backends import registry
     from backends.base import BackendUnavailable
-    from model.checkpoint import load_checkpoint
-    from model.gpt import build_model, get_config
+    from bench.models import open_model
     from model.tokenizer import load_tokenizer
 
     if (model is None) == (checkpoint is None):
@@ -673,11 +672,12 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
             raise ServeError(f"checkpoint directory {checkpoint!r} does not exist")
-        gpt = load_checkpoint(checkpoint)
         name = str(Path(checkpoint).resolve())
     else:
-        gpt = build_model(get_config(model), seed=weights_seed)
         name = model
+    # a preset's random weights, a checkpoint's, or a quantised checkpoint as it is (for its backend only)
+    gpt = open_model(checkpoint or model, backend_name, precision, checkpoint=checkpoint is not None,
+                     seed=weights_seed)
     if threads:
         torch.set_num_threads(threads)
     backend = cls(precision=precision, threads=threads)

@@ -1,0 +1,300 @@
+"""Which (backend, precision) pairs run, and the typed cells of a sweep with their memory guard and roofline.
+
+``plan_targets`` is the one rule of what runs, used by sweeps, serve sweeps and ``bench quality``;
+``plan`` expands a ``Sweep`` (and its parts) into ``Planned`` cells. Part of the planner
+(``bench.planner``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+
+from bench.models import is_checkpoint_dir, model_config, quantized_target
+from bench.planner.sweeps import Sweep, SweepError, check_lengths
+from bench.spec import CellSpec
+from model.errors import InputError
+
+GiB = 1024**3
+
+
+MEMORY_HEADROOM = 0.85  # the memory guard: a cell may plan on this share of the free memory, no more
+
+
+# -- which backends and precisions run --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A (backend, precision) pair a command will run, or the reason it will not (empty: it runs)."""
+
+    backend: str
+    precision: str
+    reason: str = ""
+
+
+def unavailable_reason(probe) -> str:
+    return f"backend unavailable: {probe.reason}" + (f" (fix: {probe.fix})" if probe.fix else "")
+
+
+def every_precision(cls, isa: dict | None) -> list[str]:
+    """``precision = "all"``: every precision a backend runs on this machine: its default, the
+    reduced float precisions the CPU runs natively, and its integer ones (int8, int4)."""
+    integer = [p for p in cls.precisions if p in ("int8", "int4")]
+    return list(dict.fromkeys([cls.default_precision, *cls.native_precisions(isa or {}), *integer]))
+
+
+def plan_targets(backends: list[str], precisions: list[str], probes: Callable[[str], object] | dict, *,
+                 isa: dict | None = None, quantized: tuple[str, str, str] | None = None,
+                 scenario: str = "inference", defaults: Callable | None = None) -> list[Target]:
+    """The (backend, precision) pairs to run, each with the reason it cannot (empty: it runs).
+
+    ``precisions``: asked for; empty: ``defaults(cls, isa)`` (by default each backend's default
+    plus the reduced precisions this CPU runs natively); ``["all"]``: ``every_precision``.
+    ``probes``: backend name -> Probe, or a function giving it (probed only when needed).
+    ``quantized``: a quantised checkpoint's (backend, precision, scheme): it runs there only; the
+    other backends are planned as one skipped target each, saying why.
+    """
+    from backends import registry
+    from backends.base import TrainingUnsupported, UnsupportedPrecision
+
+    train = scenario == "train"
+    defaults = defaults or (default_training_precisions if train else default_precisions)
+    probe_of = probes.get if isinstance(probes, dict) else probes
+    out: list[Target] = []
+    for backend in backends:
+        cls = registry.get_backend_class(backend)
+        if quantized is not None and backend != quantized[0]:
+            out.append(Target(backend, cls.default_precision,
+                              f"a quantised checkpoint for {quantized[0]}/{quantized[1]} ({quantized[2]}) runs on "
+                              f"that backend and precision only"))
+            continue
+        if quantized is not None and (not precisions or precisions == ["all"]):
+            wanted = [quantized[1]]
+        elif precisions == ["all"]:
+            wanted = every_precision(cls, isa)
+        else:
+            wanted = precisions or defaults(cls, isa)
+        probe = probe_of(backend)
+        for precision in wanted:
+            reason = ""
+            if probe is not None and not probe.available:
+                reason = unavailable_reason(probe)
+            else:
+                try:
+                    cls.check_training(precision) if train else cls.check_precision(precision)
+                except (UnsupportedPrecision, TrainingUnsupported) as e:
+                    reason = str(e)
+            if not reason and quantized is not None and (backend, precision) != quantized[:2]:
+                reason = (f"a quantised checkpoint for {quantized[0]}/{quantized[1]} ({quantized[2]}) runs on "
+                          f"that backend and precision only")
+            out.append(Target(backend, precision, reason))
+    return out
+
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A cell of the plan: its spec, and why it cannot run (empty when it can)."""
+
+    spec: CellSpec
+    skip_reason: str = ""
+    peak_bytes: int = 0  # the memory guard's estimate of its peak (0: not estimated); executors route by it
+
+    @property
+    def key(self) -> str:
+        return self.spec.id
+
+
+def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_len: int,
+                        prompt_len: int, parity: bool) -> int:
+    """A deliberately generous estimate of a cell's peak resident memory.
+
+    The fp32 model is always built first; a backend may then hold a converted copy (at its
+    precision) while the fp32 one is still alive; exporters (ONNX, OpenVINO) hold roughly two
+    more fp32 copies while tracing and serialising; prefill activations are dominated by the
+    attention scores and the MLP; the parity check loads an fp32 reference beside the backend.
+    """
+    from bench.machine.roofline import kv_cache_bytes, weight_bytes
+
+    fp32 = weight_bytes(config, "fp32")
+    converted = weight_bytes(config, precision) if precision != "fp32" else 0
+    export = 2 * fp32 if backend in ("onnxruntime", "openvino") else 0
+    kv = kv_cache_bytes(config, batch, seq_len, "fp32")
+    C, T = config.n_embd, prompt_len
+    activations = 4 * batch * T * (config.n_head * T + 8 * C + config.vocab_size)
+    reference = fp32 + kv_cache_bytes(config, min(batch, 2), seq_len, "fp32") if parity else 0
+    runtime = int(0.8 * GiB)  # torch, runtimes and their arenas, measured empty
+    return fp32 + converted + export + 2 * kv + activations + reference + runtime
+
+
+def estimate_train_peak_bytes(config, precision: str, batch: int, seq_len: int, grad_checkpointing: bool) -> int:
+    """A deliberately generous estimate of a training cell's peak resident memory.
+
+    fp32 weights, their gradients and AdamW's two moments (4x the weights; IPEX bf16 adds a
+    bf16 copy); activations saved for the backward pass at about 2 * B * T * (34 C + 5 H T)
+    bytes a layer in fp32 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", for 16-bit, doubled), only each block's input (4 B T C bytes) and one
+    block's whole set with gradient checkpointing; the logits, their fp32 copy and gradient.
+    """
+    from bench.machine.roofline import weight_bytes
+
+    fp32 = weight_bytes(config, "fp32")
+    state = 4 * fp32 + (fp32 // 2 if precision != "fp32" else 0)
+    B, T, C, H, L = batch, seq_len, config.n_embd, config.n_head, config.n_layer
+    layer = 2 * B * T * (34 * C + 5 * H * T)
+    activations = (L * 4 * B * T * C + layer) if grad_checkpointing else L * layer
+    logits = 3 * 4 * B * T * config.vocab_size
+    runtime = int(0.8 * GiB)
+    return state + activations + logits + runtime
+
+
+def default_training_precisions(cls, isa: dict | None) -> list[str]:
+    """A backend's default training precision and the native reduced ones it also trains in; a
+    backend that cannot train gets its inference default, so its cell is stored as skipped, with why."""
+    from backends.base import TrainingUnsupported
+
+    try:
+        first = cls.check_training(None)
+    except TrainingUnsupported:
+        return [cls.default_precision]
+    native = [p for p in cls.native_precisions(isa or {}) if p in cls.training_precisions]
+    return list(dict.fromkeys([first, *native]))
+
+
+def scenario_variants(sweep: Sweep) -> list[dict]:
+    """The scenario's own axes as CellSpec fields: none for inference; sequence length x
+    gradient checkpointing for training."""
+    if sweep.scenario != "train":
+        return [{}]
+    return [dict(seq_len=s, grad_checkpointing=g, train_steps=sweep.train_steps, warmup_steps=sweep.warmup_steps)
+            for s in sweep.seq_lens for g in sweep.grad_checkpointing]
+
+
+Roofline = Callable[[str, "int | None", "tuple[str, ...]"], "dict | None"]
+
+
+def takes_option(cls, key: str, precision: str) -> bool:
+    """Whether backend class ``cls`` takes option ``key`` at ``precision``: a parameter of its
+    constructor, and, for a quantiser option (``cls.precision_options``), one of that precision's."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if key not in params or params[key].kind is inspect.Parameter.VAR_KEYWORD or key in BASE_PARAMETERS:
+        return False
+    by_precision = getattr(cls, "precision_options", {})
+    quantizer = {k for keys in by_precision.values() for k in keys}
+    return key not in quantizer or key in by_precision.get(precision, ())
+
+
+BASE_PARAMETERS = ("self", "precision", "threads", "device", "training")
+
+
+def backend_option_variants(cls, precision: str, options: dict[str, list]) -> list[dict]:
+    """The option sets a backend's cells at ``precision`` run with: every combination of the swept
+    options it takes there; one empty set (its defaults, the cell as without options) if none."""
+    from itertools import product
+
+    keys = [k for k in options if takes_option(cls, k, precision)]
+    return [dict(zip(keys, values)) for values in product(*(options[k] for k in keys))]
+
+
+def check_option_values(cls, precision: str, options: dict) -> None:
+    """Bad option values are bad input, found before anything runs: the backend's own constructor
+    (cheap: it validates and stores, loading nothing) is the one judge of them."""
+    try:
+        cls(precision=precision, **options)
+    except (TypeError, ValueError, InputError) as e:
+        raise SweepError(f"--option for backend {cls.name!r} at {precision}: {e}") from None
+
+
+def check_options(sweep: Sweep, classes: dict) -> None:
+    """An option that no backend of the sweep takes, at any of its precisions, is a typo: one error."""
+    for key in sweep.options:
+        if not any(takes_option(cls, key, p) for cls in classes.values()
+                   for p in (sweep.precisions or cls.precisions)):
+            raise SweepError(f"--option {key}: no backend of this sweep ({', '.join(classes)}) takes it")
+
+
+def default_precisions(cls, isa: dict | None) -> list[str]:
+    """A backend's default precision and the reduced precisions it runs natively on this CPU,
+    so a machine with native bf16 (AVX-512 BF16, AMX) has its fastest setting in the default sweep."""
+    native = cls.native_precisions(isa or {})
+    return list(dict.fromkeys([cls.default_precision, *native]))
+
+
+def plan(sweep: Sweep, probes: dict, roofline: Roofline | None = None, available_bytes: int | None = None,
+         isa: dict | None = None) -> list[Planned]:
+    """Every cell of the sweep, typed and resolved, the ones that cannot run marked with the reason.
+
+    ``probes``: backend name -> Probe. ``roofline(device, threads, precisions)``: the bound of
+    one device at one thread count (``bench.machine.roofline.roofline_for``), or None: the cells get
+    none. ``isa``: the CPU's ISA flags, which pick the default reduced precisions.
+    """
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    cells: dict[str, Planned] = {}
+    for part in (sweep, *sweep.also):  # a cell two parts share is planned once
+        for cell in _plan_part(part, probes, available, isa):
+            cells.setdefault(cell.key, cell)
+    out = list(cells.values())
+    return _attach_rooflines(out, roofline) if roofline is not None else out
+
+
+def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> list[Planned]:
+    from itertools import product
+
+    from backends import registry
+
+    train = sweep.scenario == "train"
+    check_options(sweep, {b: registry.get_backend_class(b) for b in sweep.backends})
+    check_lengths(sweep)
+    cells: list[Planned] = []
+    for model in sweep.models:
+        checkpoint = sweep.checkpoint or is_checkpoint_dir(model)
+        config = model_config(model, checkpoint)
+        quantized = quantized_target(model) if checkpoint else None
+        seq_len = sweep.prompt_len + sweep.gen_len
+        for target in plan_targets(sweep.backends, sweep.precisions, probes, isa=isa, quantized=quantized,
+                                   scenario=sweep.scenario):
+            backend, precision = target.backend, target.precision
+            cls = registry.get_backend_class(backend)
+            for batch in sweep.batches:
+                for threads, variant, options in product(sweep.threads, scenario_variants(sweep),
+                                                         backend_option_variants(cls, precision, sweep.options)):
+                    spec = CellSpec(**variant, scenario=sweep.scenario, model=model, backend=backend, precision=precision,
+                                    device=cls.default_device(), batch=batch, threads=threads,
+                                    prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
+                                    checkpoint=checkpoint, budget_s=sweep.budget_s,
+                                    target_ci=sweep.target_ci, parity_steps=8 if sweep.parity else 0,
+                                    quality_tokens=sweep.quality_tokens if checkpoint else 0,
+                                    planted_delay=sweep.planted_delay, options=options)
+                    reason, need = target.reason, 0
+                    if not reason and options:
+                        check_option_values(cls, precision, options)
+                    if not reason:
+                        need = estimate_train_peak_bytes(config, precision, batch, spec.seq_len,
+                                                         spec.grad_checkpointing) if train else \
+                            estimate_peak_bytes(config, backend, precision, batch, seq_len,
+                                                sweep.prompt_len, sweep.parity)
+                        if need > MEMORY_HEADROOM * available:
+                            reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} "
+                                      f"of the {available / GiB:.1f} GiB available")
+                    cells.append(Planned(spec, reason, need))
+    return cells
+
+def _attach_rooflines(cells: list[Planned], roofline: Roofline) -> list[Planned]:
+    """Each runnable cell gets the roofline of its own device and thread count, measured once each."""
+    from dataclasses import replace
+
+    wanted: dict[tuple, set] = {}
+    for c in cells:
+        if not c.skip_reason:
+            wanted.setdefault((c.spec.device, c.spec.threads), set()).add(c.spec.precision)
+    measured = {k: roofline(k[0], k[1], tuple(sorted(p))) for k, p in wanted.items()}
+    return [c if c.skip_reason else replace(c, spec=replace(c.spec, roofline=measured[(c.spec.device, c.spec.threads)]))
+            for c in cells]
