@@ -16,6 +16,7 @@ finishes and the cell's record is derived again from its stored launches
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -125,18 +126,22 @@ def run_sweep(sweep: Sweep, store, probes: dict, fingerprint: dict, *, roofline:
     for c in cells:
         if c.skip_reason and c.key not in stored:
             store.add_cell(run_id, skipped_record(c.spec, c.skip_reason, _n_params(c.spec)))
-    for state in states.values():
-        state.target = 1 if sweep.confirm else sweep.launches
+    for state in states.values():  # a screen: one launch each first; a part after it waits
+        state.target = 0 if state.planned.after_screen else 1 if sweep.confirm else sweep.launches
     screened = False
     sentinel_threads = max((t for part in (sweep, *sweep.also) for t in part.threads if t), default=None)
     round_ = next_round
     try:
         while True:
-            if sweep.confirm and not screened and all(s.failed or s.ok for s in states.values()):
+            screening = {k: s for k, s in states.items() if not s.planned.after_screen}
+            if sweep.confirm and not screened and all(s.failed or s.ok for s in screening.values()):
                 screened = True
-                for state in screen(states, sweep.confirm, sweep.launches):
+                decided = screen(screening, sweep.confirm, sweep.launches)
+                for state in decided:
                     state.record.update(launches_planned=state.target, screen=state.screen)
                     store.update_cell(state.row_id, state.record)
+                _release(states, decided, sweep.launches, lambda spec, reason, n: None if spec.id in stored else
+                         store.add_cell(run_id, skipped_record(spec, reason, n)))
             todo = [s.planned for s in states.values() if not s.failed and s.ok < s.target]
             if not todo:
                 break
@@ -219,6 +224,26 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
                     else "it did not pass parity or quality"))
             decided.append(s)
     return decided
+
+
+def _pair(spec: CellSpec) -> tuple:
+    return spec.backend, spec.precision, json.dumps(spec.options or {}, sort_keys=True)
+
+
+def _release(states: dict[str, _CellState], decided: list[_CellState], launches: int, skip) -> None:
+    """The cells of the parts after the screen: those of a confirmed (backend, precision, options)
+    get every launch; the rest leave the run, stored as skipped (``skip(spec, reason, n_params)``)."""
+    finalists = {_pair(s.planned.spec) for s in decided if s.screen.startswith("confirmed")}
+    for key, state in list(states.items()):
+        if not state.planned.after_screen:
+            continue
+        spec = state.planned.spec
+        if _pair(spec) in finalists:
+            state.target, state.screen = launches, "a finalist of the screen: confirmed there, so it runs here"
+        else:
+            del states[key]
+            skip(spec, f"screened out: {spec.backend}/{spec.precision} was not among the fastest at the screen",
+                 state.n_params)
 
 
 def _rate(record: dict) -> float | None:

@@ -24,8 +24,9 @@ def test_default_sweep_parses():
     # the first answer: every own backend at every precision on gpt2, then the peers and the trained model
     assert (values["backend"], values["precision"], values["model"]) == ("ours", "all", ["gpt2"])
     assert values["confirm"] >= 1 and values["launches"] == 3
-    assert [p.get("backend") for p in values["also"]] == ["peers", None]
-    assert values["also"][1]["model"] == ["runs/small-trained"]
+    assert [p.get("backend") for p in values["also"]] == ["peers", None, None]
+    assert [p.get("after_screen", False) for p in values["also"]] == [False, True, True]  # the finalists
+    assert values["also"][1]["batch"] == [4] and values["also"][2]["model"] == ["runs/small-trained"]
     full = load_toml(ROOT / "sweeps" / "full.toml")
     assert full["backend"] == "all" and full["launches"] == 3 and "confirm" not in full
 

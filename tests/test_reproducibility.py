@@ -428,3 +428,32 @@ def test_without_a_screen_every_cell_gets_every_launch_and_no_note(fake, store):
     cells = store.get_run(run_id)["cells"]
     assert all(c["launches"] == 3 and "screen" not in c for c in cells)
     assert len(launches.calls) == 3 * len(cells)
+
+
+def test_parts_after_the_screen_run_the_finalists_only(monkeypatch, store):
+    """The screen at batch 1 picks the finalists; the batch-2 part runs those pairs alone, three
+    launches each; the other pairs there are stored as skipped, screened out."""
+    launches = SpeedByBackend()
+    monkeypatch.setattr(bench.executors.cell, "run_cell", launches)
+    backends = ["eager", "onnxruntime", "int8"]
+    top = sweep(backends=backends, precisions=["all"], batches=[1], confirm=1)
+    top.also = [sweep(backends=backends, precisions=["all"], batches=[2], after_screen=True)]
+    run_id = run_sweep(top, store, {b: AVAILABLE for b in backends}, FP, sentinel=fake_sentinel)
+    cells = store.get_run(run_id)["cells"]
+    at2 = {(c["backend"], c["precision"]): c for c in cells if c["batch"] == 2}
+    ran = {k for k, c in at2.items() if c["status"] == "ok"}
+    assert ran == {("onnxruntime", "int8"), ("eager", "fp32")}  # the fastest that passed, and the reference
+    assert all(at2[k]["launches"] == 3 for k in ran)
+    assert all(c["status"] == "skipped" and c["reason"].startswith("screened out") for k, c in at2.items()
+               if k not in ran)
+    assert len(at2) == 6  # every pair of the part is in the run, ran or screened out
+    assert len(launches.calls) == 6 + 2 * 2 + 3 * 2  # the screen, the finalists' other launches, the part
+
+
+def test_a_part_after_the_screen_needs_one():
+    from bench.planner import SweepError, sweep_from_config
+
+    with pytest.raises(SweepError, match="needs a screen"):
+        sweep_from_config({"model": "tiny", "also": [{"batch": 4, "after_screen": True}]})
+    with pytest.raises(SweepError, match="belongs to an"):
+        sweep_from_config({"model": "tiny", "confirm": 1, "after_screen": True})

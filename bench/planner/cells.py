@@ -105,6 +105,7 @@ class Planned:
     spec: CellSpec
     skip_reason: str = ""
     peak_bytes: int = 0  # the memory guard's estimate of its peak (0: not estimated); executors route by it
+    after_screen: bool = False  # runs only if the screen confirms its (backend, precision, options)
 
     @property
     def key(self) -> str:
@@ -284,7 +285,7 @@ def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> 
                         if need > MEMORY_HEADROOM * available:
                             reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} "
                                       f"of the {available / GiB:.1f} GiB available")
-                    cells.append(Planned(spec, reason, need))
+                    cells.append(Planned(spec, reason, need, sweep.after_screen))
     return cells
 
 def _attach_rooflines(cells: list[Planned], roofline: Roofline) -> list[Planned]:

@@ -105,6 +105,10 @@ class Sweep:
     # more parts of the same run (a TOML [[sweep.also]] table each): their own models, backends,
     # precisions, batches or threads, planned with this one and run interleaved with it
     also: list[Sweep] = field(default_factory=list)
+    # a part whose cells wait for the screen (confirm = N): only the (backend, precision) pairs it
+    # confirmed run there (the finalists at another batch, or on another model); the others are
+    # stored as skipped, screened out
+    after_screen: bool = False
 
     def key(self) -> str:
         """Identifies the sweep for --resume."""
@@ -118,6 +122,8 @@ class Sweep:
             d.pop("also")
         if not self.confirm:  # and of sweeps without a screen
             d.pop("confirm")
+        if not self.after_screen:
+            d.pop("after_screen")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -133,7 +139,7 @@ TOML_KEYS = {"model": "models", "backend": "backends", "precision": "precisions"
              "planted_delay": "planted_delay", "quality_tokens": "quality_tokens",
              "scenario": "scenario", "seq_len": "seq_lens", "grad_checkpointing": "grad_checkpointing",
              "train_steps": "train_steps", "warmup_steps": "warmup_steps", "options": "options",
-             "also": "also", "confirm": "confirm"}
+             "also": "also", "confirm": "confirm", "after_screen": "after_screen"}
 # What a whole run shares, so an [[sweep.also]] part may not set it: its launches, rounds and limits.
 RUN_KEYS = ("launches", "confirm", "timeout", "seed", "scenario", "planted_delay", "parity")
 
@@ -282,6 +288,10 @@ def sweep_from_values(values: dict, *, model_flag: bool = False) -> Sweep:
         sweep.parity = bool(values["parity"])
     if "seed" in values:
         sweep.seed = int(values["seed"])
+    if "after_screen" in values:
+        if not isinstance(values["after_screen"], bool):
+            raise SweepError(f"after_screen: {values['after_screen']!r} must be true or false")
+        sweep.after_screen = values["after_screen"]
     if "confirm" in values:
         v = values["confirm"]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -336,6 +346,10 @@ def sweep_from_config(values: dict, given: dict | None = None, *, model_flag: bo
         if shared:
             raise SweepError(f"[[sweep.also]] table {i}: {shared[0]!r} applies to the whole run; set it in [sweep]")
         sweep.also.append(sweep_from_values({**values, **part, **given}, model_flag=model_flag))
+    if sweep.after_screen:
+        raise SweepError("after_screen belongs to an [[sweep.also]] part: the [sweep] table is the screen")
+    if any(p.after_screen for p in sweep.also) and not sweep.confirm:
+        raise SweepError("after_screen needs a screen: set confirm = N in [sweep]")
     return sweep
 
 
