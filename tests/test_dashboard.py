@@ -8,6 +8,8 @@ Every server listens on 127.0.0.1 on a free port; every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -293,12 +295,67 @@ def _events(lines):
             yield json.loads(line.split(":", 1)[1])
 
 
-def test_cli_refuses_a_missing_store_and_a_bad_port_in_one_line(tmp_path, capsys, stored):
-    assert main(["dashboard", "--store", str(tmp_path / "none.sqlite")]) == 2
+@pytest.mark.parametrize("args, message", [
+    (["--store", "{missing}"], "error: no bench store at"),
+    (["--port", "0"], "--port 0 is not a TCP port (1-65535)"),
+    (["--port", "70000"], "--port 70000 is not a TCP port (1-65535)"),
+    (["--port", "http"], "--port: invalid int value: 'http'"),
+    (["--poll", "0"], "--poll 0.0 must be a positive number of seconds"),
+])
+def test_cli_refuses_bad_input_in_one_line_and_exit_code_2(tmp_path, capsys, stored, args, message):
+    argv = ["dashboard", "--store", str(stored["path"]), "--host", "127.0.0.1"]
+    argv += [a.format(missing=tmp_path / "none.sqlite") for a in args]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no bench store at") and len(err.splitlines()) == 1
-    assert main(["dashboard", "--store", str(stored["path"]), "--port", "70000"]) == 2
-    assert "is not a TCP port" in capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "none.sqlite").exists()  # a missing store is not created
+
+
+def test_the_dashboard_command_serves_the_store_and_stops_cleanly_on_ctrl_c(stored):
+    """`bench dashboard` itself, in its own process as a user starts it (the tests above use ``Server``,
+    which repeats the command's wiring in a thread): it serves the index and a run page naming the
+    stored cells, keeps an event stream open, and Ctrl-C (SIGINT) ends the stream and the process:
+    "stopped", no traceback, and exit code 130 (uvicorn shuts down gracefully, then raises the signal
+    again; docs/commands.md: 130 is an interrupt). Loopback only; every wait is bounded."""
+    with Store(stored["path"]) as s:
+        cell = add_cell(s, stored["run_id"], "cli-model")
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.cli", "dashboard", "--store", str(stored["path"]), "--host", "127.0.0.1",
+           "--port", str(port), "--poll", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 90  # a cold start imports torch (bench.models)
+            while True:
+                assert proc.poll() is None, f"bench dashboard exited with {proc.returncode}: {proc.communicate()[1]}"
+                assert time.monotonic() < deadline, "bench dashboard did not answer within 90 s"
+                try:
+                    index = client.get("/")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert index.status_code == 200
+            assert stored["run_id"] in index.text and stored["train_id"] in index.text and "live" in index.text
+            run = client.get(f"/runs/{stored['run_id']}")
+            assert run.status_code == 200
+            assert "cli-model" in run.text and f"{cell['backend']} · {cell['precision']}" in run.text
+            assert HOSTILE not in run.text and "&lt;img src=x" in run.text  # the other stored cell, escaped
+            assert client.get("/runs/20990101-000000-beef").status_code == 404
+            with client.stream("GET", "/events", params=dict(view=f"run:{stored['run_id']}")) as stream:
+                events = _events(stream.iter_lines())
+                assert "cli-model" in next(events)["fragments"]["results"]
+                proc.send_signal(signal.SIGINT)
+                for _ in events:  # the stream ends at shutdown; a hung one trips the client's 30 s read timeout
+                    pass
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines == [f"dashboard of {stored['path']} at http://127.0.0.1:{port}/ (Ctrl-C stops it)", "stopped"], err
 
 
 # --- the page in a real browser ------------------------------------------------------------------------

@@ -182,3 +182,88 @@ def test_the_default_cache_lies_beside_the_default_store():
     from bench.store import DEFAULT_STORE
 
     assert DEFAULT_CACHE.parent == DEFAULT_STORE.parent
+
+
+# --- units: GB/s is 1e9 bytes a second, GFLOP/s 1e9 FLOPs a second, times in seconds --------------
+
+def test_decode_bound_of_gpt2_is_its_weight_bytes_over_the_bandwidth():
+    """GPT-2 124M in fp32 with an empty cache at 20 GB/s: a step streams its 123.5M matmul weights (the
+    blocks and the LM head) once, 4 bytes each, 494 MB, so it takes n_matmul_params * 4 / 20e9 s (about
+    25 ms: about 40 tok/s). A GiB for a GB (7%), a bit for a byte (8x) or a millisecond for a second
+    (1000x) changes the number."""
+    gpt2 = get_config("gpt2")
+    roof = {"bandwidth_gb_s": 20.0, "peak_gflops": {"fp32": 1e6}}  # compute is never the bound here
+    out = decode_bound(gpt2, batch=1, past_len=0, precision="fp32", roofline=roof)
+    assert out["bytes_per_step"] == gpt2.n_matmul_params * 4
+    step_s = gpt2.n_matmul_params * 4 / 20e9
+    assert out["bound"] == "memory"
+    assert out["roofline_decode_tok_s"] == pytest.approx(1 / step_s, rel=1e-12)
+    assert 35 < out["roofline_decode_tok_s"] < 45  # the same in words: tens of tokens a second, not 40 000
+    # A batch of 4 reads the weights once for four tokens: four times the rate.
+    four = decode_bound(gpt2, batch=4, past_len=0, precision="fp32", roofline=roof)
+    assert four["roofline_decode_tok_s"] == pytest.approx(4 / step_s, rel=1e-12)
+
+
+def test_bandwidth_and_peak_arithmetic_with_a_known_time(monkeypatch):
+    """The measurements' own arithmetic, with every timed call taking exactly 0.5 s: bytes as STREAM
+    counts them (read N, copy 2N, triad 3N, gemv the matrix) over 1e9, and 2 n^3 FLOPs over 1e9."""
+    monkeypatch.setattr(roofline, "_best_seconds", lambda op, device, repeats, deadline=None: 0.5)
+    n_bytes = 4 * 2**20  # 4 MiB of fp32
+    kernels = measure_bandwidth(mib=4, repeats=1)
+    side = int((n_bytes // 4) ** 0.5)  # 1024: the gemv matrix is 1024 x 1024 fp32, 4 MiB too
+    assert kernels == pytest.approx({"read": n_bytes / 0.5 / 1e9, "copy": 2 * n_bytes / 0.5 / 1e9,
+                                     "triad": 3 * n_bytes / 0.5 / 1e9, "gemv": side * side * 4 / 0.5 / 1e9},
+                                    rel=1e-12)
+    assert kernels["read"] == pytest.approx(0.008388608, rel=1e-12)  # 4 MiB in half a second, in GB/s
+    rate, how = measure_peak_gflops("fp32", sizes=(64,), budget_s=10)
+    assert rate == pytest.approx(2 * 64**3 / 0.5 / 1e9, rel=1e-12) and "64x64" in how
+
+
+def _numpy_copy_gb_s(mib: int = 256, repeats: int = 3) -> float:
+    """STREAM copy with numpy: best of ``repeats`` copies of a ``mib`` MiB array, 2 x its bytes moved."""
+    import time
+
+    import numpy as np
+
+    src = np.ones(mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch of dst's pages, outside the timing
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def _numpy_matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def test_measured_roofline_agrees_in_units_with_an_independent_numpy_measurement(tmp_path):
+    """A plausibility check of units, not an assertion on speed: the roofline's bandwidth and fp32 peak
+    must be within a broad factor (0.2x to 5x bandwidth, 0.1x to 10x peak) of the same quantities measured
+    here, on the same machine at the same moment, by another library with its own clock arithmetic
+    (numpy: a 256 MiB copy counted as 2 x 256 MiB, and a 1024 x 1024 fp32 matmul counted as 2 n^3).
+    However fast or slow or busy the machine, both see the same one, so they agree within a few x;
+    a GB/s that is really MB/s, a time in ms taken for s, or bits for bytes is a factor of 8 to 1000 off
+    and fails. (The exact arithmetic is pinned by the test above; this one checks the real clock path.)"""
+    before = _numpy_copy_gb_s()
+    roof = measure_roofline(threads=torch.get_num_threads(), precisions=("fp32",), cache=tmp_path / "r.json",
+                            fingerprint_id="units-test")
+    reference = max(before, _numpy_copy_gb_s())  # on both sides of the roofline's measurement
+    assert 0.2 < roof["bandwidth_gb_s"] / reference < 5, (roof["bandwidth_kernels"], reference)
+    peak = _numpy_matmul_gflops()
+    assert 0.1 < roof["peak_gflops"]["fp32"] / peak < 10, (roof["peak_gflops"], roof["peak_method"], peak)

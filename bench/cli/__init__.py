@@ -70,10 +70,20 @@ def _fetch_remote(args) -> None:
             setattr(args, name, local)
 
 
+# What Ctrl-C leaves behind, per command. The servers stop on it: uvicorn shuts down gracefully,
+# then raises the signal again, so the exit code is still 130.
+INTERRUPTED = {
+    "run": "interrupted: finished cells are already stored (bench run --resume continues)",
+    "serve": "stopped", "dashboard": "stopped",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command = None
     try:
         args = make_parser().parse_args(argv)
+        command = args.command
         _fetch_remote(args)
         return args.fn(args)
     except (UsageError, InputError) as e:
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                   markup=False)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        err.print("interrupted: finished cells are already stored (bench run --resume continues)")
+        err.print(INTERRUPTED.get(command, "interrupted"), markup=False)
         return 130
 
 
