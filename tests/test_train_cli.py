@@ -94,7 +94,10 @@ def test_quality_reports_perplexity_and_divergence_per_backend(trained, capsys):
     assert ppl["n_tokens"] > 400 and ppl["perplexity"] == pytest.approx(2.718281828 ** (ppl["nll_sum"] / ppl["n_tokens"]))
     div = int8["quality"]["divergence"]
     assert div["kl_mean"] >= 0 and 0 < div["same_top"] <= 1 and div["ppl_ratio"] > 0
-    assert int8["quality"]["verdict"]["verdict"] in ("pass", "fail", "inconclusive")
+    # What the verdict must be on a model trained long enough to judge is tested in test_quality.py
+    # (bench quality on a 300-step model: eager "reference", int8 "pass", perturbed weights "fail");
+    # this 6-step model checks the command's JSON, so it asserts the verdict's shape, not its value.
+    assert set(int8["quality"]["verdict"]) >= {"verdict"} and int8["quality"]["verdict"]["verdict"] != "reference"
 
 
 def test_quality_of_a_whole_file(trained, corpus, tmp_path, capsys):
