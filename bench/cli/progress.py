@@ -48,8 +48,15 @@ class SweepProgress:
         planned = runnable * self.sweep.launches
         if stored is not None:
             self.print(f"resuming run {run_id}: {stored} of {planned} launches already stored")
-        self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped), "
-                   f"{self.sweep.launches} launches each in interleaved rounds")
+        if self.sweep.confirm:
+            held = sum(c.after_screen and not c.skip_reason for c in cells)
+            self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped): a screen of "
+                       f"{runnable - held}, one launch each; then the {self.sweep.confirm} fastest that pass, the "
+                       f"fastest peer and eager fp32 get {self.sweep.launches} launches"
+                       + (f", and so do their {held} cells waiting for the screen" if held else ""))
+        else:
+            self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped), "
+                       f"{self.sweep.launches} launches each in interleaved rounds")
         skipped: dict[str, list[str]] = {}
         for c in cells:
             if c.skip_reason:
