@@ -78,7 +78,7 @@ def _resume_state(store, run_id: str, states: dict[str, _CellState]) -> int:
     for key, (row_id, record) in latest.items():
         if key in states:
             state = states[key]
-            state.row_id = row_id
+            state.row_id, state.record = row_id, record
             state.attempt = record.get("attempt", 0)
     for launch in store.launches(run_id):
         state = states.get(launch["key"])
@@ -87,7 +87,7 @@ def _resume_state(store, run_id: str, states: dict[str, _CellState]) -> int:
     for state in states.values():
         if state.failed:
             state.attempt += 1
-            state.launches, state.row_id = [], None
+            state.launches, state.row_id, state.record = [], None, None
     rounds = store.rounds(run_id)
     return rounds[-1]["round"] + 1 if rounds else 0
 

@@ -457,3 +457,28 @@ def test_a_part_after_the_screen_needs_one():
         sweep_from_config({"model": "tiny", "also": [{"batch": 4, "after_screen": True}]})
     with pytest.raises(SweepError, match="belongs to an"):
         sweep_from_config({"model": "tiny", "confirm": 1, "after_screen": True})
+
+
+def test_a_screened_run_resumed_after_the_screen_keeps_its_finalists(monkeypatch, store):
+    """Ctrl-C after the screen: --resume decides the same finalists from the stored first launches
+    and runs only what they still lack."""
+    backends = ["eager", "onnxruntime", "int8"]
+
+    def make():
+        top = sweep(backends=backends, precisions=["all"], batches=[1], confirm=1)
+        top.also = [sweep(backends=backends, precisions=["all"], batches=[2], after_screen=True)]
+        return top
+
+    first = SpeedByBackend(interrupt_at=8)  # the 6 screen launches, then 2 of the finalists' launches
+    monkeypatch.setattr(bench.executors.cell, "run_cell", first)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(make(), store, {b: AVAILABLE for b in backends}, FP, sentinel=fake_sentinel)
+    rest = SpeedByBackend()
+    monkeypatch.setattr(bench.executors.cell, "run_cell", rest)
+    run_id = run_sweep(make(), store, {b: AVAILABLE for b in backends}, FP, resume=True, sentinel=fake_sentinel)
+    assert len(first.calls) + len(rest.calls) == 6 + 2 * 2 + 3 * 2  # nothing run twice, nothing lost
+    assert {(c["backend"], c["precision"]) for c in rest.calls} <= {("onnxruntime", "int8"), ("eager", "fp32")}
+    ok = {(c["backend"], c["precision"], c["batch"]): c["launches"] for c in store.get_run(run_id)["cells"]
+          if c["status"] == "ok" and c["launches"] == 3}
+    assert ok == {("onnxruntime", "int8", 1): 3, ("eager", "fp32", 1): 3, ("onnxruntime", "int8", 2): 3,
+                  ("eager", "fp32", 2): 3}
