@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny random-weight model, eager on it, and private cache directories for exports."""
+"""Shared fixtures: a tiny random-weight model, a tiny trained model for parity, eager on them,
+private cache directories for exports, and torch's thread count restored after every test."""
 
+import copy
 import os
 
 import pytest
@@ -7,6 +9,8 @@ import pytest
 # Tests never reach a model hub; transformers and huggingface_hub read this at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 from model.gpt import GPT, build_model, get_config  # noqa: E402
 
@@ -20,9 +24,21 @@ def bench_cache_dir(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that sets torch's thread count does not leave it set for every later module."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> GPT:
-    """The ``tiny`` preset with seed-0 weights, in eval mode. Shared: do not modify it."""
+    """The ``tiny`` preset with seed-0 weights, in eval mode. Shared: do not modify it.
+
+    Its logits are nearly flat and its greedy path mostly repeats a token: good for shapes,
+    caches and exports, useless for judging a reduced precision (use ``parity_model``)."""
     return build_model(get_config("tiny"), seed=0)
 
 
@@ -41,3 +57,121 @@ def eager(tiny_model):
     with EagerBackend() as backend:
         backend.load(tiny_model)
         yield backend
+
+
+# -- parity: a model whose answers depend on what it has read ----------------------------------
+
+PERIOD = 7  # the trained model continues a sequence by repeating the token PERIOD positions back
+
+
+def train_periodic(steps: int = 100, seed: int = 0) -> GPT:
+    """The ``tiny`` preset trained for ``steps`` AdamW steps (about 4 s on one core) to continue
+    a sequence with period ``PERIOD``: every next token is the one ``PERIOD`` back, read from
+    the KV cache through attention at a fixed distance. Its greedy path from a random prompt is
+    that prompt's own tokens, varied and confident (top-1 ahead of top-2 by 1.2 to 6 logits),
+    so a cache or attention that is wrong changes the answer, not only a few low digits.
+    Deterministic: one thread and private generators."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = get_config("tiny")
+        model = build_model(cfg, seed=seed).train()
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        batch, length = 16, 24
+        for _ in range(steps):
+            head = torch.randint(0, cfg.vocab_size, (batch, PERIOD), generator=g)
+            x = head.repeat(1, length // PERIOD + 2)[:, :length + 1]  # (B, length + 1)
+            y = x[:, 1:].clone()
+            y[:, :PERIOD - 1] = -100  # nothing to repeat yet: no loss
+            loss, _ = model(x[:, :-1], targets=y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def parity_model() -> GPT:
+    """``train_periodic()``, shared: hand a backend ``copy.deepcopy`` of it, never the model itself."""
+    return train_periodic()
+
+
+@pytest.fixture()
+def parity_copy(parity_model):
+    """A private copy of ``parity_model`` for one backend to load (and maybe change)."""
+    return copy.deepcopy(parity_model)
+
+
+@pytest.fixture(scope="session")
+def parity_prompt() -> torch.Tensor:
+    """Four random 8-token prompts: (4, 8)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, get_config("tiny").vocab_size, (4, 8), generator=g)
+
+
+PARITY_STEPS = 12  # a prefill and 11 decode steps, each read from the cache
+
+# The largest |logit difference| from eager fp32 on ``parity_model`` (logits up to ~12), over
+# PARITY_STEPS teacher-forced steps of ``parity_prompt``, by precision: about 4x the worst
+# backend measured, rounded up. Measured on an "Intel(R) Xeon(R) Processor" (lscpu) with
+# AVX-512 BF16, AVX-512 FP16, AVX-512 VNNI and AMX-BF16/INT8, 2 cores, torch 2.8.0, openvino
+# 2026.4.1 (each backend's fresh cache; every top-1 agreed):
+#   fp32  eager, mkl 0; ipex, compile, hf 1.9e-6; openvino 3.8e-6; optimum-* 4.8e-6; onnxruntime 5.7e-6
+#   bf16  optimum-openvino 0.027; openvino 0.028; compile 0.034; mkl, ipex, hf 0.035
+#   int8  openvino, optimum-openvino 0.032 (0.041 sym); onnxruntime 0.060 (fused too); int8 0.113
+#   int4  openvino 0.31 (0.30 f32 activations, 0.51 int4 LM head); optimum-openvino 0.32; int8 0.37;
+#         onnxruntime 0.46 (fused too)
+#   fp16  none here (CUDA or an XPU only): bf16's bound, which fp16's 3 more mantissa bits meet
+LOGIT_BOUNDS = {
+    "fp32": 1e-3,
+    "bf16": 0.15,
+    "fp16": 0.15,
+    "int8": 0.5,
+    "int4": 2.0,
+}
+
+
+class Parity:
+    """Judges a backend against eager fp32 on ``parity_model``: ``backends.parity.check_parity``
+    (teacher forced, so one changed token does not snowball) and, beside its top-1 agreement,
+    the precision's bound on the logit error (``LOGIT_BOUNDS``)."""
+
+    def __init__(self, reference, prompt: torch.Tensor, steps: int = PARITY_STEPS):
+        from backends.parity import reference_run
+        self.reference, self.prompt, self.steps = reference, prompt, steps
+        self.expected = reference_run(reference, prompt, steps)
+
+    def run(self, backend):
+        from backends.parity import check_parity
+        return check_parity(backend, self.reference, self.prompt, steps=self.steps, reference_result=self.expected)
+
+    @staticmethod
+    def problems(result) -> list[str]:
+        """What is wrong with ``result`` (empty: it passes)."""
+        found = [] if result.passed else [
+            f"check_parity failed it: top-1 agreement {result.token_agreement:.1%} (at least "
+            f"{result.tolerance['min_token_agreement']:.0%}), max |logit diff| {result.max_abs_logit_diff:.3g}"]
+        bound = LOGIT_BOUNDS[result.precision]
+        if not result.max_abs_logit_diff <= bound:  # NaN fails too
+            found.append(f"max |logit diff| {result.max_abs_logit_diff:.3g} > {bound} allowed at {result.precision}")
+        return found
+
+    def check(self, backend):
+        """``run`` and assert no ``problems``; returns the result."""
+        result = self.run(backend)
+        problems = self.problems(result)
+        assert not problems, f"{backend.name} {backend.precision} on {backend.device}: {'; '.join(problems)}"
+        return result
+
+
+@pytest.fixture(scope="module")
+def parity(parity_model, parity_prompt) -> Parity:
+    """A ``Parity`` against eager fp32 on ``parity_model``, closed after the module."""
+    from backends.eager import EagerBackend
+
+    with EagerBackend() as reference:
+        reference.load(copy.deepcopy(parity_model))
+        yield Parity(reference, parity_prompt)

@@ -191,7 +191,7 @@ def test_mask_of_the_wrong_length_is_refused(name, tiny_model):
 
 # -- int8 -------------------------------------------------------------------------------------
 
-def test_onnxruntime_int8_graph_is_quantized(tiny_model, eager):
+def test_onnxruntime_int8_graph_is_quantized(tiny_model, parity, parity_copy):
     onnx = pytest.importorskip("onnx")
     backend = loaded("onnxruntime", tiny_model, precision="int8")
     ops = Counter(n.op_type for n in onnx.load(backend.info()["model_path"]).graph.node)
@@ -202,13 +202,10 @@ def test_onnxruntime_int8_graph_is_quantized(tiny_model, eager):
     assert ops["MatMul"] == 2 * n_layer, ops  # only q.k and p.v stay float: they have no weights
     fp32 = loaded("onnxruntime", tiny_model)
     assert backend.weight_bytes() < 0.5 * fp32.weight_bytes()
-    # Quantised but still the same model: greedy tokens mostly agree with eager.
-    from backends.parity import check_parity
-    result = check_parity(backend, eager, prompts(2, 6), steps=6)
-    assert result.passed, result
+    parity.check(loaded("onnxruntime", parity_copy, precision="int8"))  # quantised but still the same model
 
 
-def test_openvino_int8_ir_has_compressed_weights(tiny_model, eager):
+def test_openvino_int8_ir_has_compressed_weights(tiny_model, parity, parity_copy):
     ov = pytest.importorskip("openvino")
     backend = loaded("openvino", tiny_model, precision="int8")
     model = ov.Core().read_model(backend.info()["model_path"])
@@ -220,9 +217,7 @@ def test_openvino_int8_ir_has_compressed_weights(tiny_model, eager):
     assert backend.weight_bytes() < 0.5 * fp32.weight_bytes()
     info = backend.info()
     assert info["inference_precision"] == "f32" and info["dynamic_quantization_group_size"] == 0
-    from backends.parity import check_parity
-    result = check_parity(backend, eager, prompts(2, 6), steps=6)
-    assert result.passed, result
+    parity.check(loaded("openvino", parity_copy, precision="int8"))
 
 
 def test_openvino_int8_sym_mode_gives_signed_weights(tiny_model):
@@ -253,14 +248,12 @@ def _lm_head_weight_type(ov_model) -> str:
 
 
 @pytest.mark.parametrize("all_layers,head_type", [(False, "u8"), (True, "u4")])
-def test_openvino_int4_lm_head_precision_follows_all_layers(all_layers, head_type, tiny_model, eager):
+def test_openvino_int4_lm_head_precision_follows_all_layers(all_layers, head_type, parity, parity_copy):
     ov = pytest.importorskip("openvino")
-    backend = loaded("openvino", tiny_model, precision="int4", all_layers=all_layers)
+    backend = loaded("openvino", parity_copy, precision="int4", all_layers=all_layers)
     assert _lm_head_weight_type(ov.Core().read_model(backend.info()["model_path"])) == head_type
     assert backend.info()["all_layers"] is all_layers
-    from backends.parity import check_parity
-    result = check_parity(backend, eager, prompts(2, 6), steps=6)
-    assert result.passed, result
+    parity.check(backend)
 
 
 def test_openvino_int4_quantises_activations_by_default(tiny_model):
@@ -301,17 +294,40 @@ def test_openvino_compiled_properties_are_read_back(tiny_model):
     assert loaded("openvino", tiny_model, threads=2).info()["inference_num_threads"] == 2
 
 
-def test_openvino_bf16_is_refused_without_native_bf16(tiny_model, eager):
+def _cpu_has_native_bf16() -> bool:
+    from backends.base import isa_has_native_bf16
+    from bench.machine.environment import fingerprint
+    return isa_has_native_bf16(fingerprint()["cpu"]["isa"])
+
+
+def test_openvino_bf16_is_refused_without_native_bf16(parity, parity_copy, fresh_cache):
+    """The CPU's own flags decide which branch runs, not OpenVINO's report: a CPU with AVX-512
+    BF16 or AMX whose bf16 request is refused fails here. (A fresh cache: see the next test.)"""
     probe = skip_unless_available("openvino")
     backend = registry.create("openvino", precision="bf16")
-    if "BF16" in probe.versions["cpu_capabilities"].split(","):
-        backend.load(tiny_model)  # native bf16: it must really compile bf16
+    native = _cpu_has_native_bf16()
+    assert ("BF16" in probe.versions["cpu_capabilities"].split(",")) is native, probe.versions["cpu_capabilities"]
+    if native:
+        backend.load(parity_copy)  # it must really compile bf16, and answer as eager does
         assert backend.info()["inference_precision"] == "bf16"
-        from backends.parity import check_parity
-        assert check_parity(backend, eager, prompts(2, 6), steps=6).passed
+        parity.check(backend)
     else:
         with pytest.raises(UnsupportedPrecision, match="asked for bf16 but compiled f32"):
-            backend.load(tiny_model)
+            backend.load(parity_copy)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "openvino 2026.4's CPU plugin keys its compiled-blob cache (props.cache_dir, export.cache_dir()/openvino-blobs) "
+    "without the inference precision: a bf16 compile after an fp32 one of the same IR imports the fp32 blob and "
+    "answers wrongly (on parity_model: max |logit diff| 12.6, top-1 45.8%; NaN on a second import). "
+    "backends/openvino.py needs a blob directory per compile configuration; drop this mark when it has one"))
+def test_an_fp32_blob_does_not_poison_a_bf16_compile(parity, parity_model, fresh_cache):
+    import copy
+    skip_unless_available("openvino")
+    if not _cpu_has_native_bf16():
+        pytest.skip("this CPU has neither AVX-512 BF16 nor AMX-BF16: openvino refuses bf16 here")
+    loaded("openvino", copy.deepcopy(parity_model))  # fp32 first, into the same cache
+    parity.check(loaded("openvino", copy.deepcopy(parity_model), precision="bf16"))
 
 
 def test_onnxruntime_refuses_bf16_and_unknown_options():

@@ -1,12 +1,10 @@
-"""The sweep harness: planning, isolated cells, failure containment, and a timing cross-check."""
+"""The sweep harness: planning, isolated cells, failure containment, and its timing on a virtual clock."""
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
-import torch
 
 from backends.base import Probe
 from bench.executors.cell import _died, run_cell
@@ -171,47 +169,57 @@ def test_harness_attributes_prefill_and_decode_time_exactly(monkeypatch):
     assert samples["e2e_ms"] == pytest.approx([30.0 + 7.0 * (spec.gen_len - 1)] * 5)
 
 
-def test_harness_decode_rate_agrees_with_an_outside_timing():
-    """The harness's decode tokens/s against generate() timed from outside, within 10%.
+def test_harness_decode_rate_agrees_with_an_outside_timing(monkeypatch):
+    """The harness's decode tokens/s against generate() timed from outside, on a virtual clock.
 
-    Outside: the wall time of generating ``gen_len`` tokens minus that of generating one token
-    (the prefill and its token), over the ``gen_len - 1`` decode steps between them; the harness
-    side is the mean of its per-step times, so both are means of the same steps. Every step
-    also sleeps a fixed 4 ms, so the steps' time is mostly time no other process on a loaded
-    2-core machine can take away, and a disagreement means work timed on one side and not on
-    the other (sampling, a missed synchronize), not a noisy neighbour. The virtual-clock test
-    above checks the attribution exactly; this one checks it against the real clock.
+    The backend is an asynchronous device: a decode returns at once and queues 7 ms of work
+    (a prefill 30 ms), which the clock passes only in ``synchronize``, as a GPU's queue would.
+    Outside: a synchronised stopwatch around generating ``gen_len`` tokens minus that around
+    generating one token (the prefill and its token), over the ``gen_len - 1`` decode steps
+    between them. A harness that read its timer before synchronising, or lost or double-counted
+    part of a step, would disagree; on a virtual clock the agreement is exact, whatever else
+    runs on the machine.
     """
     from backends.eager import EagerBackend
-    from bench.scenarios.inference import _repeat
+    from bench.scenarios import inference as measure
     from model.generate import generate
 
-    class Sleepy(EagerBackend):
-        def _forward(self, ids, pos, mask, cache):
-            time.sleep(0.004)
-            return super()._forward(ids, pos, mask, cache)
+    clock = _VirtualClock()
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
 
-    torch.set_num_threads(1)
+    class Queued(EagerBackend):
+        pending = 0.0
+
+        def prefill(self, ids, pos=None, mask=None):
+            self.pending += 0.030
+            return super().prefill(ids, pos, mask)
+
+        def decode(self, ids, cache, pos=None, mask=None):
+            self.pending += 0.007
+            return super().decode(ids, cache, pos, mask)
+
+        def synchronize(self):
+            clock.now += self.pending
+            self.pending = 0.0
+
     spec = CellSpec(model="tiny", backend="eager", precision="fp32", device="cpu", batch=2, threads=1,
                     prompt_len=16, gen_len=24, min_reps=5, max_reps=10, budget_s=3, parity_steps=0)
-    backend = Sleepy(threads=1)
+    backend = Queued()
     backend.load(build_model(get_config("tiny"), seed=0))
     prompts = prompt_ids(spec, backend.model.config.vocab_size).tolist()
 
-    def wall(n: int) -> float:
-        t = time.perf_counter()
+    def outside(n: int) -> float:
+        backend.synchronize()
+        t = clock()
         generate(backend, prompts, n, greedy=True)
-        return time.perf_counter() - t
+        backend.synchronize()
+        return clock() - t
 
-    harness, outside = [], []
-    for _ in range(3):  # in turns, so a drift of the machine touches both alike
-        tpot = [step for generation in _repeat(backend, prompts, spec)["tpot_ms"] for step in generation]
-        harness.append(spec.batch / (statistics.fmean(tpot) / 1e3))
-        full = statistics.median(wall(spec.gen_len) for _ in range(5))
-        first = statistics.median(wall(1) for _ in range(5))
-        outside.append(spec.batch * (spec.gen_len - 1) / (full - first))
-    harness_rate, outside_rate = statistics.median(harness), statistics.median(outside)
-    assert abs(harness_rate - outside_rate) / outside_rate < 0.10, (harness, outside)
+    tpot = [step for generation in measure._repeat(backend, prompts, spec)["tpot_ms"] for step in generation]
+    harness_rate = spec.batch / (statistics.fmean(tpot) / 1e3)
+    outside_rate = spec.batch * (spec.gen_len - 1) / (outside(spec.gen_len) - outside(1))
+    assert harness_rate == pytest.approx(outside_rate, rel=1e-9)
+    assert harness_rate == pytest.approx(spec.batch / 0.007, rel=1e-9)
 
 
 def test_the_peak_restarts_after_the_load_so_a_cold_export_does_not_count():
