@@ -32,6 +32,7 @@ from backends import export
 from backends.base import (Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision,
                            isa_has_native_bf16, model_fingerprint)
 from backends.hf import probe_transformers, version_mismatch
+from backends.openvino import blob_cache
 
 INSTALL_HINT = "pip install 'optimum-intel==1.27.*' 'optimum==2.1.*' openvino nncf 'transformers>=4.57,<4.58'"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # int8/int4: weights only
@@ -118,14 +119,14 @@ class OptimumOVBackend(Backend):
                           weight_bytes_by_type=meta["weight_bytes_by_type"], stateful=meta.get("stateful"))
         requested = OV_PRECISION[self.precision]
         ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": requested,
-                     "KV_CACHE_PRECISION": self.kv_cache_precision,
-                     "CACHE_DIR": str(export.cache_dir() / "openvino-blobs")}
+                     "KV_CACHE_PRECISION": self.kv_cache_precision}
         if self.threads is not None:
             ov_config["INFERENCE_NUM_THREADS"] = str(self.threads)
         if self.precision in ("int8", "int4"):
             # As in our openvino backend: compressed weights with f32 activations, no on-the-fly
             # activation quantisation, so "int8" means the same thing in both rows.
             ov_config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
+        ov_config["CACHE_DIR"] = str(blob_cache("CPU", ov_config))  # one per configuration (see there)
         try:
             self.ov_model = OVModelForCausalLM.from_pretrained(str(path), ov_config=ov_config, device="CPU",
                                                                compile=True, local_files_only=True)

@@ -316,12 +316,11 @@ def test_openvino_bf16_is_refused_without_native_bf16(parity, parity_copy, fresh
             backend.load(parity_copy)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "openvino 2026.4's CPU plugin keys its compiled-blob cache (props.cache_dir, export.cache_dir()/openvino-blobs) "
-    "without the inference precision: a bf16 compile after an fp32 one of the same IR imports the fp32 blob and "
-    "answers wrongly (on parity_model: max |logit diff| 12.6, top-1 45.8%; NaN on a second import). "
-    "backends/openvino.py needs a blob directory per compile configuration; drop this mark when it has one"))
 def test_an_fp32_blob_does_not_poison_a_bf16_compile(parity, parity_model, fresh_cache):
+    """openvino 2026.4's CPU plugin keys its compiled-blob cache without the inference precision:
+    a bf16 compile after an fp32 one of the same IR imported the fp32 blob and answered wrongly (on
+    parity_model: max |logit diff| 12.6, top-1 45.8%; NaN on a second import). The backend keeps a
+    blob directory per compile configuration (backends.openvino.blob_cache)."""
     import copy
     skip_unless_available("openvino")
     if not _cpu_has_native_bf16():
