@@ -557,7 +557,8 @@ def best_table(machine: Machine) -> Table:
         batches = sorted({k[3] for k in best if k[0] == model}, key=_none_last)
         for b in batches:
             candidates = [c for k, c in best.items() if k[0] == model and k[3] == b]
-            passed = [c for c in candidates if acceptable(c)]
+            # a cell screened out after one launch is not recommended: the finalists' figures span three
+            passed = [c for c in candidates if acceptable(c) and not str(c.get("screen", "")).startswith("screened out")]
             reference = best.get((model, "eager", "fp32", b))
             if not passed:
                 out.append((text(model_name(model)), number(b, str(b)),
