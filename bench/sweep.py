@@ -191,9 +191,9 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
     """After every cell's first launch: which get all ``launches`` and which keep the one they had.
 
     In each group of cells that answer one question (model, batch, threads and lengths), the
-    ``confirm`` fastest that passed parity and quality, the fastest peer, and eager fp32 (the
-    reference every speed-up is measured against) are confirmed; the rest are screened out, their
-    note saying by how much. A launch can land 2x slow on a shared machine, so ``confirm`` should
+    ``confirm`` fastest that passed parity and quality (ours and the peers alike: a user would run
+    either) and eager fp32 (the reference every speed-up is measured against) are confirmed; the
+    rest are screened out, their note saying by how much. A launch can land 2x slow on a shared machine, so ``confirm`` should
     leave room; a screened-out figure is one process's and the report says so. Returns the states
     it decided, in order."""
     groups: dict[tuple, list[_CellState]] = {}
@@ -207,16 +207,14 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
     for members in groups.values():
         ranked = sorted((s for s in members if _acceptable(s.record) and _rate(s.record) is not None),
                         key=lambda s: -_rate(s.record))
-        ours = [s for s in ranked if not s.record.get("peer")]
-        peers = [s for s in ranked if s.record.get("peer")]
-        keep = {id(s) for s in ours[:confirm] + peers[:1]}
+        keep = {id(s) for s in ranked[:confirm]}  # ours and the peers alike: a user would run either
         best = _rate(ranked[0].record) if ranked else None
         for s in members:
             spec = s.planned.spec
             if id(s) in keep or (spec.backend, spec.precision) == ("eager", "fp32"):
                 s.target, s.screen = launches, "confirmed after one launch: " + (
                     "the reference" if (spec.backend, spec.precision) == ("eager", "fp32") else
-                    f"among the {confirm} fastest" if not s.record.get("peer") else "the fastest peer")
+                    f"among the {confirm} fastest")
             else:
                 rate = _rate(s.record)
                 s.target, s.screen = 1, ("screened out after one launch: " + (

@@ -22,7 +22,7 @@ def test_default_sweep_parses():
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
     # the first answer: every own backend at every precision on gpt2, then the peers and the trained model
-    assert (values["backend"], values["precision"], values["model"]) == ("ours", "all", ["gpt2"])
+    assert (values["backend"], values["precision"], values["model"]) == ("ours", "fastest", ["gpt2"])
     assert values["confirm"] >= 1 and values["launches"] == 3
     assert [p.get("backend") for p in values["also"]] == ["peers", None, None]
     assert [p.get("after_screen", False) for p in values["also"]] == [False, True, True]  # the finalists

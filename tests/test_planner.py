@@ -15,7 +15,8 @@ import pytest
 from backends import registry
 from backends.base import Probe
 from bench.cli import main
-from bench.planner import (Sweep, SweepError, check_store, every_precision, expand_backends, load_toml, plan,
+from bench.planner import (Sweep, SweepError, check_store, every_precision, expand_backends, fastest_candidates,
+                           load_toml, plan,
                            plan_targets, sweep_from_config)
 from bench.quantize import quantize_checkpoint
 from model.checkpoint import save_checkpoint
@@ -75,6 +76,20 @@ def test_precision_all_is_every_precision_a_backend_runs_here():
     cells = plan(sweep, probes(sweep.backends), available_bytes=64 * 2**30, isa={})
     assert {(c.spec.backend, c.spec.precision) for c in cells} == {
         ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int4"), ("int8", "int8"), ("int8", "int4")}
+
+
+def test_precision_fastest_leaves_fp32_out_only_beside_a_native_bf16():
+    native, avx2 = {"avx512_bf16": True, "amx_bf16": True}, {"avx512_bf16": False, "amx_bf16": False}
+    get = registry.get_backend_class
+    assert fastest_candidates(get("openvino"), native) == ["bf16", "int8", "int4"]
+    assert fastest_candidates(get("openvino"), avx2) == ["fp32", "int8", "int4"]
+    assert fastest_candidates(get("mkl"), native) == ["bf16"] and fastest_candidates(get("mkl"), avx2) == ["fp32"]
+    assert fastest_candidates(get("onnxruntime"), native) == ["fp32", "int8", "int4"]  # no native float of its own
+    assert fastest_candidates(get("int8"), native) == ["int8", "int4"]
+    assert fastest_candidates(get("eager"), native) == ["fp32"]  # the reference
+    sweep = sweep_from_config({"model": "tiny", "backend": "mkl,int8", "precision": "fastest"})
+    cells = plan(sweep, probes(sweep.backends), available_bytes=64 * 2**30, isa=avx2)
+    assert {(c.spec.backend, c.spec.precision) for c in cells} == {("mkl", "fp32"), ("int8", "int8"), ("int8", "int4")}
 
 
 def test_backend_keywords_spell_out_ours_and_the_peers():

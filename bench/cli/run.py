@@ -15,8 +15,9 @@ def add_parser(sub, default_store: str) -> None:
     run.add_argument("--checkpoint",
                      help="checkpoint directories or s3://bucket/prefix, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
-    run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated, or 'all' (every precision "
-                                         "each backend runs here); default: each backend's own and native bf16")
+    run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated; 'all' (every precision "
+                                         "each backend runs here) or 'fastest' (its int8, int4 and native bf16, "
+                                         "else its default); default: each backend's own and native bf16")
     run.add_argument("--batch", help="batch sizes: 1,4 or 1-8 or 1-16:x2")
     run.add_argument("--threads", help="thread counts: 1,2 or 1-4; 'all' for one per physical core; 'default' for the libraries' choice")
     run.add_argument("--prompt-len", type=positive_int, help="prompt tokens per sequence (default 32)")
@@ -30,7 +31,7 @@ def add_parser(sub, default_store: str) -> None:
                           "the 95%% interval spans their spread")
     run.add_argument("--confirm", type=int, metavar="N",
                      help="screen first: every cell runs one launch, then only the N fastest of each model and "
-                          "batch (passing parity and quality), the fastest peer and eager fp32 get the other "
+                          "batch that pass parity and quality (ours or peers) and eager fp32 get the other "
                           "launches (default 0: every cell gets them all)")
     run.add_argument("--plant-slowdown", type=float, default=None, metavar="FRACTION",
                      help="testing aid: make every step this fraction slower (0.2: about 20%%), to check "

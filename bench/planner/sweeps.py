@@ -83,7 +83,7 @@ class Sweep:
     gen_len: int = 16
     launches: int = 3  # fresh processes per cell, one per round; the interval spans their spread
     # 0: every cell gets all its launches. N: a screen first: every cell runs one launch, then only
-    # the N fastest of each model x batch x threads (passing parity and quality), the fastest peer
+    # the N fastest of each model x batch x threads that pass parity and quality (ours or peers)
     # and eager fp32 (the reference) get the rest; the others keep one launch, marked in the record
     confirm: int = 0
     timeout_s: float = 600.0
@@ -261,10 +261,11 @@ def sweep_from_values(values: dict, *, model_flag: bool = False) -> Sweep:
         sweep.backends = expand_backends(parse_list(values["backend"], "backend"))
     if "precision" in values:
         sweep.precisions = parse_list(values["precision"], "precision")
-        if sweep.precisions != ["all"]:
+        if sweep.precisions not in (["all"], ["fastest"]):
             for p in sweep.precisions:
                 if p not in PRECISIONS:
-                    raise SweepError(f"--precision: unknown precision {p!r}; valid: {', '.join(PRECISIONS)} or all")
+                    raise SweepError(f"--precision: unknown precision {p!r}; valid: {', '.join(PRECISIONS)}, "
+                                     f"all or fastest")
     if "batch" in values:
         sweep.batches = parse_list(values["batch"], "batch", integer=True)
     if "threads" in values:
@@ -410,7 +411,7 @@ def check_quantized_targets(sweep: Sweep) -> None:
         target = quantized_target(model) if (sweep.checkpoint or is_checkpoint_dir(model)) else None
         if target is None:
             continue
-        if target[0] in sweep.backends and (not sweep.precisions or sweep.precisions == ["all"]
+        if target[0] in sweep.backends and (not sweep.precisions or sweep.precisions in (["all"], ["fastest"])
                                             or target[1] in sweep.precisions):
             continue
         registry.get_backend_class(target[0])
