@@ -214,7 +214,7 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
             if id(s) in keep or (spec.backend, spec.precision) == ("eager", "fp32"):
                 s.target, s.screen = launches, "confirmed after one launch: " + (
                     "the reference" if (spec.backend, spec.precision) == ("eager", "fp32") else
-                    f"among the {confirm} fastest")
+                    "the fastest" if confirm == 1 else f"among the {confirm} fastest")
             else:
                 rate = _rate(s.record)
                 s.target, s.screen = 1, ("screened out after one launch: " + (

@@ -51,8 +51,10 @@ class SweepProgress:
         if self.sweep.confirm:
             held = sum(c.after_screen and not c.skip_reason for c in cells)
             self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped): a screen of "
-                       f"{runnable - held}, one launch each; then the {self.sweep.confirm} fastest that pass and "
-                       f"eager fp32 get {self.sweep.launches} launches"
+                       f"{runnable - held}, one launch each; then "
+                       + ("the fastest that passes" if self.sweep.confirm == 1 else
+                          f"the {self.sweep.confirm} fastest that pass")
+                       + f" and eager fp32 get {self.sweep.launches} launches"
                        + (f", and so do their {held} cells waiting for the screen" if held else ""))
         else:
             self.print(f"run {run_id}: {len(cells)} cells ({len(cells) - runnable} skipped), "
