@@ -189,3 +189,35 @@ def test_threads_all_means_one_per_physical_core(monkeypatch):
     assert parse_threads("all") == [3]
     assert parse_threads("1,all") == [1, 3]
     assert parse_threads(["all"]) == [3]  # from a TOML list
+
+
+# Every command and flag of `bench --help` before bench/ was laid out by concept (commit 5087930);
+# none may disappear. New flags since: run --confirm.
+FLAGS_BEFORE = {
+    'info': ['--json', '--no-roofline', '--remeasure', '--threads'],
+    'run': ['--address', '--backend', '--batch', '--budget', '--checkpoint', '--config', '--executor', '--gen-len', '--grad-checkpointing', '--json', '--launches', '--max-batch', '--model', '--name', '--no-parity', '--num-requests', '--on', '--option', '--plant-slowdown', '--precision', '--prompt-len', '--rate', '--resume', '--scenario', '--seq-len', '--slo', '--store', '--target-ci', '--threads', '--timeout', '--train-steps', '--warmup-steps'],
+    'generate': ['--backend', '--checkpoint', '--greedy', '--json', '--max-new-tokens', '--model', '--num-beams', '--precision', '--prompt', '--prompt-ids', '--repetition-penalty', '--seed', '--temperature', '--threads', '--top-k', '--top-p', '--weights-seed'],
+    'convert': ['--checkpoint', '--force', '--model', '--out', '--seed', '--to'],
+    'runs': ['--store'],
+    'export': ['--format', '--out', '--store', '--to'],
+    'report': ['--format', '--out', '--store'],
+    'train': ['--batch-size', '--checkpoint-every', '--config', '--context', '--corpus', '--eval-every', '--grad-accum', '--grad-checkpointing', '--grad-clip', '--json', '--keep-last', '--lr', '--max-bytes', '--min-lr', '--model', '--name', '--out', '--patience', '--precision', '--resume', '--seed', '--steps', '--store', '--threads', '--warmup-steps', '--weight-decay'],
+    'quality': ['--backend', '--checkpoint', '--context', '--corpus', '--json', '--max-tokens', '--option', '--precision', '--stride', '--threads'],
+    'serve': ['--backend', '--checkpoint', '--drain-timeout', '--host', '--max-batch', '--model', '--port', '--precision', '--queue-size', '--threads', '--timeout'],
+    'load': ['--burstiness', '--duration', '--gen-len', '--json', '--max-concurrency', '--name', '--num-requests', '--prompt-len', '--rate', '--request-timeout', '--seed', '--slo', '--store', '--url'],
+    'quantize': ['--backend', '--checkpoint', '--group-size', '--int8-scheme', '--json', '--option', '--out', '--precision'],
+    'compare': ['--fail-above', '--format', '--noise-floor', '--store'],
+    'dashboard': ['--host', '--poll', '--port', '--store'],
+}
+
+
+def test_every_command_and_flag_of_the_earlier_cli_is_still_there():
+    import argparse
+
+    from bench.cli import make_parser
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(FLAGS_BEFORE)  # the same commands, in the same order
+    for name, flags in FLAGS_BEFORE.items():
+        now = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        assert set(flags) <= now, (name, sorted(set(flags) - now))
