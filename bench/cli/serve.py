@@ -67,7 +67,7 @@ def cmd_serve(args) -> int:
     serve(args.backend, host=args.host, port=args.port, precision=args.precision, model=args.model,
           checkpoint=args.checkpoint, threads=args.threads, max_batch=args.max_batch, queue_size=args.queue_size,
           timeout_s=args.timeout, drain_s=args.drain_timeout, announce=lambda line: err.print(line, markup=False))
-    return 0
+    return stopped()
 
 
 def cmd_load(args) -> int:
@@ -116,4 +116,12 @@ def cmd_dashboard(args) -> int:
                                            timeout_graceful_shutdown=5))
     app.state.stopping = lambda: server.should_exit  # open event streams end; pages reconnect to the next server
     server.run()
-    return 0
+    return stopped()
+
+
+def stopped() -> int:
+    """A server's run returned: only a signal (Ctrl-C, SIGTERM) stops it. uvicorn sometimes raises
+    the signal again after its graceful shutdown (``main`` then says "stopped", exit 130) and
+    sometimes returns; both end the same way."""
+    err.print("stopped", markup=False)
+    return 130
