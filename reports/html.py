@@ -16,11 +16,11 @@ from html import escape
 
 from reports import charts
 from reports.charts import Series
-from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval,
-                            environment, flat_samples, group_runs, is_ok, label, median, model_name, models,
-                            num, parity_passed, quality_of, quality_verdict, sentinel_rows,
-                            thread_counts, threads_label, training_runs)
+from reports.format import (HOW_TO_READ, Machine, Section, Table, best_by_threads, decode_interval, environment,
+                            flat_samples, group_runs, is_ok, label, median, model_name, models, num, parity_passed,
+                            quality_of, quality_verdict, thread_counts, threads_label)
 from reports.sections import sections
+from reports.tables import sentinel_rows, training_runs
 from reports.training import is_train, throughput_charts
 
 CSS = """

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reports.format import (PEERS_TEXT, QUALITY_TEXT, SERVE_TEXT, Machine, Section, all_cells_table, best_table,
-                            drift_table, drift_text, memory_table, model_name, model_table, models, params,
-                            parity_table, peers_table, problems_table, quality_failures_table, quality_table,
-                            scaling_table, serve_table, training_table, unsteady_table)
+from reports.format import Machine, Section, model_name, models, params
+from reports.tables import (PEERS_TEXT, QUALITY_TEXT, SERVE_TEXT, all_cells_table, best_table, drift_table,
+                            drift_text, memory_table, model_table, parity_table, peers_table, problems_table,
+                            quality_failures_table, quality_table, scaling_table, serve_table, training_table,
+                            unsteady_table)
 from reports.training import is_train, training_sections
 
 

@@ -19,8 +19,9 @@ from collections import defaultdict
 
 from reports import charts
 from reports.charts import Series
-from reports.format import (DASH, Cell, Machine, Section, Table, _finite, _none_last, interval, is_ok, label,
-                            mib, model_name, models, num, number, problems_table, text, threads_label)
+from reports.format import (DASH, Cell, Machine, Section, Table, _finite, _none_last, interval, is_ok, label, mib,
+                            model_name, models, num, number, text, threads_label)
+from reports.tables import problems_table
 
 
 def is_train(cell: dict) -> bool:

@@ -245,7 +245,8 @@ def with_peers() -> dict:
 
 
 def test_report_marks_peers_and_rates_ours_against_the_best_peer():
-    from reports.format import group_runs, peer_ratios
+    from reports.format import group_runs
+    from reports.tables import peer_ratios
     from reports.sections import sections
     from reports.markdown import render_markdown
     run = with_peers()

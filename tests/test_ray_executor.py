@@ -218,7 +218,8 @@ def test_a_real_launch_runs_on_the_labelled_node_and_records_its_fingerprint(clu
 
 @needs_ray
 def test_cells_follow_their_labels_and_reports_split_them_by_node(cluster, tmp_path):
-    from reports.format import group_runs, sentinel_rows
+    from reports.format import group_runs
+    from reports.tables import sentinel_rows
 
     store = Store(tmp_path / "s.sqlite")
     gate = tmp_path / "gate"
