@@ -193,9 +193,9 @@ def screen(states: dict[str, _CellState], confirm: int, launches: int) -> list[_
     In each group of cells that answer one question (model, batch, threads and lengths), the
     ``confirm`` fastest that passed parity and quality (ours and the peers alike: a user would run
     either) and eager fp32 (the reference every speed-up is measured against) are confirmed; the
-    rest are screened out, their note saying by how much. A launch can land 2x slow on a shared machine, so ``confirm`` should
-    leave room; a screened-out figure is one process's and the report says so. Returns the states
-    it decided, in order."""
+    rest are screened out, their note saying by how much. A launch can land 2x slow on a shared
+    machine, so a larger ``confirm`` leaves room; a screened-out figure is one process's and the
+    report says so. Returns the states it decided, in order."""
     groups: dict[tuple, list[_CellState]] = {}
     for state in states.values():
         if state.record is None or state.failed:
