@@ -177,3 +177,14 @@ def test_a_sweep_without_parts_keeps_its_resume_key():
     (the values computed by the code before the planner, at commit 5087930)."""
     assert Sweep().key() == "e8da5300ec5f976f"
     assert Sweep(models=["gpt2"], backends=["eager", "int8"], batches=[1, 4]).key() == "2af0b8b0a0d31e89"
+
+
+def test_every_command_applies_one_quantised_checkpoint_rule(int8_checkpoint, capsys):
+    """bench run and bench quality refuse a quantised checkpoint asked for elsewhere alike."""
+    for argv in (["run", "--checkpoint", str(int8_checkpoint), "--backend", "onnxruntime"],
+                 ["quality", "--checkpoint", str(int8_checkpoint), "--backend", "eager"],
+                 ["quality", "--checkpoint", str(int8_checkpoint), "--backend", "int8", "--precision", "int4"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "quantised checkpoint for --backend int8 --precision int8" in err[0], err
+        assert "never dequantised" in err[0]

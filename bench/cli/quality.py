@@ -52,8 +52,7 @@ def cmd_quality(args) -> int:
     import torch
 
     from backends import registry
-    from bench.models import quantized_target
-    from bench.planner import parse_options
+    from bench.planner import check_quantized_request, parse_options
     from bench.scenarios.quality import quality_sweep
     from reports.terminal import quality_line, quality_table
 
@@ -64,10 +63,7 @@ def cmd_quality(args) -> int:
     for name in backends:
         registry.get_backend_class(name)
     options = parse_options(args.option or [], example="int8.int8_scheme=per_channel", per_backend=True)
-    quantized = quantized_target(args.checkpoint)
-    if quantized is not None and not (quantized[0] in backends and (not precisions or quantized[1] in precisions)):
-        raise UsageError(f"bench quality: {args.checkpoint} is a quantised checkpoint for --backend {quantized[0]} "
-                         f"--precision {quantized[1]}, which is not among those asked for")
+    check_quantized_request(args.checkpoint, backends, precisions)
     if args.threads:
         torch.set_num_threads(args.threads)
     stream, results = quality_sweep(args.checkpoint, backends, precisions, corpus=args.corpus,

@@ -27,6 +27,7 @@ from bench.planner.cells import (BASE_PARAMETERS, MEMORY_HEADROOM, Planned, Roof
                                  estimate_train_peak_bytes, every_precision, fastest_candidates, plan, plan_targets, scenario_variants,
                                  takes_option, unavailable_reason)
 from bench.planner.sweeps import (RUN_KEYS, TOML_KEYS, TRAIN_ONLY, Sweep, SweepError, all_backends,  # noqa: F401
-                                  check_lengths, check_quantized_targets, check_store, expand_backends, load_toml,
-                                  option_axis, option_value, parse_list, parse_options, parse_threads,
-                                  sweep_from_config, sweep_from_values)
+                                  check_lengths, check_quantized_request, check_quantized_targets,
+                                  check_store, expand_backends, load_toml, option_axis, option_value,
+                                  parse_list, parse_options, parse_threads, sweep_from_config,
+                                  sweep_from_values)

@@ -402,21 +402,22 @@ def check_lengths(sweep: Sweep) -> None:
 
 
 def check_quantized_targets(sweep: Sweep) -> None:
-    """A quantised checkpoint named with backends (not 'all') none of which reads it is bad input."""
-    from backends import registry
-
-    if sweep.backends == ["all"]:
-        return
+    """Every quantised checkpoint of the sweep is asked for on its own backend and precision."""
     for model in sweep.models:
-        target = quantized_target(model) if (sweep.checkpoint or is_checkpoint_dir(model)) else None
-        if target is None:
-            continue
-        if target[0] in sweep.backends and (not sweep.precisions or sweep.precisions in (["all"], ["fastest"])
-                                            or target[1] in sweep.precisions):
-            continue
-        registry.get_backend_class(target[0])
-        raise SweepError(f"{model}: a quantised checkpoint for --backend {target[0]} --precision {target[1]} "
-                         f"({target[2]}); it is never dequantised to run elsewhere")
+        if sweep.checkpoint or is_checkpoint_dir(model):
+            check_quantized_request(model, sweep.backends, sweep.precisions)
+
+
+def check_quantized_request(model: str, backends: list[str], precisions: list[str]) -> None:
+    """A quantised checkpoint runs on the backend and precision it was made for, never dequantised:
+    asking for it with backends none of which reads it (or a precision it is not) is bad input."""
+    target = quantized_target(model)
+    if target is None:
+        return
+    if target[0] in backends and (not precisions or precisions in (["all"], ["fastest"]) or target[1] in precisions):
+        return
+    raise SweepError(f"{model}: a quantised checkpoint for --backend {target[0]} --precision {target[1]} "
+                     f"({target[2]}); it is never dequantised to run elsewhere")
 
 
 def check_store(path: str | Path) -> Path:
