@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from backends.eager import EagerBackend
-from bench.scenarios.serve import Engine, Metrics, create_app, serving_in_thread
+from bench.scenarios.engine import Engine, Metrics
+from bench.scenarios.serve import create_app, serving_in_thread
 from model.generate import generate
 from model.tokenizer import ByteTokenizer
 
