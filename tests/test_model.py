@@ -22,8 +22,8 @@ def test_indivisible_heads_name_both_values():
 
 
 def test_bad_pos_encoding_is_named():
-    with pytest.raises(ValueError, match=r"pos_encoding='rotary'"):
-        GPTConfig(pos_encoding="rotary")
+    with pytest.raises(ValueError, match=r"pos_encoding='alibi'"):
+        GPTConfig(pos_encoding="alibi")
 
 
 @pytest.mark.parametrize("field, value", [("n_layer", 0), ("vocab_size", -3), ("block_size", 1.5)])
