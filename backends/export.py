@@ -6,9 +6,9 @@ cache between steps.
 
     inputs:  input_ids (B, T) int64, position_ids (B, T) int64,
              attention_mask (B, T_past + T) int64 (1 = real token, 0 = padding; always given),
-             past_key_i, past_value_i (B, n_head, T_past, head_dim) float32, i = 0 .. n_layer-1
+             past_key_i, past_value_i (B, n_kv_head, T_past, head_dim) float32, i = 0 .. n_layer-1
     outputs: logits (B, 1, vocab) float32 (the last position only),
-             present_key_i, present_value_i (B, n_head, T_past + T, head_dim) float32
+             present_key_i, present_value_i (B, n_kv_head, T_past + T, head_dim) float32
 
 A prefill feeds a zero-length past (T_past = 0), so one graph serves prefill and decode.
 
@@ -65,7 +65,7 @@ def output_names(n_layer: int) -> list[str]:
 
 
 def dynamic_axes(n_layer: int) -> dict[str, dict[int, str]]:
-    """Batch, sequence, past and total length are free; heads and head_dim are fixed."""
+    """Batch, sequence, past and total length are free; n_kv_head and head_dim are fixed."""
     axes = {
         "input_ids": {0: "batch", 1: "sequence"},
         "position_ids": {0: "batch", 1: "sequence"},
@@ -108,14 +108,14 @@ def example_inputs(config, batch: int = 2, past_len: int = 3, seq_len: int = 4) 
     pos = torch.arange(past_len, total).unsqueeze(0).expand(batch, seq_len).contiguous()
     mask = torch.ones(batch, total, dtype=INT64)
     mask[0, :2] = 0  # left padding in the first sequence
-    shape = (batch, config.n_head, past_len, config.head_dim)
+    shape = (batch, config.n_kv_head, past_len, config.head_dim)
     past = [torch.randn(shape, generator=g) for _ in range(2 * config.n_layer)]
     return (ids, pos, mask, *past)
 
 
 def empty_past(config, batch: int) -> list[np.ndarray]:
-    """The zero-length past a prefill feeds: (B, n_head, 0, head_dim) per key and value."""
-    return [np.zeros((batch, config.n_head, 0, config.head_dim), np.float32) for _ in range(2 * config.n_layer)]
+    """The zero-length past a prefill feeds: (B, n_kv_head, 0, head_dim) per key and value."""
+    return [np.zeros((batch, config.n_kv_head, 0, config.head_dim), np.float32) for _ in range(2 * config.n_layer)]
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int = OPSET) -> None:

@@ -309,7 +309,7 @@ class OpenVINOBackend(Backend):
         # caller still holds; with our own arrays the outputs are written once and never copied.
         total = mask.shape[1]  # past + new tokens
         logits = np.empty((B, 1, cfg.vocab_size), np.float32)
-        present = [np.empty((B, cfg.n_head, total, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
+        present = [np.empty((B, cfg.n_kv_head, total, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
         for i, array in enumerate([logits, *present]):
             self.request.set_output_tensor(i, ov.Tensor(array, shared_memory=True))
         self.request.infer()
