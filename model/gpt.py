@@ -200,20 +200,20 @@ PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # The Llama family, with the published shapes (random weights: nothing is downloaded).
     "llama-tiny": dict(_LLAMA, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=352,
-                       vocab_size=512, block_size=256),  # 0.5M, for tests; GQA, a width no int4 group divides
+                       vocab_size=512, block_size=256),  # 0.4M, for tests; GQA, an MLP width only 32 divides
     "llama-small": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=688,
-                        vocab_size=4096, block_size=512),  # 4.2M, trained by make bench like "small"
+                        vocab_size=4096, block_size=512),  # 4.0M, trained by make bench like "small"
     "smollm2-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
-                         vocab_size=49152, block_size=8192, rope_theta=100000.0),
+                         vocab_size=49152, block_size=8192, rope_theta=100000.0),  # 134.5M
     "smollm2-360m": dict(_LLAMA, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
-                         vocab_size=49152, block_size=8192, rope_theta=100000.0),
+                         vocab_size=49152, block_size=8192, rope_theta=100000.0),  # 361.8M
     "qwen2.5-0.5b": dict(_LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864,
                          vocab_size=151936, block_size=32768, rope_theta=1000000.0, layer_norm_epsilon=1e-6,
-                         qkv_bias=True),
+                         qkv_bias=True),  # 494.0M
     "llama-3.2-1b": dict(_LLAMA, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192,
                          vocab_size=128256, block_size=131072, rope_theta=500000.0, rope_scaling="llama3",
                          rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                         rope_original_context=8192),
+                         rope_original_context=8192),  # 1235.8M
     # 7.2B: 29 GB in fp32, for planning and the roofline on a machine that cannot hold it.
     "mistral-7b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
                        vocab_size=32000, block_size=32768, sliding_window=4096, tie_embeddings=False),
