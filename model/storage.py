@@ -10,17 +10,19 @@ neither listed nor downloaded. A checkpoint is one of two kinds:
   size and SHA-256, and every file is checked against it. The upload first writes the marker
   ``prefix/bench-upload-in-progress``, then removes the old manifest, sends the files, writes the
   new manifest and deletes the marker last. So a prefix holding the marker and no manifest is a
-  bench upload still running or interrupted, refused as an "incomplete upload"; with a manifest,
-  the marker is ignored (it is left only between the manifest's PUT and its own DELETE, when the
-  manifest is already complete), and a file that does not match the manifest is refused the same
-  way. Manifests written before the marker existed read as before.
+  bench upload still running or interrupted, refused as an "incomplete upload". With a manifest
+  the marker is ignored: that manifest is the old one, whose files are not replaced yet, or the
+  new one, written after all its files; either way a file that does not match it is refused as
+  an incomplete upload. ``delete_checkpoint`` writes the marker first too. Manifests written
+  before the marker existed read as before.
 - **A plain directory** uploaded by any other tool (``aws s3 cp --recursive``/``sync``, boto3, the
   console, rclone): no manifest and no marker. Its listing is the truth: it must hold
   ``config.json``; every object directly under the prefix is downloaded and checked against the
   size and ETag the listing gave. The reads are conditional on that ETag (``If-Match``), so an
   object replaced after the listing fails the fetch instead of mixing two uploads. A single-part
   ETag (32 hex digits, no ``-``) is the object's MD5 and must match the downloaded bytes, except
-  under SSE-KMS or SSE-C, where it is not an MD5. A multipart ETag (``<md5 of the parts' MD5s>-<n>``)
+  under SSE-KMS or SSE-C, where it is not an MD5 (a store whose plain ETags are not MD5s fails
+  here: upload to it with bench, which checks SHA-256). A multipart ETag (``<md5 of the parts' MD5s>-<n>``)
   is recomputed for the part sizes it can have been made with: part 1's size as ``HeadObject
   PartNumber=1`` reports it, the 8 MiB default of the AWS CLI and boto3, and the size divided
   among ``n`` parts rounded up to a MiB. When none of them reproduces it (parts of unequal
@@ -311,8 +313,9 @@ def _plain_file(client, uri: str, key: str, path: Path, want: dict) -> str | Non
     if parts is None:
         md5 = _md5_parts(path, size or 1)[0].hex()  # the whole file as one part
         if md5 != etag.strip('"'):
-            raise StorageError(f"{where}: the download's MD5 is {md5} but the object's ETag is {etag}: "
-                               f"corrupted in transfer; run the command again")
+            raise StorageError(f"{where}: the download's MD5 is {md5} but the object's single-part ETag is "
+                               f"{etag}; run the command again (a store whose ETags are not MD5s needs a "
+                               f"bench upload, checked by SHA-256)")
         return None
     n = int(parts.group(1))
     part1 = head.get("ContentLength") if head.get("PartsCount") else None
@@ -325,9 +328,9 @@ def _plain_file(client, uri: str, key: str, path: Path, want: dict) -> str | Non
         md5s = _md5_parts(path, part_size)
         if f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{n}" == etag.strip('"'):
             return None
-    sizes = ", ".join(f"{p / MiB:g} MiB" for p in tried) or "none fits"
-    return (f"{where}: checked by size only (multipart ETag of {n} parts not reproduced with a part size "
-            f"of {sizes}: parts of unequal sizes)")
+    sizes = " or ".join(f"{p / MiB:g} MiB" for p in tried) or "any size that gives that many"
+    return (f"{where}: checked by size only (its multipart ETag of {n} parts is not reproduced with parts "
+            f"of {sizes}: uploaded in parts of unequal sizes)")
 
 
 def _head(client, bucket: str, key: str, etag: str, part_number: bool) -> dict:
