@@ -1,21 +1,45 @@
 """Checkpoints in S3 or an S3-compatible store: fetched once into a verified cache, uploaded manifest last.
 
 ``s3://bucket/prefix`` names a checkpoint directory in a bucket: the objects directly under
-``prefix/`` are its files (``config.json``, ``model.safetensors``, ...), and
-``prefix/bench-manifest.json`` lists each one's size and SHA-256. ``upload_checkpoint``
-removes an old manifest first and writes the new one last, so a reader never takes a
-checkpoint whose upload was interrupted: no manifest, or a file that does not match it, is an
-"incomplete upload" error naming the key. A sub-directory (a training run's ``step-000100/``,
-``best/``) is a checkpoint of its own under its own prefix.
+``prefix/`` are its files (``config.json``, ``model.safetensors``, ...). Objects deeper down are
+not part of it: a sub-directory (a training run's ``step-000100/``, ``best/``) is a checkpoint of
+its own under its own prefix, and one that is not (a Hugging Face repository's ``original/``) is
+neither listed nor downloaded. A checkpoint is one of two kinds:
+
+- **Uploaded by bench** (``upload_checkpoint``): ``prefix/bench-manifest.json`` lists each file's
+  size and SHA-256, and every file is checked against it. The upload first writes the marker
+  ``prefix/bench-upload-in-progress``, then removes the old manifest, sends the files, writes the
+  new manifest and deletes the marker last. So a prefix holding the marker and no manifest is a
+  bench upload still running or interrupted, refused as an "incomplete upload". With a manifest
+  the marker is ignored: that manifest is the old one, whose files are not replaced yet, or the
+  new one, written after all its files; either way a file that does not match it is refused as
+  an incomplete upload. ``delete_checkpoint`` writes the marker first too. Manifests written
+  before the marker existed read as before.
+- **A plain directory** uploaded by any other tool (``aws s3 cp --recursive``/``sync``, boto3, the
+  console, rclone): no manifest and no marker. Its listing is the truth: it must hold
+  ``config.json``; every object directly under the prefix is downloaded and checked against the
+  size and ETag the listing gave. The reads are conditional on that ETag (``If-Match``), so an
+  object replaced after the listing fails the fetch instead of mixing two uploads. A single-part
+  ETag (32 hex digits, no ``-``) is the object's MD5 and must match the downloaded bytes, except
+  under SSE-KMS or SSE-C, where it is not an MD5 (a store whose plain ETags are not MD5s fails
+  here: upload to it with bench, which checks SHA-256). A multipart ETag (``<md5 of the parts' MD5s>-<n>``)
+  is recomputed for the part sizes it can have been made with: part 1's size as ``HeadObject
+  PartNumber=1`` reports it, the 8 MiB default of the AWS CLI and boto3, and the size divided
+  among ``n`` parts rounded up to a MiB. When none of them reproduces it (parts of unequal
+  sizes) or the object is KMS- or customer-key-encrypted, the object is checked by size only and
+  a ``note:`` line on stderr says so; that is not a failure. A checkpoint interrupted by a bench
+  from before the marker (no manifest, no marker) cannot be told from a plain directory: its
+  objects are each intact, but may be from two uploads.
 
 ``fetch_checkpoint`` downloads a checkpoint once into ``<cache>/s3/<digest>/<name>``, where the
-digest is the manifest's SHA-256 (so the cache is keyed on the remote content) and ``<name>``
-is the prefix's last part (tables show it). Every file is checked against the manifest in a
-temporary directory that is renamed into place only when all of them match, so a directory in
-the cache is always complete, even when two processes fetch at once or one is killed. A second
-fetch of an unchanged checkpoint reads only the manifest; a changed one lands in a new
-directory. ``<cache>`` is ``$BENCH_CACHE_DIR`` or ``$XDG_CACHE_HOME/llm-backend-bench``
-(``~/.cache/llm-backend-bench``), as for the export cache.
+digest is the manifest's SHA-256, or for a plain directory the SHA-256 of its listing (each
+object's name, size and ETag), so the cache is keyed on the remote content; ``<name>`` is the
+prefix's last part (tables show it). Every file is checked in a temporary directory that is
+renamed into place only when all of them match, so a directory in the cache is always complete,
+even when two processes fetch at once or one is killed. A second fetch of an unchanged checkpoint
+reads only the manifest (a plain directory: looks the manifest up, finds none, and lists the
+prefix); a changed one lands in a new directory. ``<cache>`` is ``$BENCH_CACHE_DIR`` or
+``$XDG_CACHE_HOME/llm-backend-bench`` (``~/.cache/llm-backend-bench``), as for the export cache.
 
 Credentials, region and endpoint come only from the standard AWS places, read by botocore
 itself: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``), ``AWS_PROFILE``
@@ -34,7 +58,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,6 +70,12 @@ SCHEME = "s3://"
 MANIFEST = "bench-manifest.json"
 MANIFEST_FORMAT = "llm-backend-bench/s3-checkpoint"
 MANIFEST_VERSION = 1
+UPLOADING = "bench-upload-in-progress"  # written before a bench upload or delete, removed after it
+CONFIG = "config.json"
+MiB = 1 << 20
+DEFAULT_PART_SIZE = 8 * MiB  # the AWS CLI's and boto3's multipart_chunksize
+_SINGLE_PART_ETAG = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-([0-9]+)")
 CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
            "InvalidClientTokenId", "AuthorizationHeaderMalformed", "403"}
@@ -85,8 +117,8 @@ def _client():
 class _Errors:
     """Turns botocore's exceptions into one StorageError line about ``uri``."""
 
-    def __init__(self, uri: str, client=None, missing: str | None = None):
-        self.uri, self.client, self.missing = uri, client, missing
+    def __init__(self, uri: str, client=None, missing: str | None = None, changed: str | None = None):
+        self.uri, self.client, self.missing, self.changed = uri, client, missing, changed
 
     def __enter__(self):
         return self
@@ -118,6 +150,8 @@ class _Errors:
             raise StorageError(f"access denied by s3://{bucket} ({code}): {CREDENTIALS_HINT}") from None
         if code == "NoSuchBucket":
             raise StorageError(f"{self.uri}: no such bucket {bucket!r}") from None
+        if code in ("PreconditionFailed", "412") and self.changed:  # If-Match: not the ETag listed
+            raise StorageError(self.changed) from None
         if code in ("NoSuchKey", "404") and self.missing:
             raise StorageError(self.missing) from None
         if code in ("NoSuchKey", "404"):
@@ -135,28 +169,29 @@ def fetch_checkpoint(uri: str) -> Path:
     if not prefix:
         raise StorageError(f"{uri}: name a checkpoint prefix inside the bucket (s3://{bucket}/PREFIX)")
     client = _client()
-    raw, manifest = _read_manifest(client, uri)
+    raw = _get_manifest(client, uri)
+    if raw is not None:
+        files = _parse_manifest(raw, uri)["files"]
+        digest = hashlib.sha256(raw).hexdigest()[:20]
+        fetch = _manifest_file
+    else:
+        files = _list_directory(client, uri)
+        listing = json.dumps(sorted((rel, f["size"], f["etag"]) for rel, f in files.items()))
+        digest = hashlib.sha256(f"plain directory\n{listing}".encode()).hexdigest()[:20]
+        fetch = _plain_file
     name = prefix.rsplit("/", 1)[-1]
-    digest = hashlib.sha256(raw).hexdigest()[:20]
     final = cache_root() / digest / name
     if final.is_dir():
         return final  # renamed into place only once complete
     cache_root().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".tmp", dir=cache_root()))
+    notes = []
     try:
         (tmp / name).mkdir()
-        for rel, want in manifest["files"].items():
-            key = f"{prefix}/{rel}"
-            path = tmp / name / rel
-            missing = (f"s3://{bucket}/{key}: incomplete upload: listed in {MANIFEST} but missing; "
-                       f"upload {uri} again")
-            with _Errors(uri, client, missing):
-                client.download_file(bucket, key, str(path))
-            size, sha = _file_digest(path)
-            if size != want["size"] or sha != want["sha256"]:
-                raise StorageError(f"s3://{bucket}/{key}: incomplete upload: {size} bytes with sha256 {sha[:16]}, "
-                                   f"but {MANIFEST} lists {want['size']} bytes with sha256 {want['sha256'][:16]}; "
-                                   f"upload {uri} again")
+        for rel, want in files.items():
+            note = fetch(client, uri, f"{prefix}/{rel}", tmp / name / rel, want)
+            if note:
+                notes.append(note)
         final.parent.mkdir(exist_ok=True)
         try:
             (tmp / name).rename(final)
@@ -165,22 +200,26 @@ def fetch_checkpoint(uri: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return final
 
 
-def _read_manifest(client, uri: str) -> tuple[bytes, dict]:
+# -- a checkpoint uploaded by bench: its manifest ----------------------------------------
+
+def _get_manifest(client, uri: str) -> bytes | None:
+    """The manifest's bytes, or None when the prefix has none."""
     bucket, prefix = split_uri(uri)
-    key = f"{prefix}/{MANIFEST}"
     with _Errors(uri, client):
         try:
-            raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
         except client.exceptions.NoSuchKey:
-            listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1).get("KeyCount", 0)
-            if not listed:
-                raise StorageError(f"{uri}: no such checkpoint (no objects under this prefix)") from None
-            raise StorageError(f"s3://{bucket}/{key}: incomplete upload: objects exist under {uri} but its "
-                               f"{MANIFEST} is missing (interrupted, or not uploaded by bench); "
-                               f"upload it again") from None
+            return None
+
+
+def _parse_manifest(raw: bytes, uri: str) -> dict:
+    bucket, prefix = split_uri(uri)
+    key = f"{prefix}/{MANIFEST}"
     try:
         manifest = json.loads(raw)
         files = manifest["files"]
@@ -193,9 +232,152 @@ def _read_manifest(client, uri: str) -> tuple[bytes, dict]:
         raise StorageError(f"s3://{bucket}/{key}: not a manifest of ours (no \"format\": {MANIFEST_FORMAT!r} "
                            f"with files of size and sha256)")
     for rel in files:
-        if "/" in rel or rel.startswith(".") or rel in ("", MANIFEST):
+        if "/" in rel or rel.startswith(".") or rel in ("", MANIFEST, UPLOADING):
             raise StorageError(f"s3://{bucket}/{key}: file name {rel!r} is not a plain file of the checkpoint")
-    return raw, manifest
+    return manifest
+
+
+def _manifest_file(client, uri: str, key: str, path: Path, want: dict) -> None:
+    """Download one file the manifest lists and check its size and SHA-256."""
+    bucket = split_uri(uri)[0]
+    missing = f"s3://{bucket}/{key}: incomplete upload: listed in {MANIFEST} but missing; upload {uri} again"
+    with _Errors(uri, client, missing):
+        client.download_file(bucket, key, str(path))
+    size, sha = _file_digest(path)
+    if size != want["size"] or sha != want["sha256"]:
+        raise StorageError(f"s3://{bucket}/{key}: incomplete upload: {size} bytes with sha256 {sha[:16]}, "
+                           f"but {MANIFEST} lists {want['size']} bytes with sha256 {want['sha256'][:16]}; "
+                           f"upload {uri} again")
+
+
+# -- a plain directory: its listing ------------------------------------------------------
+
+def _list_directory(client, uri: str) -> dict[str, dict]:
+    """{file name: {size, etag}} of the objects directly under the prefix of a checkpoint without
+    a manifest; refused when it is a bench upload in progress or interrupted, or has no config.json."""
+    bucket, prefix = split_uri(uri)
+    files, subdirs = {}, []
+    with _Errors(uri, client):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
+                                                                 Delimiter="/")
+        for page in pages:
+            subdirs += [p["Prefix"][len(prefix) + 1:] for p in page.get("CommonPrefixes", [])]
+            for o in page.get("Contents", []):
+                rel = o["Key"][len(prefix) + 1:]
+                if rel:  # "prefix/" itself is a console's empty folder object
+                    files[rel] = dict(size=o["Size"], etag=o["ETag"])
+    if not files and not subdirs:
+        raise StorageError(f"{uri}: no such checkpoint (no objects under this prefix)")
+    if UPLOADING in files:
+        raise StorageError(f"s3://{bucket}/{prefix}/{MANIFEST}: incomplete upload: a bench upload to {uri} is "
+                           f"still running or was interrupted (its {UPLOADING} marker is there, the manifest "
+                           f"is not); upload it again")
+    if CONFIG not in files:
+        sub = f"; its sub-directories are checkpoints of their own: {', '.join(sorted(subdirs)[:4])}" \
+            + (", ..." if len(subdirs) > 4 else "") if subdirs else ""
+        raise StorageError(f"{uri}: not a checkpoint: no {CONFIG} directly under this prefix "
+                           f"(and no {MANIFEST}){sub}")
+    for rel in files:
+        if rel in (".", ".."):
+            raise StorageError(f"s3://{bucket}/{prefix}/{rel}: an object name that cannot be a file; "
+                               f"rename or delete it")
+    return files
+
+
+def _plain_file(client, uri: str, key: str, path: Path, want: dict) -> str | None:
+    """Download one listed object, pinned to its listed ETag, and check its size and ETag.
+    A note when the ETag could not be reproduced and the size was all that was checked."""
+    bucket = split_uri(uri)[0]
+    etag = want["etag"]
+    where = f"s3://{bucket}/{key}"
+    changed = f"{where}: changed since {uri} was listed (no longer ETag {etag}); run the command again"
+    deleted = f"{where}: deleted since {uri} was listed; run the command again"
+    parts = _MULTIPART_ETAG.fullmatch(etag.strip('"'))
+    with _Errors(uri, client, missing=deleted, changed=changed):
+        head = _head(client, bucket, key, etag, part_number=bool(parts))
+        _pin_etag(client, key, etag)
+        from boto3.s3.transfer import TransferConfig
+
+        # The classic transfer manager, the one that sends its requests through this client and
+        # so through the If-Match of _pin_etag; the CRT one (optional, on some EC2 types) does not.
+        client.download_file(bucket, key, str(path), Config=TransferConfig(preferred_transfer_client="classic"))
+    size = path.stat().st_size
+    if size != want["size"]:
+        raise StorageError(f"{where}: downloaded {size} bytes but {uri} lists {want['size']}; "
+                           f"run the command again")
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or head.get("SSECustomerAlgorithm")
+    if encrypted:
+        return f"{where}: checked by size only (its ETag is not an MD5 under SSE-KMS or SSE-C)"
+    if parts is None and not _SINGLE_PART_ETAG.fullmatch(etag.strip('"')):
+        return f"{where}: checked by size only (ETag {etag} is not an MD5)"
+    if parts is None:
+        md5 = _md5_parts(path, size or 1)[0].hex()  # the whole file as one part
+        if md5 != etag.strip('"'):
+            raise StorageError(f"{where}: the download's MD5 is {md5} but the object's single-part ETag is "
+                               f"{etag}; run the command again (a store whose ETags are not MD5s needs a "
+                               f"bench upload, checked by SHA-256)")
+        return None
+    n = int(parts.group(1))
+    part1 = head.get("ContentLength") if head.get("PartsCount") else None
+    even = _ceil(_ceil(size, n), MiB) * MiB if n else None  # the size shared among n parts, in MiB
+    tried = []
+    for part_size in (part1, DEFAULT_PART_SIZE, even):
+        if not part_size or part_size in tried or _ceil(size, part_size) != n:
+            continue
+        tried.append(part_size)
+        md5s = _md5_parts(path, part_size)
+        if f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{n}" == etag.strip('"'):
+            return None
+    sizes = " or ".join(f"{p / MiB:g} MiB" for p in tried) or "any size that gives that many"
+    return (f"{where}: checked by size only (its multipart ETag of {n} parts is not reproduced with parts "
+            f"of {sizes}: uploaded in parts of unequal sizes)")
+
+
+def _head(client, bucket: str, key: str, etag: str, part_number: bool) -> dict:
+    """HeadObject on the listed ETag; with ``part_number``, part 1's (its ContentLength is the part
+    size and PartsCount is set), unless the store does not take PartNumber on a HEAD."""
+    from botocore.exceptions import ClientError
+
+    if part_number:
+        try:
+            return client.head_object(Bucket=bucket, Key=key, IfMatch=etag, PartNumber=1)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in {"412", "PreconditionFailed", "404", *_DENIED}:
+                raise
+    return client.head_object(Bucket=bucket, Key=key, IfMatch=etag)
+
+
+def _pin_etag(client, key: str, etag: str) -> None:
+    """Make every HEAD and GET of ``key`` through ``client`` conditional on ``etag`` (``If-Match``),
+    so the transfer manager's ranged GETs fail with 412 when the object is replaced under them
+    rather than mix two versions. botocore's documented event hook, once per key and client."""
+    def if_match(params, **_):
+        if params.get("Key") == key:
+            params.setdefault("IfMatch", etag)
+
+    for operation in ("HeadObject", "GetObject"):
+        client.meta.events.register(f"before-parameter-build.s3.{operation}", if_match,
+                                    unique_id=f"bench-if-match-{operation}-{key}")
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _md5_parts(path: Path, part_size: int) -> list[bytes]:
+    """The MD5 digest of each ``part_size`` bytes of the file, read a MiB at a time."""
+    digests = []
+    with open(path, "rb") as f:
+        while True:
+            h, left = hashlib.md5(), part_size
+            while left and (chunk := f.read(min(left, MiB))):
+                h.update(chunk)
+                left -= len(chunk)
+            if left == part_size and digests:
+                return digests
+            digests.append(h.digest())
+            if left:
+                return digests
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -204,8 +386,10 @@ def upload_checkpoint(local_dir: str | Path, uri: str) -> bool:
     """Upload the files of ``local_dir`` (not its sub-directories) to ``uri``, the manifest last.
 
     Returns False when ``uri`` already holds exactly these files (same manifest) and nothing
-    was sent. An old manifest is deleted before any file is replaced, so a reader during the
-    upload, or after an interrupted one, sees an incomplete upload rather than mixed files.
+    was sent. The ``UPLOADING`` marker is written first and an old manifest deleted before any
+    file is replaced; the marker goes once the new manifest is there. So a reader during the
+    upload, or after an interrupted one, sees an incomplete upload rather than mixed files, and
+    does not take the prefix for a plain directory.
     """
     local_dir = Path(local_dir)
     bucket, prefix = split_uri(uri)
@@ -214,7 +398,7 @@ def upload_checkpoint(local_dir: str | Path, uri: str) -> bool:
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: not a directory to upload")
     files = sorted(p for p in local_dir.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
+                   if p.is_file() and not p.name.startswith(".") and p.name not in (MANIFEST, UPLOADING))
     entries = {}
     for p in files:
         size, sha = _file_digest(p)
@@ -229,11 +413,21 @@ def upload_checkpoint(local_dir: str | Path, uri: str) -> bool:
                 return False
         except client.exceptions.NoSuchKey:
             pass
+        _mark_in_progress(client, bucket, prefix, "upload")
         client.delete_object(Bucket=bucket, Key=key)
         for p in files:
             client.upload_file(str(p), bucket, f"{prefix}/{p.name}")
         client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        client.delete_object(Bucket=bucket, Key=f"{prefix}/{UPLOADING}")
     return True
+
+
+def _mark_in_progress(client, bucket: str, prefix: str, what: str) -> None:
+    """Write the ``UPLOADING`` marker: until it is deleted, a prefix without a manifest is refused."""
+    body = json.dumps(dict(format=MANIFEST_FORMAT, note=f"a bench {what} of this prefix is running or was "
+                           f"interrupted; the checkpoint is complete only with {MANIFEST}")) + "\n"
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{UPLOADING}", Body=body.encode(),
+                      ContentType="application/json")
 
 
 def check_access(uri: str) -> bool:
@@ -258,15 +452,20 @@ def upload_file(data: bytes, uri: str, content_type: str = "application/octet-st
 
 
 def delete_checkpoint(uri: str) -> None:
-    """Remove the checkpoint at ``uri``: its manifest first, so it is never seen half deleted."""
+    """Remove the checkpoint at ``uri``: the ``UPLOADING`` marker is written first and deleted last,
+    and the manifest goes before the files, so it is never seen half deleted."""
     bucket, prefix = split_uri(uri)
     client = _client()
+    marker = f"{prefix}/{UPLOADING}"
     with _Errors(uri, client):
+        _mark_in_progress(client, bucket, prefix, "delete")
         client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix) + 1:]]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/",
+                                                                     Delimiter="/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["Key"] != marker]
             if keys:
                 client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_object(Bucket=bucket, Key=marker)
 
 
 def list_checkpoints(uri: str) -> list[str]:

@@ -218,7 +218,9 @@ def test_an_interrupted_upload_is_refused_and_leaves_no_complete_cache(s3, check
         upload_checkpoint(other, uri)
     monkeypatch.setattr(storage, "_client", real_client)
     assert f"models/tiny/{MANIFEST}" not in _keys(s3, "models/tiny/")
-    with pytest.raises(StorageError, match=rf"s3://{BUCKET}/models/tiny/{MANIFEST}: incomplete upload"):
+    assert f"models/tiny/{storage.UPLOADING}" in _keys(s3, "models/tiny/")
+    with pytest.raises(StorageError, match=rf"s3://{BUCKET}/models/tiny/{MANIFEST}: incomplete upload: a bench "
+                                           rf"upload to {uri} is still running or was interrupted"):
         fetch_checkpoint(uri)
     assert _complete_in_cache(tmp_path / "cache") == []
 
@@ -335,3 +337,218 @@ def test_concurrent_fetches_share_one_complete_directory(s3, checkpoint):
     for p in paths:
         assert (p / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert not any(storage.cache_root().glob(".*.tmp"))
+
+
+# -- a plain directory: uploaded by another tool, no bench manifest ------------------------
+
+def _llama_checkpoint(tmp_path, name="plain", seed=0, **changes) -> Path:
+    from dataclasses import replace
+
+    return save_checkpoint(build_model(replace(get_config("llama-tiny"), **changes), seed=seed), tmp_path / name)
+
+
+def _logits(directory: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_checkpoint(directory)(torch.tensor([[1, 2, 3, 4, 5]]))[0]
+
+
+def _count_requests(monkeypatch) -> list[str]:
+    """The S3 operations every client of model.storage sends from now on, by name."""
+    operations = []
+    real_client = storage._client
+
+    def counting_client():
+        client = real_client()
+        client.meta.events.register("before-call.s3", lambda model, **_: operations.append(model.name))
+        return client
+
+    monkeypatch.setattr(storage, "_client", counting_client)
+    return operations
+
+
+def test_a_plain_directory_put_with_boto3_loads_and_a_second_fetch_only_lists(s3, tmp_path, monkeypatch, capsys):
+    checkpoint = _llama_checkpoint(tmp_path)
+    for p in checkpoint.iterdir():
+        s3.put_object(Bucket=BUCKET, Key=f"models/plain/{p.name}", Body=p.read_bytes())
+    s3.put_object(Bucket=BUCKET, Key="models/plain/", Body=b"")  # a console's "folder" object
+    s3.put_object(Bucket=BUCKET, Key="models/plain/original/consolidated.00.pth", Body=b"not part of it")
+    uri = f"s3://{BUCKET}/models/plain"
+    operations = _count_requests(monkeypatch)
+    local = fetch_checkpoint(uri)
+    assert local.name == "plain" and sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(_logits(local), _logits(checkpoint))
+    assert operations[:2] == ["GetObject", "ListObjectsV2"] and operations.count("GetObject") == 3
+    assert capsys.readouterr().err == ""  # both verified by their MD5 ETags: no "checked by size only" note
+
+    operations.clear()
+    assert fetch_checkpoint(uri) == local
+    assert operations == ["GetObject", "ListObjectsV2"]  # the manifest looked up (none), the prefix listed
+
+    other = _llama_checkpoint(tmp_path, "other", seed=1)
+    s3.put_object(Bucket=BUCKET, Key="models/plain/model.safetensors", Body=(other / "model.safetensors").read_bytes())
+    changed = fetch_checkpoint(uri)
+    assert changed != local and torch.equal(_logits(changed), _logits(other))
+
+
+def test_a_multipart_upload_is_checked_by_its_recomputed_etag(s3, tmp_path, capsys):
+    from boto3.s3.transfer import TransferConfig
+
+    checkpoint = _llama_checkpoint(tmp_path, vocab_size=8192)  # 5.4 MiB: two parts of 5 MiB
+    five_mib = TransferConfig(multipart_threshold=1, multipart_chunksize=5 << 20)
+    for p in checkpoint.iterdir():
+        s3.upload_file(str(p), BUCKET, f"models/multipart/{p.name}", Config=five_mib)
+    etags = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="models/multipart/")["Contents"]}
+    assert etags["models/multipart/model.safetensors"].endswith('-2"')
+    assert etags["models/multipart/config.json"].endswith('-1"')
+    local = fetch_checkpoint(f"s3://{BUCKET}/models/multipart")
+    assert torch.equal(_logits(local), _logits(checkpoint))
+    assert capsys.readouterr().err == ""  # every multipart ETag reproduced: none checked by size only
+
+
+def test_parts_of_unequal_sizes_are_checked_by_size_and_said_so(s3, tmp_path, capsys):
+    checkpoint = _llama_checkpoint(tmp_path)
+    for p in checkpoint.iterdir():
+        s3.put_object(Bucket=BUCKET, Key=f"models/uneven/{p.name}", Body=p.read_bytes())
+    data = bytes(range(256)) * (12 << 12)  # 12 MiB sent as parts of 6, 5 and 1 MiB
+    key = "models/uneven/extra.bin"
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    parts, start = [], 0
+    for number, size in enumerate((6 << 20, 5 << 20, 1 << 20), start=1):
+        part = s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=number,
+                              Body=data[start:start + size])
+        parts.append({"PartNumber": number, "ETag": part["ETag"]})
+        start += size
+    s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+    local = fetch_checkpoint(f"s3://{BUCKET}/models/uneven")
+    assert (local / "extra.bin").read_bytes() == data and torch.equal(_logits(local), _logits(checkpoint))
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note == (f"note: s3://{BUCKET}/{key}: checked by size only (its multipart ETag of 3 parts is not "
+                    f"reproduced with parts of 4 MiB: uploaded in parts of unequal sizes)")
+
+
+def test_an_object_changed_after_listing_or_corrupted_in_transfer_is_refused(s3, tmp_path, monkeypatch):
+    checkpoint = _llama_checkpoint(tmp_path)
+    other = _llama_checkpoint(tmp_path, "other", seed=1)
+    for p in checkpoint.iterdir():
+        s3.put_object(Bucket=BUCKET, Key=f"models/plain/{p.name}", Body=p.read_bytes())
+    uri = f"s3://{BUCKET}/models/plain"
+    real_list = storage._list_directory
+
+    def list_then_replace(client, listed_uri):
+        files = real_list(client, listed_uri)
+        s3.put_object(Bucket=BUCKET, Key="models/plain/model.safetensors",
+                      Body=(other / "model.safetensors").read_bytes())
+        return files
+
+    monkeypatch.setattr(storage, "_list_directory", list_then_replace)
+    with pytest.raises(StorageError, match=rf"^s3://{BUCKET}/models/plain/model.safetensors: changed since {uri} "
+                                           r"was listed \(no longer ETag \"\w+\"\); run the command again$"):
+        fetch_checkpoint(uri)
+    assert _complete_in_cache(tmp_path / "cache") == [] and not any(storage.cache_root().glob(".*.tmp"))
+    monkeypatch.setattr(storage, "_list_directory", real_list)
+    assert torch.equal(_logits(fetch_checkpoint(uri)), _logits(other))  # run again: the new content
+
+    # Replaced between its HEAD and its download (same size): the download's If-Match refuses it.
+    real_head = storage._head
+
+    def head_then_replace(client, bucket, key, etag, part_number):
+        head = real_head(client, bucket, key, etag, part_number)
+        if key.endswith("model.safetensors"):
+            s3.put_object(Bucket=BUCKET, Key=key, Body=(checkpoint / "model.safetensors").read_bytes())
+        return head
+
+    s3.put_object(Bucket=BUCKET, Key="models/plain/config.json", Body=b'{"not": "the one cached"}')
+    monkeypatch.setattr(storage, "_head", head_then_replace)
+    with pytest.raises(StorageError, match=r"model.safetensors: changed since .* was listed"):
+        fetch_checkpoint(uri)
+    monkeypatch.setattr(storage, "_head", real_head)
+    s3.put_object(Bucket=BUCKET, Key="models/plain/config.json", Body=(checkpoint / "config.json").read_bytes())
+
+    # Bytes that do not hash to the single-part ETag (here flipped after the download) are refused.
+    s3.put_object(Bucket=BUCKET, Key="models/plain/model.safetensors",
+                  Body=(checkpoint / "model.safetensors").read_bytes())
+    real_client = storage._client
+
+    def corrupting_client():
+        client = real_client()
+        download = client.download_file
+
+        def corrupt(bucket, key, path, **kwargs):
+            download(bucket, key, path, **kwargs)
+            with open(path, "r+b") as f:
+                first = f.read(1)
+                f.seek(0)
+                f.write(bytes([first[0] ^ 1]))
+        client.download_file = corrupt
+        return client
+
+    monkeypatch.setattr(storage, "_client", corrupting_client)
+    with pytest.raises(StorageError, match=r"config.json: the download's MD5 is \w+ but the object's single-part "
+                                           r"ETag is \"\w+\"; run the command again"):
+        fetch_checkpoint(uri)
+    assert len(_complete_in_cache(tmp_path / "cache")) == 1  # only the earlier, verified one
+
+
+def test_a_plain_directory_without_config_json_is_one_line(s3, tmp_path, capsys):
+    checkpoint = _llama_checkpoint(tmp_path)
+    s3.put_object(Bucket=BUCKET, Key="models/noconfig/model.safetensors",
+                  Body=(checkpoint / "model.safetensors").read_bytes())
+    uri = f"s3://{BUCKET}/models/noconfig"
+    rc = main(["generate", "--checkpoint", uri, "--prompt-ids", "1", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: {uri}: not a checkpoint: no config.json directly under this prefix "
+                               f"(and no {MANIFEST})\n")
+    upload_checkpoint(checkpoint, f"s3://{BUCKET}/runs/only-subdirs/best")  # only sub-checkpoints under it
+    with pytest.raises(StorageError, match=r"runs/only-subdirs: not a checkpoint: no config.json directly under "
+                                           r"this prefix \(and no bench-manifest.json\); its sub-directories are "
+                                           r"checkpoints of their own: best/$"):
+        fetch_checkpoint(f"s3://{BUCKET}/runs/only-subdirs")
+
+
+def test_a_bench_upload_or_delete_leaves_its_marker_when_interrupted(s3, checkpoint, monkeypatch):
+    uri = f"s3://{BUCKET}/models/tiny"
+    upload_checkpoint(checkpoint, uri)
+    assert storage.UPLOADING not in " ".join(_keys(s3, "models/tiny/"))  # removed once the manifest is there
+    real_client = storage._client
+
+    def failing_client(operation):
+        def make():
+            client = real_client()
+            real = getattr(client, operation)
+
+            def fail(*args, **kwargs):
+                if kwargs.get("Key", "").endswith(storage.UPLOADING) or operation == "delete_objects":
+                    raise ConnectionResetError("connection reset by peer")
+                return real(*args, **kwargs)
+            setattr(client, operation, fail)
+            return client
+        return make
+
+    # Interrupted before the marker is removed, the new manifest written: the manifest wins.
+    monkeypatch.setattr(storage, "_client", failing_client("delete_object"))
+    with pytest.raises(StorageError, match="connection to the S3 endpoint was lost"):
+        upload_checkpoint(_llama_checkpoint(Path(checkpoint).parent, "newer"), uri)
+    monkeypatch.setattr(storage, "_client", real_client)
+    assert f"models/tiny/{storage.UPLOADING}" in _keys(s3, "models/tiny/")
+    assert torch.equal(_logits(fetch_checkpoint(uri)), _logits(Path(checkpoint).parent / "newer"))
+
+    # A delete interrupted after the manifest went: refused, not read as a plain directory.
+    monkeypatch.setattr(storage, "_client", failing_client("delete_objects"))
+    with pytest.raises(StorageError, match="connection to the S3 endpoint was lost"):
+        storage.delete_checkpoint(uri)
+    monkeypatch.setattr(storage, "_client", real_client)
+    assert f"models/tiny/{MANIFEST}" not in _keys(s3, "models/tiny/")
+    with pytest.raises(StorageError, match=rf"{MANIFEST}: incomplete upload: a bench upload to {uri} is still "
+                                           rf"running or was interrupted \(its {storage.UPLOADING} marker"):
+        fetch_checkpoint(uri)
+
+
+def test_a_manifest_written_before_the_marker_existed_still_loads_by_its_manifest(s3, checkpoint, monkeypatch):
+    upload_checkpoint(checkpoint, f"s3://{BUCKET}/models/tiny")
+    for key in _keys(s3, "models/tiny/"):  # as an older bench left it: files and manifest, never a marker
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        s3.put_object(Bucket=BUCKET, Key=key.replace("models/tiny/", "models/older/"), Body=body)
+    operations = _count_requests(monkeypatch)
+    local = fetch_checkpoint(f"s3://{BUCKET}/models/older")
+    assert torch.equal(_logits(local), _logits(checkpoint))
+    assert operations.count("ListObjectsV2") == 0  # the manifest found, the prefix not listed
