@@ -56,7 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _fetch_remote(args) -> None:
     """Every ``s3://`` checkpoint the command names, replaced by its local cached directory
     (``bench.models.localize``), so each command taking ``--checkpoint`` (and ``bench run --model``)
-    reads S3 without knowing it. Downloaded once, verified by digest, cached after."""
+    reads S3 without knowing it. Downloaded once, checked (manifest digests, or S3 sizes and ETags), cached after."""
     from bench.models import localize
     from model.storage import is_remote
 
@@ -66,7 +66,7 @@ def _fetch_remote(args) -> None:
         if local != value:
             for uri, path in zip(value.split(","), local.split(",")):
                 if is_remote(uri.strip()):
-                    say(f"{uri.strip()}: verified, cached at {path}")
+                    say(f"{uri.strip()}: checked and cached at {path}")  # a size-only check printed its note
             setattr(args, name, local)
 
 
