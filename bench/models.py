@@ -14,6 +14,7 @@ here, so the rules are written once:
   checkpoint's ``GPT``, or a quantised checkpoint as it is (checked against the backend).
 - ``reference_model``: the fp32 model eager checks a backend against (a quantised
   checkpoint's recorded source, verified by digest).
+- ``describe``: a model's family and shape in one short line, for what a person reads.
 
 Imports ``model`` only (and ``backends.registry`` for a backend's default precision).
 """
@@ -98,3 +99,14 @@ def reference_model(name: str | Path, *, checkpoint: bool | None = None, seed: i
         raise CheckpointError(f"{name}: its source {str(path)!r} now holds other weights (digest "
                               f"{file_digest(weights)}, recorded {source.get('digest')})")
     return load_checkpoint(path)
+
+
+def describe(config) -> str:
+    """The family and shape of a model in one line, e.g. "llama · 30 layers · 9 heads (3 kv) ·
+    576 wide · SwiGLU 1536" or "gpt2 · 12 layers · 12 heads · 768 wide · GELU 3072"."""
+    heads = f"{config.n_head} heads" + (f" ({config.n_kv_head} kv)" if config.n_kv_head != config.n_head else "")
+    mlp = "SwiGLU" if config.mlp == "swiglu" else "GELU"
+    extras = ([] if config.tie_embeddings else ["untied head"]) + (
+        [f"window {config.sliding_window}"] if config.sliding_window else [])
+    return " · ".join([config.family, f"{config.n_layer} layers", heads, f"{config.n_embd} wide",
+                       f"{mlp} {config.intermediate_size}", *extras])

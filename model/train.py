@@ -1,4 +1,4 @@
-"""Training the GPT from scratch: AdamW, a cosine schedule, checkpoints that resume exactly.
+"""Training the model from scratch, either family: AdamW, a cosine schedule, checkpoints that resume exactly.
 
 The loop is nanoGPT's (https://github.com/karpathy/nanoGPT/blob/master/train.py): random
 windows of the token stream, AdamW with weight decay on the matrices only, a linear warmup
@@ -384,8 +384,11 @@ def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_di
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the Linear weights only.
 
-    Biases, LayerNorm gains and the embeddings (the tied LM head among them) are not
-    decayed, as in minGPT and the first nanoGPT: decay pulls them towards zero for no gain.
+    Chosen by shape and type, not by name, so it holds for either family: every matrix of a
+    ``Linear`` is decayed (q/k/v, the output projection, the MLP's, an untied LM head);
+    biases, the norms' gains (LayerNorm's or RMSNorm's) and the embeddings (the tied LM head
+    among them) are not, as in minGPT and the first nanoGPT: decay pulls them towards zero
+    for no gain.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []

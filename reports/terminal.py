@@ -172,7 +172,9 @@ def load_line(record: dict) -> str:
 
 def load_table(cells: list[dict], run_id: str) -> Table:
     first = cells[0]
-    table = Table(title=f"Load run {run_id}: {first['model']} on {first['backend']}/{first['precision']}, "
+    shape = (first.get("server") or {}).get("model_shape")  # family and shape, from the server's /health
+    model = f"{first['model']} ({shape})" if shape else first["model"]
+    table = Table(title=f"Load run {run_id}: {model} on {first['backend']}/{first['precision']}, "
                         f"max batch {first['batch']}, {first.get('batching')} batching", title_justify="left")
     for col in ("rate req/s", "ok", "errors", "req/s", "out tok/s", "goodput req/s", "TTFT ms p50/p99",
                 "TPOT ms p50/p99", "ITL ms p50/p99", "latency ms p50/p99"):

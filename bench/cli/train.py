@@ -15,7 +15,7 @@ TRAIN_OPTIONS = ("steps", "batch_size", "context", "grad_accum", "lr", "min_lr",
 
 def add_parser(sub, default_store: str) -> None:
     train = sub.add_parser("train", help="train a preset on a local corpus (the standard library by default)")
-    train.add_argument("--model", help="preset to train (tiny, small, gpt2, ...)")
+    train.add_argument("--model", help="preset to train (tiny, small, llama-small, gpt2, ...)")
     train.add_argument("--config", help="a TOML or JSON file of train settings (and model = \"...\"); options override it")
     train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused), "
                                                    "or s3://bucket/prefix: each checkpoint uploaded as it is written")

@@ -252,13 +252,20 @@ BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
 
 
 def weight_bytes(config: GPTConfig, precision: str = "fp32") -> int:
-    """Bytes of every parameter at ``precision`` (int8: one byte a weight, scales not counted)."""
+    """Bytes of every parameter at ``precision`` (int8: one byte a weight, scales not counted).
+
+    ``config.n_params`` counts either family's parts: SwiGLU's three matrices, an untied head
+    beside the embedding, grouped-query k and v projections of n_kv_head heads."""
     _check_precision(precision)
     return int(config.n_params * BYTES_PER_PARAM[precision])
 
 
 def kv_cache_bytes(config: GPTConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
-    """Bytes of the KV cache for ``batch`` sequences of ``seq_len`` tokens; int8 backends keep it fp32."""
+    """Bytes of the KV cache for ``batch`` sequences of ``seq_len`` tokens; int8 backends keep it fp32.
+
+    A token costs 2 x n_layer x n_kv_head x head_dim numbers (``config.kv_cache_elements``):
+    grouped-query attention stores n_kv_head heads, never n_head (SmolLM2-135M in fp32:
+    2 x 30 x 3 x 64 x 4 = 46,080 bytes a token, a third of what 9 heads would need)."""
     _check_precision(precision)
     return config.kv_cache_elements(batch, seq_len) * BYTES_PER_PARAM["fp32" if precision in ("int8", "int4") else precision]
 
@@ -271,8 +278,9 @@ def _check_precision(precision: str) -> None:
 def decode_bound(config: GPTConfig, batch: int, past_len: int, precision: str, roofline: dict) -> dict:
     """The fastest one decode step of ``batch`` sequences after ``past_len`` tokens could run.
 
-    bytes = the matmul weights at ``precision`` (``config.n_matmul_params``, int8: 1 byte)
-            + the KV cache read (``kv_cache_bytes(config, batch, past_len, precision)``)
+    bytes = the matmul weights at ``precision`` (``config.n_matmul_params``, int8: 1 byte:
+              every block's q, k, v, o and two or three MLP matrices, and the LM head, tied or not)
+            + the KV cache read (``kv_cache_bytes(config, batch, past_len, precision)``: n_kv_head heads)
     flops = ``config.decode_flops(batch, past_len)``
     time  = max(bytes / bandwidth, flops / peak);  tokens/s = batch / time
 

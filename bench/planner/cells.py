@@ -128,47 +128,105 @@ class Planned:
         return self.spec.id
 
 
+def block_widths(config) -> dict[str, int]:
+    """Numbers per token that one block's forward pass makes, by part, for either family.
+
+    ``qkv``: the fused projection's output, C + 2 x kv_dim (grouped-query keys and values are
+    narrower than the queries). ``kv_repeat``: the keys and values repeated to n_head heads
+    for attention (2 C; none when n_kv_head == n_head). ``mlp``: the MLP's hidden state, the
+    GELU's I or SwiGLU's gate and up (2 I) and their product (I). ``residual``: C.
+    GPT-2 (I = 4C, no repeat): 3C + 4C + C = 8C.
+    """
+    C, I, kv = config.n_embd, config.intermediate_size, config.kv_dim
+    return dict(qkv=C + 2 * kv, kv_repeat=0 if config.n_kv_head == config.n_head else 2 * C,
+                mlp=3 * I if config.mlp == "swiglu" else I, residual=C)
+
+
+def inference_peak_parts(config, backend: str, precision: str, batch: int, seq_len: int,
+                         prompt_len: int, parity: bool) -> dict[str, int]:
+    """The parts of ``estimate_peak_bytes``, in bytes, by name (the memory guard's refusal names them)."""
+    from bench.machine.roofline import kv_cache_bytes, weight_bytes
+
+    fp32 = weight_bytes(config, "fp32")  # every parameter: SwiGLU's three matrices, an untied head
+    T = prompt_len
+    width = sum(block_widths(config).values())
+    return {
+        "fp32 weights": fp32,
+        f"{precision} copy": weight_bytes(config, precision) if precision != "fp32" else 0,
+        "export": 2 * fp32 if backend in ("onnxruntime", "openvino") else 0,
+        "KV cache": 2 * kv_cache_bytes(config, batch, seq_len, "fp32"),  # n_kv_head heads
+        "prefill activations": 4 * batch * T * (config.n_head * T + width + config.vocab_size),
+        "parity reference": fp32 + kv_cache_bytes(config, min(batch, 2), seq_len, "fp32") if parity else 0,
+        "runtime": int(0.8 * GiB),  # torch, runtimes and their arenas, measured empty
+    }
+
+
 def estimate_peak_bytes(config, backend: str, precision: str, batch: int, seq_len: int,
                         prompt_len: int, parity: bool) -> int:
     """A deliberately generous estimate of a cell's peak resident memory.
 
     The fp32 model is always built first; a backend may then hold a converted copy (at its
     precision) while the fp32 one is still alive; exporters (ONNX, OpenVINO) hold roughly two
-    more fp32 copies while tracing and serialising; prefill activations are dominated by the
-    attention scores and the MLP; the parity check loads an fp32 reference beside the backend.
+    more fp32 copies while tracing and serialising; the KV cache (``n_kv_head`` heads) twice,
+    as a step concatenates the new token's; prefill activations are dominated by the attention
+    scores (n_head x T a token), one block's widest intermediates (``block_widths``) and the
+    logits; the parity check loads an fp32 reference beside the backend.
     """
-    from bench.machine.roofline import kv_cache_bytes, weight_bytes
+    return sum(inference_peak_parts(config, backend, precision, batch, seq_len, prompt_len, parity).values())
+
+
+def saved_activation_width(config) -> int:
+    """Bytes per token a block saves for the backward pass at 16 bits, without the attention scores.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models")
+    count 34 h for GPT-2's block; the same count, part by part, for either family:
+    attention: its input (2C), q and k (2 (C + kv_dim)), v (2 kv_dim), the output projection's
+    input (2C) and a dropout mask (C), plus the keys and values repeated to n_head heads
+    (4C) under grouped-query attention; MLP: its input (2C), a mask (C) and the hidden states,
+    GELU's input and output (4I) or SwiGLU's gate and up, silu(gate) and the product (8I);
+    norms: each of the two saves its input (4C), RMSNorm also its normalised fp32 copy (8C).
+    GPT-2 (kv_dim = C, I = 4C): 11C + 19C + 4C = 34C.
+    """
+    C, I, kv = config.n_embd, config.intermediate_size, config.kv_dim
+    attention = 7 * C + 4 * kv + (4 * C if config.n_kv_head != config.n_head else 0)
+    mlp = 3 * C + (8 * I if config.mlp == "swiglu" else 4 * I)
+    norms = 8 * C if config.norm == "rmsnorm" else 4 * C
+    return attention + mlp + norms
+
+
+def train_peak_parts(config, precision: str, batch: int, seq_len: int, grad_checkpointing: bool) -> dict[str, int]:
+    """The parts of ``estimate_train_peak_bytes``, in bytes, by name."""
+    from bench.machine.roofline import weight_bytes
 
     fp32 = weight_bytes(config, "fp32")
-    converted = weight_bytes(config, precision) if precision != "fp32" else 0
-    export = 2 * fp32 if backend in ("onnxruntime", "openvino") else 0
-    kv = kv_cache_bytes(config, batch, seq_len, "fp32")
-    C, T = config.n_embd, prompt_len
-    activations = 4 * batch * T * (config.n_head * T + 8 * C + config.vocab_size)
-    reference = fp32 + kv_cache_bytes(config, min(batch, 2), seq_len, "fp32") if parity else 0
-    runtime = int(0.8 * GiB)  # torch, runtimes and their arenas, measured empty
-    return fp32 + converted + export + 2 * kv + activations + reference + runtime
+    B, T, C, H, L = batch, seq_len, config.n_embd, config.n_head, config.n_layer
+    layer = 2 * B * T * (saved_activation_width(config) + 5 * H * T)
+    return {
+        "weights, gradients and AdamW": 4 * fp32 + (fp32 // 2 if precision != "fp32" else 0),
+        "activations": (L * 4 * B * T * C + layer) if grad_checkpointing else L * layer,
+        "logits": 3 * 4 * B * T * config.vocab_size,
+        "runtime": int(0.8 * GiB),
+    }
 
 
 def estimate_train_peak_bytes(config, precision: str, batch: int, seq_len: int, grad_checkpointing: bool) -> int:
     """A deliberately generous estimate of a training cell's peak resident memory.
 
     fp32 weights, their gradients and AdamW's two moments (4x the weights; IPEX bf16 adds a
-    bf16 copy); activations saved for the backward pass at about 2 * B * T * (34 C + 5 H T)
-    bytes a layer in fp32 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-    Transformer Models", for 16-bit, doubled), only each block's input (4 B T C bytes) and one
-    block's whole set with gradient checkpointing; the logits, their fp32 copy and gradient.
+    bf16 copy); activations saved for the backward pass at about 2 * B * T * (W + 5 H T)
+    bytes a layer in fp32, W = ``saved_activation_width`` (34 C for GPT-2: Korthikanti et al.
+    2022 for 16-bit, doubled), only each block's input (4 B T C bytes) and one block's whole
+    set with gradient checkpointing; the logits, their fp32 copy and gradient.
     """
-    from bench.machine.roofline import weight_bytes
+    return sum(train_peak_parts(config, precision, batch, seq_len, grad_checkpointing).values())
 
-    fp32 = weight_bytes(config, "fp32")
-    state = 4 * fp32 + (fp32 // 2 if precision != "fp32" else 0)
-    B, T, C, H, L = batch, seq_len, config.n_embd, config.n_head, config.n_layer
-    layer = 2 * B * T * (34 * C + 5 * H * T)
-    activations = (L * 4 * B * T * C + layer) if grad_checkpointing else L * layer
-    logits = 3 * 4 * B * T * config.vocab_size
-    runtime = int(0.8 * GiB)
-    return state + activations + logits + runtime
+
+def memory_refusal(need: int, available: int, parts: dict[str, int]) -> str:
+    """Why a cell does not fit: its estimate, its largest parts, and the memory there is."""
+    largest = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3]
+    named = ", ".join(f"{k} {v / GiB:.1f} GiB" for v, k in largest)
+    return (f"estimated peak memory {need / GiB:.1f} GiB (largest parts: {named}) exceeds {MEMORY_HEADROOM:.0%} "
+            f"of the {available / GiB:.1f} GiB available")
 
 
 def default_training_precisions(cls, isa: dict | None) -> list[str]:
@@ -294,13 +352,13 @@ def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> 
                     if not reason and options:
                         check_option_values(cls, precision, options)
                     if not reason:
-                        need = estimate_train_peak_bytes(config, precision, batch, spec.seq_len,
-                                                         spec.grad_checkpointing) if train else \
-                            estimate_peak_bytes(config, backend, precision, batch, seq_len,
-                                                sweep.prompt_len, sweep.parity)
+                        parts = train_peak_parts(config, precision, batch, spec.seq_len,
+                                                 spec.grad_checkpointing) if train else \
+                            inference_peak_parts(config, backend, precision, batch, seq_len,
+                                                 sweep.prompt_len, sweep.parity)
+                        need = sum(parts.values())
                         if need > MEMORY_HEADROOM * available:
-                            reason = (f"estimated peak memory {need / GiB:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} "
-                                      f"of the {available / GiB:.1f} GiB available")
+                            reason = memory_refusal(need, available, parts)
                     cells.append(Planned(spec, reason, need, sweep.after_screen))
     return cells
 

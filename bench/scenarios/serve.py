@@ -322,7 +322,7 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
 
     from backends import registry
     from backends.base import BackendUnavailable
-    from bench.models import open_model
+    from bench.models import describe, open_model
     from model.tokenizer import load_tokenizer
 
     if (model is None) == (checkpoint is None):
@@ -357,7 +357,7 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
     engine = Engine(backend, block_size=gpt.config.block_size, max_batch=max_batch, queue_size=queue_size,
                     pad_token_id=pad, metrics=Metrics())
     info = dict(backend=backend.name, precision=backend.precision, device=backend.device, threads=threads,
-                checkpoint=checkpoint is not None, n_params=gpt.config.n_params,
+                checkpoint=checkpoint is not None, n_params=gpt.config.n_params, model_shape=describe(gpt.config),
                 tokenizer=type(tokenizer).__name__)
     return create_app(engine, tokenizer, model_name=name, info=info, timeout_s=timeout_s,
                       vocab_size=gpt.config.vocab_size, eos_token_id=tokenizer.eos_token_id)
