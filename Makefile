@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Train the small preset once (cached by corpus, config and seed), then the default sweep of
-# every available backend on it and on gpt2, then the Markdown and HTML reports of that run.
+# Train the small GPT-2 and Llama-family presets once (cached by corpus, config and seed), then
+# the default sweep (sweeps/default.toml) of every available backend on gpt2 and smollm2-135m
+# and, for the finalists, on the two trained models, then the Markdown and HTML reports of that run.
 bench: $(STAMP)
 	$(BIN)/bench train --config sweeps/train-small.toml --out $(RUNS)/small-trained
+	$(BIN)/bench train --config sweeps/train-llama-small.toml --out $(RUNS)/llama-small-trained
 	$(BIN)/bench run --config sweeps/default.toml
 	$(BIN)/bench report --format both --out $(RUNS)/report
 

@@ -230,18 +230,39 @@ def _pair(spec: CellSpec) -> tuple:
 
 def _release(states: dict[str, _CellState], decided: list[_CellState], launches: int, skip) -> None:
     """The cells of the parts after the screen: those of a confirmed (backend, precision, options)
-    get every launch; the rest leave the run, stored as skipped (``skip(spec, reason, n_params)``)."""
-    finalists = {_pair(s.planned.spec) for s in decided if s.screen.startswith("confirmed")}
+    get every launch; the rest leave the run, stored as skipped (``skip(spec, reason, n_params)``).
+
+    A model the screen measured takes its own finalists (gpt2 at batch 4 runs what won on gpt2);
+    a model it did not (a trained checkpoint) takes those of the screened models of its family
+    (GPT-2 or Llama), and failing that every finalist: a family's winner is not assumed to be
+    the other family's."""
+    by_model: dict[str, set] = {}
+    for s in decided:
+        if s.screen.startswith("confirmed"):
+            by_model.setdefault(s.planned.spec.model, set()).add(_pair(s.planned.spec))
+    by_family: dict[str | None, set] = {}
+    for model, pairs in by_model.items():
+        by_family.setdefault(_family(model), set()).update(pairs)
+    every = set().union(*by_model.values()) if by_model else set()
     for key, state in list(states.items()):
         if not state.planned.after_screen:
             continue
         spec = state.planned.spec
+        finalists = by_model.get(spec.model) or by_family.get(_family(spec.model)) or every
         if _pair(spec) in finalists:
             state.target, state.screen = launches, "a finalist of the screen: confirmed there, so it runs here"
         else:
             del states[key]
             skip(spec, f"screened out: {spec.backend}/{spec.precision} was not among the fastest at the screen",
                  state.n_params)
+
+
+def _family(model: str) -> str | None:
+    """"gpt2" or "llama" for a preset or checkpoint (``GPTConfig.family``); None if it cannot be read."""
+    try:
+        return model_config(model).family
+    except Exception:  # an unreadable model fails in its own cell, with its own message
+        return None
 
 
 def _rate(record: dict) -> float | None:

@@ -4,6 +4,8 @@ import argparse
 import re
 from pathlib import Path
 
+import pytest
+
 from bench.results.schema import CELL_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,27 +23,31 @@ def test_default_sweep_parses():
     from bench.planner import load_toml
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
-    # the first answer: every own backend at every precision on gpt2, then the peers and the trained model
-    assert (values["backend"], values["precision"], values["model"]) == ("ours", "fastest", ["gpt2"])
+    # the first answer: every own backend at every precision on gpt2 and a Llama-family model, then the
+    # peers and the two trained models
+    assert (values["backend"], values["precision"], values["model"]) == ("ours", "fastest", ["gpt2", "smollm2-135m"])
     assert values["confirm"] >= 1 and values["launches"] == 3
     assert [p.get("backend") for p in values["also"]] == ["peers", None, None]
     assert [p.get("after_screen", False) for p in values["also"]] == [False, True, True]  # the finalists
-    assert values["also"][1]["batch"] == [4] and values["also"][2]["model"] == ["runs/small-trained"]
+    assert values["also"][1]["batch"] == [4] and values["also"][2]["model"] == ["runs/small-trained",
+                                                                            "runs/llama-small-trained"]
     full = load_toml(ROOT / "sweeps" / "full.toml")
     assert full["backend"] == "all" and full["launches"] == 3 and "confirm" not in full
 
 
-def test_make_bench_trains_a_valid_config():
+@pytest.mark.parametrize("name, family", [("small", "gpt2"), ("llama-small", "llama")])
+def test_make_bench_trains_a_valid_config(name, family):
     import tomllib
 
     from model.gpt import get_config
     from model.train import TrainConfig
 
-    values = dict(tomllib.loads((ROOT / "sweeps" / "train-small.toml").read_text())["train"])
-    get_config(values.pop("model"))
+    values = dict(tomllib.loads((ROOT / "sweeps" / f"train-{name}.toml").read_text())["train"])
+    assert get_config(values.pop("model")).family == family
     assert TrainConfig.from_dict(values).steps > 0
-    assert "runs/small-trained" in (ROOT / "sweeps" / "default.toml").read_text()
-    assert "--out $(RUNS)/small-trained" in (ROOT / "Makefile").read_text()
+    assert f"runs/{name}-trained" in (ROOT / "sweeps" / "default.toml").read_text()
+    make = (ROOT / "Makefile").read_text()
+    assert f"--config sweeps/train-{name}.toml --out $(RUNS)/{name}-trained" in make
 
 
 # -- every command is documented -------------------------------------------------------------

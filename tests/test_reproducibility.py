@@ -450,6 +450,32 @@ def test_parts_after_the_screen_run_the_finalists_only(monkeypatch, store):
     assert len(launches.calls) == 6 + 2 * 2 + 3 * 2  # the screen, the finalists' other launches, the part
 
 
+class SpeedByFamily(SpeedByBackend):
+    """As ``SpeedByBackend``, but on a Llama-family model int8's int8 is the fastest that passes."""
+
+    def __call__(self, spec, timeout):
+        if spec["model"].startswith("llama") and (spec["backend"], spec["precision"]) == ("int8", "int8"):
+            self.tpot = 0.1
+            return FakeLaunches.__call__(self, spec, timeout)
+        return super().__call__(spec, timeout)
+
+
+def test_a_part_after_the_screen_runs_each_familys_own_finalists(monkeypatch, store):
+    """The screen measures tiny (GPT-2) and llama-tiny; at batch 2 each runs its own winner, never
+    the other family's."""
+    launches = SpeedByFamily()
+    monkeypatch.setattr(bench.executors.cell, "run_cell", launches)
+    backends = ["eager", "onnxruntime", "int8"]
+    top = sweep(models=["tiny", "llama-tiny"], backends=backends, precisions=["all"], batches=[1], confirm=1)
+    top.also = [sweep(models=["tiny", "llama-tiny"], backends=backends, precisions=["all"], batches=[2],
+                      after_screen=True)]
+    run_id = run_sweep(top, store, {b: AVAILABLE for b in backends}, FP, sentinel=fake_sentinel)
+    ran = {(c["model"], c["backend"], c["precision"]) for c in store.get_run(run_id)["cells"]
+           if c["batch"] == 2 and c["status"] == "ok"}
+    assert ran == {("tiny", "onnxruntime", "int8"), ("tiny", "eager", "fp32"),
+                   ("llama-tiny", "int8", "int8"), ("llama-tiny", "eager", "fp32")}
+
+
 def test_a_part_after_the_screen_needs_one():
     from bench.planner import SweepError, sweep_from_config
 
