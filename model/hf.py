@@ -220,9 +220,10 @@ def _fast_tokenizer(tokenizer):
     raw = tokenizer.tokenizer
     raw = getattr(raw, "_tokenizer", raw)  # GPT-2's vocab.json/merges.txt load as a wrapper around one
     special = {}
+    unk = getattr(raw.model, "unk_token", None) or UNK_TEXT  # the one its BPE model declares, if any
     for key, token_id, text in (("bos_token", tokenizer.bos_token_id, BOS_TEXT),
                                 ("eos_token", tokenizer.eos_token_id, EOS_TEXT),
-                                ("pad_token", tokenizer.pad_token_id, PAD_TEXT), ("unk_token", None, UNK_TEXT)):
+                                ("pad_token", tokenizer.pad_token_id, PAD_TEXT), ("unk_token", None, unk)):
         text = raw.id_to_token(token_id) if token_id is not None else text
         if text is not None and raw.token_to_id(text) is not None:
             special[key] = text
