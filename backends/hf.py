@@ -4,9 +4,10 @@ Not one of our adapters but what a user would run anyway: the same weights, writ
 local Hugging Face directory (``backends.export.hf_dir``, cached by the model's fingerprint:
 ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``,
 whichever computes the model's config) and loaded with ``AutoModelForCausalLM.from_pretrained``,
-in fp32 or bf16 weights. A config that no transformers class computes is refused by name. Its KV cache is transformers' own
-``DynamicCache``, grown in place each step; the attention is transformers' default (SDPA)
-unless ``attn_implementation`` says otherwise. Threads are torch's, set as for eager.
+in fp32 or bf16 weights; a config that no transformers class computes is refused by name. Its
+KV cache is transformers' own ``DynamicCache``, grown in place each step (every token's keys and
+values kept, a Mistral window applied by the mask); the attention is transformers' default
+(SDPA) unless ``attn_implementation`` says otherwise. Threads are torch's, set as for eager.
 """
 
 from __future__ import annotations

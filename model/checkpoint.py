@@ -346,8 +346,9 @@ def _hf_llama_config(meta: dict, path: Path) -> GPTConfig:
             refuse("use_sliding_window", meta["use_sliding_window"],
                    "false (Qwen2's window applies to some layers only, which this model does not compute)")
         layer_types = get("layer_types", [])
-        if any(t != "full_attention" for t in layer_types):
-            refuse("layer_types", sorted(set(layer_types)), "full_attention in every layer")
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+            kinds = sorted(set(map(str, layer_types))) if isinstance(layer_types, list) else layer_types
+            refuse("layer_types", kinds, "full_attention in every layer")
         window = None
     else:  # mistral: no biases; one window for every layer (null: none)
         biases = dict(qkv_bias=False, out_bias=False, mlp_bias=False)
@@ -365,8 +366,8 @@ def _hf_llama_config(meta: dict, path: Path) -> GPTConfig:
 
 def _hf_rope(meta: dict, refuse) -> dict:
     """Our ``rope_*`` fields from ``rope_theta`` and ``rope_scaling`` (or transformers 5's
-    ``rope_parameters``, which holds both). "type" is the older name of "rope_type", and wins
-    over it as in transformers."""
+    ``rope_parameters``, which holds both). "type" is the older name of "rope_type"; where a
+    file gives both they must agree (transformers' classes disagree on which one wins)."""
     scaling = meta.get("rope_parameters")
     theta = meta.get("rope_theta")
     if isinstance(scaling, dict):
@@ -378,6 +379,8 @@ def _hf_rope(meta: dict, refuse) -> dict:
         return fields
     if not isinstance(scaling, dict):
         refuse("rope_scaling", scaling, "null or an object with rope_type " + ", ".join(ROPE_TYPES))
+    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
+        refuse("rope_scaling.type", scaling["type"], f"the same as rope_type={scaling['rope_type']!r}, or only one")
     kind = scaling.get("type", scaling.get("rope_type", "default"))
     if kind not in ROPE_TYPES:
         refuse("rope_scaling.rope_type", kind, ", ".join(ROPE_TYPES))
@@ -462,6 +465,23 @@ def _open_weights(directory: Path) -> _Weights:
     hint = f"; {', '.join(sharded)} is not a safetensors index" if sharded else ""
     raise CheckpointError(f"{directory}: no weights file: expected {SAFETENSORS_FILE}, {SHARD_INDEX_FILE} "
                           f"with its shards, or {TORCH_FILE}{hint}")
+
+
+def weights_files(directory: str | Path) -> list[Path]:
+    """The files that hold a checkpoint's weights, in the order ``load_checkpoint`` looks for them:
+    ``model.safetensors``; a sharded set's index and its shards; or ``pytorch_model.bin``. What a
+    digest of "the weights" must cover (an empty list: none of them is there)."""
+    directory = Path(directory)
+    if (directory / SAFETENSORS_FILE).is_file():
+        return [directory / SAFETENSORS_FILE]
+    index = directory / SHARD_INDEX_FILE
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a JSON object with a weight_map ({e})") from None
+        return [index] + [directory / shard for shard in shards]
+    return [directory / TORCH_FILE] if (directory / TORCH_FILE).is_file() else []
 
 
 def _open_shards(index: Path) -> _Weights:

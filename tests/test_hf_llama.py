@@ -159,6 +159,8 @@ def test_sharded_checkpoint_loads(tmp_path):
     ids = torch.arange(3, 19).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(load_checkpoint(tmp_path)(ids)[0], hf(ids).logits, atol=ATOL, rtol=0)
+    from model.checkpoint import weights_files
+    assert [p.name for p in weights_files(tmp_path)] == ["model.safetensors.index.json", *shards]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -223,7 +225,12 @@ _DROP = object()
     ("llama-gqa-tied", dict(quantization_config=dict(quant_method="gptq", bits=4)),
      "quantization_config.quant_method='gptq' is not supported"),
     ("qwen2-biases-tied", dict(use_sliding_window=True, sliding_window=8), "use_sliding_window=True is not supported"),
-    ("llama-gqa-tied", dict(num_attention_heads=6, head_dim=_DROP), "invalid config: n_embd=64 is not divisible by n_head=6"),
+    ("llama-gqa-tied", dict(num_attention_heads=6, head_dim=_DROP),
+     "invalid config: n_embd=64 is not divisible by n_head=6"),
+    ("qwen2-biases-tied", dict(layer_types=["full_attention", "sliding_attention"]),
+     "layer_types=['full_attention', 'sliding_attention'] is not supported; supported: full_attention in every layer"),
+    ("llama-gqa-tied", dict(rope_scaling=dict(type="linear", rope_type="llama3", factor=2.0)),
+     "rope_scaling.type='linear' is not supported; supported: the same as rope_type='llama3'"),
     ("llama-gqa-tied", dict(num_key_value_heads=1), "tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
                                                     "(32, 64), expected (16, 64)"),
     ("llama-gqa-tied", dict(tie_word_embeddings=False), "missing tensor 'lm_head.weight' (tie_word_embeddings is "
