@@ -248,17 +248,19 @@ def graph_positions_and_mask(ids: torch.Tensor, pos, mask, cache):
 
 
 def hf_dir(model: nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
-    """The cached Hugging Face GPT-2 directory of ``model`` (``model.hf.save_hf``), which the peer
-    backends (hf, optimum-onnxruntime, optimum-openvino) load or export from: (dir, meta, hit)."""
+    """The cached Hugging Face directory of ``model`` (``model.hf.save_hf``: GPT-2, Llama, Mistral or
+    Qwen2, whichever computes its config), which the peer backends (hf, optimum-onnxruntime,
+    optimum-openvino) load or export from: (dir, meta, hit). A config no transformers class
+    computes raises ``model.hf.ConvertError`` before anything is cached."""
     import transformers
 
-    from model.hf import save_hf
+    from model.hf import hf_architecture, save_hf
     parts = dict(fingerprint=fingerprint, config=model.config.to_dict(), source=source_digest("model.hf"),
-                 transformers=transformers.__version__)
-    key = cache_key("hf-gpt2", **parts)
+                 transformers=transformers.__version__, architecture=hf_architecture(model.config))
+    key = cache_key("hf", **parts)
 
     def build(tmp: Path) -> dict:
         save_hf(model, tmp)
         return dict(parts, key=key)
 
-    return cached("hf-gpt2", key, build)
+    return cached("hf", key, build)

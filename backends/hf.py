@@ -1,10 +1,13 @@
-"""`hf`: a peer, Hugging Face ``transformers``' own ``GPT2LMHeadModel`` in PyTorch eager mode.
+"""`hf`: a peer, Hugging Face ``transformers``' own model in PyTorch eager mode.
 
 Not one of our adapters but what a user would run anyway: the same weights, written as a
-local GPT-2 directory (``backends.export.hf_dir``, cached by the model's fingerprint) and
-loaded with ``from_pretrained``, in fp32 or bf16 weights. Its KV cache is transformers' own
-``DynamicCache``, grown in place each step; the attention is transformers' default (SDPA)
-unless ``attn_implementation`` says otherwise. Threads are torch's, set as for eager.
+local Hugging Face directory (``backends.export.hf_dir``, cached by the model's fingerprint:
+``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``,
+whichever computes the model's config) and loaded with ``AutoModelForCausalLM.from_pretrained``,
+in fp32 or bf16 weights; a config that no transformers class computes is refused by name. Its
+KV cache is transformers' own ``DynamicCache``, grown in place each step (every token's keys and
+values kept, a Mistral window applied by the mask); the attention is transformers' default
+(SDPA) unless ``attn_implementation`` says otherwise. Threads are torch's, set as for eager.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ ATTENTION = ("sdpa", "eager")
 
 
 def probe_transformers(fix: str = INSTALL_HINT) -> Probe | None:
-    """None when transformers imports with what the peers use (GPT-2, ``DynamicCache.layers``, 4.56 on);
-    otherwise the unavailable Probe, with ``fix``."""
+    """None when transformers imports with what the peers use (GPT-2 and the Llama family,
+    ``DynamicCache.layers``, 4.56 on); otherwise the unavailable Probe, with ``fix``."""
     try:
         import transformers
-        from transformers import DynamicCache, GPT2LMHeadModel  # noqa: F401
+        from transformers import (DynamicCache, GPT2LMHeadModel, LlamaForCausalLM,  # noqa: F401
+                                  MistralForCausalLM, Qwen2ForCausalLM)
     except ImportError as e:
         return Probe(False, reason=f"cannot import {e.name or e}", fix=fix)
     if not hasattr(DynamicCache(), "layers"):
@@ -52,13 +56,23 @@ def version_mismatch(dist: str, dependency: str, fix: str) -> Probe | None:
     return None
 
 
+def peer_hf_dir(backend: str, model: torch.nn.Module):
+    """``export.hf_dir`` for a peer: a model no transformers class computes is a ``BackendError``
+    naming the backend and the config field, never another model."""
+    from model.hf import ConvertError
+    try:
+        return export.hf_dir(model, model_fingerprint(model))
+    except ConvertError as e:
+        raise BackendError(f"{backend} backend cannot run this model: {e}") from None
+
+
 class HFBackend(Backend):
     name = "hf"
     precisions = ("fp32", "bf16")
     default_precision = "fp32"
     peer = True
     peer_of = "eager"
-    description = "peer: Hugging Face transformers GPT2LMHeadModel, eager PyTorch, its own DynamicCache"
+    description = "peer: Hugging Face transformers (GPT-2 or Llama-family class), eager PyTorch, its own DynamicCache"
 
     def __init__(self, precision=None, threads=None, device=None, attn_implementation: str = "sdpa", **options):
         super().__init__(precision, threads, device, **options)
@@ -86,10 +100,11 @@ class HFBackend(Backend):
         return ("bf16",) if isa_has_native_bf16(isa) else ()
 
     def load(self, model: torch.nn.Module) -> None:
-        from transformers import GPT2LMHeadModel
-        path, meta, hit = export.hf_dir(model, model_fingerprint(model))
-        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, model_path=str(path))
-        self.model = GPT2LMHeadModel.from_pretrained(
+        from transformers import AutoModelForCausalLM
+        path, meta, hit = peer_hf_dir(self.name, model)
+        self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, model_path=str(path),
+                          architecture=meta["architecture"])
+        self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=TORCH_DTYPES[self.precision], attn_implementation=self.attn_implementation,
             local_files_only=True).eval()
 

@@ -1,9 +1,10 @@
 """`optimum-onnxruntime`: a peer, optimum's ``ORTModelForCausalLM`` exported from the same weights.
 
-The model is written as a local GPT-2 directory (``backends.export.hf_dir``), exported by
-optimum (``from_pretrained(..., export=True, use_cache=True)``: its own exporter, its own
-graph with the KV cache as inputs and outputs) and the export is cached by the model's
-fingerprint, so ``load`` builds it once. It then runs as optimum runs it: its own I/O binding
+The model is written as a local Hugging Face directory (``backends.export.hf_dir``: GPT-2, or
+the Llama-family class that computes its config), exported by optimum
+(``from_pretrained(..., export=True, use_cache=True)``: its own exporter, its own graph with
+the KV cache as inputs and outputs, ``n_kv_head`` heads for the Llama family) and the export is
+cached by the model's fingerprint, so ``load`` builds it once. It then runs as optimum runs it: its own I/O binding
 default, its own handling of the cache (a tuple of torch tensors per layer). The session gets
 the same thread settings as our ``onnxruntime`` backend (intra-op threads, one inter-op
 thread, sequential execution, every graph optimisation), so a comparison at a thread count is fair.
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 
 from backends import export
-from backends.base import Backend, BackendError, BackendUnavailable, Probe, model_fingerprint
-from backends.hf import probe_transformers, version_mismatch
+from backends.base import Backend, BackendError, BackendUnavailable, Probe
+from backends.hf import peer_hf_dir, probe_transformers, version_mismatch
 
 INSTALL_HINT = "pip install 'optimum==2.1.*' 'optimum-onnx==0.1.*' onnxruntime 'transformers>=4.57,<4.58'"
 
@@ -65,8 +66,7 @@ class OptimumORTBackend(Backend):
     def load(self, model: torch.nn.Module) -> None:
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
-        fingerprint = model_fingerprint(model)
-        hf_path, hf_meta, hf_hit = export.hf_dir(model, fingerprint)
+        hf_path, hf_meta, hf_hit = peer_hf_dir(self.name, model)
         path, meta, hit = self._exported(hf_path, hf_meta)
         self._meta = dict(export_s=(0.0 if hf_hit else hf_meta["build_s"]) + (0.0 if hit else meta["build_s"]),
                           export_cache_hit=hit, model_path=str(path), weight_bytes=meta["weight_bytes"])

@@ -1,6 +1,7 @@
 """`optimum-openvino`: a peer, optimum-intel's ``OVModelForCausalLM`` exported from the same weights.
 
-The model is written as a local GPT-2 directory (``backends.export.hf_dir``) and exported by
+The model is written as a local Hugging Face directory (``backends.export.hf_dir``: GPT-2, or the
+Llama-family class that computes its config) and exported by
 optimum-intel (``from_pretrained(..., export=True)``: its own conversion, a *stateful* model
 that keeps the KV cache inside the infer request); int8 and int4 are its weight compression
 (``OVWeightQuantizationConfig``, NNCF underneath) applied at export. Each export is cached by
@@ -30,8 +31,8 @@ import torch
 
 from backends import export
 from backends.base import (Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision,
-                           isa_has_native_bf16, model_fingerprint)
-from backends.hf import probe_transformers, version_mismatch
+                           isa_has_native_bf16)
+from backends.hf import peer_hf_dir, probe_transformers, version_mismatch
 from backends.openvino import blob_cache
 
 INSTALL_HINT = "pip install 'optimum-intel==1.27.*' 'optimum==2.1.*' openvino nncf 'transformers>=4.57,<4.58'"
@@ -41,8 +42,24 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int4": "f32"}  # 
 KV_PRECISIONS = ("f32", "bf16", "f16", "u8")
 KV_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}
 # What optimum-intel's OVWeightQuantizationConfig is asked for: per-channel int8 (asymmetric, as
-# optimum's default 8-bit mode), and int4 in groups of 128 as its documentation's example.
+# optimum's default 8-bit mode), and int4 in groups of 128 as its documentation's example; where
+# 128 does not divide every matrix's input width (llama-tiny's 352, SmolLM2-135M's 576) the
+# largest of INT4_GROUPS that does (NNCF refuses a group that leaves a remainder).
 WEIGHT_BITS = {"int8": dict(bits=8, sym=False), "int4": dict(bits=4, sym=True, group_size=128, ratio=1.0)}
+INT4_GROUPS = (128, 64, 32)
+
+
+def weight_bits(precision: str, config) -> dict | None:
+    """The weight compression asked of optimum-intel for ``precision`` on a model of ``config``."""
+    bits = WEIGHT_BITS.get(precision)
+    if bits is None or "group_size" not in bits:
+        return bits
+    widths = sorted({config.n_embd, config.intermediate_size})  # every linear's input width
+    for group in INT4_GROUPS:
+        if all(w % group == 0 for w in widths):
+            return dict(bits, group_size=group)
+    raise BackendError(f"optimum-openvino {precision}: no group of {', '.join(map(str, INT4_GROUPS))} divides "
+                       f"the matrices' input widths {', '.join(map(str, widths))}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class OptimumOVBackend(Backend):
             raise BackendUnavailable(f"optimum-openvino backend: device {self.device!r} is not supported; "
                                      f"it runs on the CPU")
         self.ov_model = None
+        self.weight_compression: dict | None = None  # set by load(): its int4 group follows the model
         self._step = 0
         self._meta: dict = {}
 
@@ -112,7 +130,15 @@ class OptimumOVBackend(Backend):
     # -- load ------------------------------------------------------------------------------
     def load(self, model: torch.nn.Module) -> None:
         from optimum.intel import OVModelForCausalLM
-        hf_path, hf_meta, hf_hit = export.hf_dir(model, model_fingerprint(model))
+        import openvino as ov
+        if self.precision == "bf16" and self.threads == 1 and model.config.family == "llama":
+            # Seen with OpenVINO 2026.4 on a Xeon with AMX: SIGFPE inside compile_model, which no
+            # Python code can catch, for optimum's Llama-family IR (GPT-2's compiles).
+            raise BackendError(f"optimum-openvino bf16 with one thread: OpenVINO {ov.get_version()}'s CPU plugin "
+                               f"crashes (floating point exception) compiling a Llama-family model so; "
+                               f"use 2 or more threads")
+        self.weight_compression = weight_bits(self.precision, model.config)
+        hf_path, hf_meta, hf_hit = peer_hf_dir(self.name, model)
         path, meta, hit = self._exported(hf_path, hf_meta)
         self._meta = dict(export_s=(0.0 if hf_hit else hf_meta["build_s"]) + (0.0 if hit else meta["build_s"]),
                           export_cache_hit=hit, model_path=str(path), weight_bytes=meta["weight_bytes"],
@@ -153,7 +179,7 @@ class OptimumOVBackend(Backend):
     def _exported(self, hf_path: Path, hf_meta: dict) -> tuple[Path, dict, bool]:
         import openvino as ov
         from optimum.intel.version import __version__ as optimum_intel_version
-        bits = WEIGHT_BITS.get(self.precision)
+        bits = self.weight_compression
         if bits is not None:
             try:
                 import nncf
@@ -246,8 +272,8 @@ class OptimumOVBackend(Backend):
         from optimum.intel.version import __version__ as optimum_intel_version
         info = dict(super().info(), **self._meta, openvino=ov.get_version(), optimum_intel=optimum_intel_version)
         info.update(getattr(self, "compiled_properties", {}))
-        if self.precision in WEIGHT_BITS:
-            info.update(weight_compression=WEIGHT_BITS[self.precision], activations="f32")
+        if self.weight_compression is not None:
+            info.update(weight_compression=self.weight_compression, activations="f32")
         return info
 
     def close(self) -> None:

@@ -1,11 +1,22 @@
-"""Saving and loading weights: our own format, and local Hugging Face GPT-2 directories.
+"""Saving and loading weights: our own format, and local Hugging Face directories.
 
 Our format is a directory with ``model.safetensors`` and ``config.json``; the JSON holds the
 ``GPTConfig`` under ``"config"`` beside a ``"format"`` marker, so it is never mistaken for
-another library's file. A Hugging Face GPT-2 directory (``config.json`` with
-``model_type: "gpt2"`` plus ``model.safetensors`` or ``pytorch_model.bin``) loads too: the
-parameter names are the same, but GPT-2's ``Conv1D`` stores weights (in, out) where our
-``nn.Linear`` wants (out, in), so those four matrices are transposed.
+another library's file. Hugging Face directories load too (``config.json`` plus
+``model.safetensors``, a sharded set with ``model.safetensors.index.json``, or
+``pytorch_model.bin``), bf16, fp16 or fp32 weights, always into an fp32 model:
+
+    model_type   architecture         what changes on the way in
+    gpt2         GPT2LMHeadModel      the same names; GPT-2's ``Conv1D`` stores (in, out), where
+                                      our ``nn.Linear`` wants (out, in): those four are transposed
+    llama        LlamaForCausalLM     renamed, and q/k/v stacked into ``attn.c_attn`` and the
+    mistral      MistralForCausalLM   SwiGLU's gate/up into ``mlp.c_fc``; RMSNorm, rotary
+    qwen2        Qwen2ForCausalLM     (with linear or llama3 scaling), GQA, biases and window
+                                      mapped from config.json
+
+A config field that would make the model compute something else (another activation or RoPE
+type, a head size, Qwen2's per-layer window, quantised weights) is refused by name, with the
+values that are supported: a checkpoint loads as exactly its model or not at all.
 
 Nothing is ever downloaded: the directory must already be on disk.
 """
@@ -34,6 +45,16 @@ _CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc
 _IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight")
 # Activations Hugging Face computes as the tanh approximation of GELU, which our MLP uses.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Hugging Face's Llama-family causal LMs that load: model_type -> architecture.
+HF_LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", **HF_LLAMA_FAMILY}
+SHARD_INDEX_FILE = "model.safetensors.index.json"
+# Tensors a Llama-family file may hold that are not weights: older transformers saved the rotary
+# frequencies; a tied head may be saved anyway (transformers then ties it to the embedding).
+_LLAMA_IGNORED = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+_LLAMA_IGNORED_TIED = re.compile(_LLAMA_IGNORED.pattern + r"|lm_head\.weight")
+# Weights are read in any of these and computed in fp32.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CheckpointError(InputError):
@@ -170,12 +191,12 @@ def save_checkpoint(model: GPT, directory: str | Path) -> Path:
 
 
 def read_config(directory: str | Path) -> GPTConfig:
-    """The config of a checkpoint directory (ours or Hugging Face GPT-2), without its weights."""
+    """The config of a checkpoint directory (ours or Hugging Face's), without its weights."""
     return _read_config(Path(directory))[0]
 
 
-def _read_config(directory: Path) -> tuple[GPTConfig, bool]:
-    """(config, whether the weights are GPT-2 Conv1D-shaped)."""
+def _read_config(directory: Path) -> tuple[GPTConfig, str]:
+    """(config, layout of the weights: "ours", "gpt2" or "llama"; see ``_recipes``)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     config_path = directory / CONFIG_FILE
@@ -189,27 +210,32 @@ def _read_config(directory: Path) -> tuple[GPTConfig, bool]:
         raise CheckpointError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
 
     if meta.get("format") == FORMAT:
-        return _our_config(meta, config_path), False
+        return _our_config(meta, config_path), "ours"
     if meta.get("format") == QFORMAT:  # its config reads like ours; its weights only a quantised backend loads
-        return read_quantized_config(directory)[0], False
-    if meta.get("model_type") == "gpt2":
-        return _hf_gpt2_config(meta, config_path), True
+        return read_quantized_config(directory)[0], "ours"
+    model_type = meta.get("model_type")
+    if model_type == "gpt2":
+        return _hf_gpt2_config(meta, config_path), "gpt2"
+    if model_type in HF_LLAMA_FAMILY:
+        return _hf_llama_config(meta, config_path), "llama"
     raise CheckpointError(
         f"{config_path}: not a recognised checkpoint: no \"format\": {FORMAT!r} marker and "
-        f"model_type={meta.get('model_type')!r} is not 'gpt2'")
+        f"model_type={model_type!r} is not one of {', '.join(HF_ARCHITECTURES)} "
+        f"({', '.join(HF_ARCHITECTURES.values())})")
 
 
 def load_checkpoint(directory: str | Path) -> GPT:
-    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face GPT-2."""
+    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face directory."""
     directory = Path(directory)
-    config, conv1d = _read_config(directory)
+    config, layout = _read_config(directory)
     if is_quantized_checkpoint(directory):  # never dequantised into an fp32 model
         meta = read_quantized_config(directory)[1]
         raise QuantizedCheckpointError(
             f"{directory}: a quantised checkpoint ({meta['precision']} {meta['scheme']}); only backend "
             f"{meta['backend']!r} at precision {meta['precision']!r} loads it, never as an fp32 model")
-    weights_path, state = _read_weights(directory)
-    model_state = _match_state(state, config, conv1d, weights_path)
+    weights = _open_weights(directory)
+    model_state = _match_state(weights, config, layout)
+    del weights  # the files' tensors are each read once, straight into the model's fp32 ones
     model = meta_model(config)
     model.load_state_dict(model_state, strict=True, assign=True)
     if config.tie_embeddings:  # assign=True gave lm_head its own Parameter; share wte's again
@@ -255,15 +281,176 @@ def _hf_gpt2_config(meta: dict, path: Path) -> GPTConfig:
         raise CheckpointError(f"{path}: invalid config: {e}") from None
 
 
-def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The first weights file present, read on the CPU: safetensors first, then a torch pickle."""
+# -- the Llama family's config.json ---------------------------------------------------------------
+
+# transformers' defaults (4.57) for the sizes a config.json may leave out, per model_type.
+_LLAMA_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768),
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+_ACTIVATIONS = ("silu", "swish")  # one function under two names
+
+
+def _hf_llama_config(meta: dict, path: Path) -> GPTConfig:
+    """Our config for a Hugging Face ``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``.
+
+    Each field the model computes is mapped; each one that would make it compute something
+    else (an activation, a RoPE type, a head size, a per-layer window, quantised weights) is
+    refused by name, so a checkpoint either loads as exactly its model or not at all.
+    """
+    model_type = meta["model_type"]
+    architecture = HF_LLAMA_FAMILY[model_type]
+
+    def refuse(field: str, value, supported: str):
+        raise CheckpointError(f"{path}: {field}={value!r} is not supported; supported: {supported}")
+
+    def get(key: str, default=None):
+        return meta[key] if meta.get(key) is not None else default
+
+    architectures = meta.get("architectures")
+    if architectures is not None and architectures != [architecture]:
+        refuse("architectures", architectures, f"[{architecture!r}] for model_type {model_type!r}")
+    if meta.get("quantization_config") is not None:
+        method = meta["quantization_config"].get("quant_method") if isinstance(meta["quantization_config"], dict) \
+            else meta["quantization_config"]
+        refuse("quantization_config.quant_method", method, "none: unquantised fp32, bf16 or fp16 weights")
+    activation = get("hidden_act", "silu")
+    if activation not in _ACTIVATIONS:
+        refuse("hidden_act", activation, "silu (SwiGLU)")
+
+    sizes = {key: get(key, default) for key, default in _LLAMA_DEFAULTS[model_type].items()}
+    sizes["num_key_value_heads"] = sizes["num_key_value_heads"] or sizes["num_attention_heads"]
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{path}: {key}={value!r} must be a positive integer")
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    head_dim = get("head_dim")
+    if head_dim is not None and (hidden % heads or head_dim != hidden // heads):
+        refuse("head_dim", head_dim, f"hidden_size / num_attention_heads = {hidden} / {heads}")
+    if get("partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", meta["partial_rotary_factor"], "1.0 (every dimension rotated)")
+    rope = _hf_rope(meta, refuse)
+
+    if model_type == "llama":  # one flag for q, k, v and o; one for the MLP's three
+        attention_bias, mlp_bias = get("attention_bias", False), get("mlp_bias", False)
+        biases = dict(qkv_bias=attention_bias, out_bias=attention_bias, mlp_bias=mlp_bias)
+        window = None  # Llama has no window, whatever a config.json says
+    elif model_type == "qwen2":  # biases on q, k and v only, always
+        biases = dict(qkv_bias=True, out_bias=False, mlp_bias=False)
+        if get("use_sliding_window", False):
+            refuse("use_sliding_window", meta["use_sliding_window"],
+                   "false (Qwen2's window applies to some layers only, which this model does not compute)")
+        layer_types = get("layer_types", [])
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+            kinds = sorted(set(map(str, layer_types))) if isinstance(layer_types, list) else layer_types
+            refuse("layer_types", kinds, "full_attention in every layer")
+        window = None
+    else:  # mistral: no biases; one window for every layer (null: none)
+        biases = dict(qkv_bias=False, out_bias=False, mlp_bias=False)
+        window = meta.get("sliding_window", 4096)
+    try:
+        return GPTConfig(
+            n_layer=sizes["num_hidden_layers"], n_head=heads, n_kv_head=sizes["num_key_value_heads"],
+            n_embd=hidden, intermediate_size=sizes["intermediate_size"], vocab_size=sizes["vocab_size"],
+            block_size=sizes["max_position_embeddings"], layer_norm_epsilon=get("rms_norm_eps", 1e-6),
+            tie_embeddings=get("tie_word_embeddings", False), sliding_window=window,
+            norm="rmsnorm", pos_encoding="rotary", mlp="swiglu", dropout=0.0, **biases, **rope)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+
+
+def _hf_rope(meta: dict, refuse) -> dict:
+    """Our ``rope_*`` fields from ``rope_theta`` and ``rope_scaling`` (or transformers 5's
+    ``rope_parameters``, which holds both). "type" is the older name of "rope_type"; where a
+    file gives both they must agree (transformers' classes disagree on which one wins)."""
+    scaling = meta.get("rope_parameters")
+    theta = meta.get("rope_theta")
+    if isinstance(scaling, dict):
+        theta = scaling.get("rope_theta", theta)
+    else:
+        scaling = meta.get("rope_scaling")
+    fields = dict(rope_theta=10000.0 if theta is None else theta)
+    if scaling is None:
+        return fields
+    if not isinstance(scaling, dict):
+        refuse("rope_scaling", scaling, "null or an object with rope_type " + ", ".join(ROPE_TYPES))
+    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
+        refuse("rope_scaling.type", scaling["type"], f"the same as rope_type={scaling['rope_type']!r}, or only one")
+    kind = scaling.get("type", scaling.get("rope_type", "default"))
+    if kind not in ROPE_TYPES:
+        refuse("rope_scaling.rope_type", kind, ", ".join(ROPE_TYPES))
+    needed = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
+    for key in needed:
+        if scaling.get(key) is None:
+            refuse(f"rope_scaling.{key}", None, f"a number, which rope_type {kind!r} needs")
+    if kind == "linear":
+        fields.update(rope_scaling="linear", rope_factor=scaling["factor"])
+    elif kind == "llama3":
+        fields.update(rope_scaling="llama3", rope_factor=scaling["factor"],
+                      rope_low_freq_factor=scaling["low_freq_factor"],
+                      rope_high_freq_factor=scaling["high_freq_factor"],
+                      rope_original_context=scaling["original_max_position_embeddings"])
+    return fields
+
+
+# -- weights: the files, then our names ------------------------------------------------------------
+
+class _Weights:
+    """The tensors of a checkpoint's weights, read one at a time onto the CPU.
+
+    A safetensors file (or a sharded set) is opened, not read: each tensor is copied out when
+    asked for, so loading holds the model being built plus one tensor, never the whole file
+    beside it. A torch pickle is read whole (its format allows no less) and handed out once.
+    """
+
+    def __init__(self, label: Path, files: dict[str, Path], handles: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None):
+        self.label = label  # the weights file, or a sharded set's index: what messages name
+        self.files = files  # tensor name -> the file that holds it
+        self.handles = handles or {}  # file -> safetensors handle
+        self.state = state  # a torch pickle's tensors
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.state is not None:
+            return tuple(self.state[name].shape)
+        return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state.pop(name)
+        try:
+            return self.handles[self.files[name]].get_tensor(name)
+        except Exception as e:  # safetensors raises its own error type
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({type(e).__name__}: {e})") \
+                from None
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _open_weights(directory: Path) -> _Weights:
+    """The weights present, in this order: model.safetensors, a sharded set's index, a torch pickle."""
     path = directory / SAFETENSORS_FILE
     if path.is_file():
-        from safetensors.torch import load_file
-        try:
-            return path, load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error type for a bad header
-            raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+        handle = _open_safetensors(path)
+        return _Weights(path, {name: path for name in handle.keys()}, {path: handle})
+    index = directory / SHARD_INDEX_FILE
+    if index.is_file():
+        return _open_shards(index)
     path = directory / TORCH_FILE
     if path.is_file():
         try:
@@ -273,38 +460,142 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: cannot read torch file ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
-        return path, state
-    sharded = [p.name for p in directory.glob("*.index.json")]
-    hint = f"; sharded checkpoints ({', '.join(sharded)}) are not supported" if sharded else ""
-    raise CheckpointError(f"{directory}: no weights file: expected {SAFETENSORS_FILE} or {TORCH_FILE}{hint}")
+        return _Weights(path, {name: path for name in state}, state=state)
+    sharded = sorted(p.name for p in directory.glob("*.index.json"))
+    hint = f"; {', '.join(sharded)} is not a safetensors index" if sharded else ""
+    raise CheckpointError(f"{directory}: no weights file: expected {SAFETENSORS_FILE}, {SHARD_INDEX_FILE} "
+                          f"with its shards, or {TORCH_FILE}{hint}")
 
 
-def _match_state(state: dict[str, torch.Tensor], config: GPTConfig, conv1d: bool,
-                 path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors under our names and layouts, fp32, every shape checked."""
-    # Hugging Face names start "transformer." inside GPT2LMHeadModel but not in a bare GPT2Model.
-    state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
-             for k, v in state.items()}
+def weights_files(directory: str | Path) -> list[Path]:
+    """The files that hold a checkpoint's weights, in the order ``load_checkpoint`` looks for them:
+    ``model.safetensors``; a sharded set's index and its shards; or ``pytorch_model.bin``. What a
+    digest of "the weights" must cover (an empty list: none of them is there)."""
+    directory = Path(directory)
+    if (directory / SAFETENSORS_FILE).is_file():
+        return [directory / SAFETENSORS_FILE]
+    index = directory / SHARD_INDEX_FILE
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a JSON object with a weight_map ({e})") from None
+        return [index] + [directory / shard for shard in shards]
+    return [directory / TORCH_FILE] if (directory / TORCH_FILE).is_file() else []
+
+
+def _open_shards(index: Path) -> _Weights:
+    """A sharded set (``model-00001-of-00002.safetensors`` ...): its index's ``weight_map`` names the
+    file of every tensor, and every shard must hold exactly the tensors the map gives it."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a JSON object with a weight_map ({e})") from None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+    handles = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if "/" in shard or "\\" in shard or shard.startswith(".") or not path.is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} named in weight_map is not a file in {index.parent}")
+        handles[path] = _open_safetensors(path)
+    files = {name: index.parent / shard for name, shard in weight_map.items()}
+    for path, handle in handles.items():
+        for name in handle.keys():
+            if files.get(name) != path:
+                raise CheckpointError(f"{path}: holds tensor {name!r}, which {index.name} maps to "
+                                      f"{files[name].name if name in files else 'no shard'}")
+    for name, path in files.items():
+        if name not in handles[path].keys():
+            raise CheckpointError(f"{path}: missing tensor {name!r}, which {index.name} says it holds")
+    return _Weights(index, files, handles)
+
+
+# A recipe: our tensor, the file's tensors stacked into it (each with its expected shape in the
+# file), and whether the one file tensor is GPT-2's Conv1D (in, out), to transpose.
+_Recipe = tuple[str, list[tuple[str, tuple[int, ...]]], bool]
+
+
+def _recipes(config: GPTConfig, layout: str) -> tuple[list[_Recipe], re.Pattern]:
+    """How to fill each of our tensors from the file's (named as ``_file_name`` normalises them),
+    and the file's tensors that are not weights of ours and may be left unread."""
     expected = meta_model(config).state_dict()
+    tied = config.tie_embeddings
+    if layout != "llama":
+        recipes = []
+        for name, want in expected.items():
+            if name == "lm_head.weight" and tied:
+                continue  # filled from transformer.wte.weight
+            transpose = layout == "gpt2" and _CONV1D.fullmatch(name) is not None
+            recipes.append((name, [(name, tuple(want.shape[::-1]) if transpose else tuple(want.shape))], transpose))
+        return recipes, _IGNORED
+
+    C, KV, I = config.n_embd, config.kv_dim, config.intermediate_size
+    recipes = [("transformer.wte.weight", [("model.embed_tokens.weight", (config.vocab_size, C))], False),
+               ("transformer.ln_f.weight", [("model.norm.weight", (C,))], False)]
+    if not tied:
+        recipes.append(("lm_head.weight", [("lm_head.weight", (config.vocab_size, C))], False))
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        recipes += [(ours + "ln_1.weight", [(theirs + "input_layernorm.weight", (C,))], False),
+                    (ours + "ln_2.weight", [(theirs + "post_attention_layernorm.weight", (C,))], False),
+                    (ours + "attn.c_attn.weight", [(attn + "q_proj.weight", (C, C)), (attn + "k_proj.weight", (KV, C)),
+                                                   (attn + "v_proj.weight", (KV, C))], False),
+                    (ours + "attn.c_proj.weight", [(attn + "o_proj.weight", (C, C))], False),
+                    (ours + "mlp.c_fc.weight", [(mlp + "gate_proj.weight", (I, C)), (mlp + "up_proj.weight", (I, C))],
+                     False),
+                    (ours + "mlp.c_proj.weight", [(mlp + "down_proj.weight", (C, I))], False)]
+        if config.qkv_bias:
+            recipes.append((ours + "attn.c_attn.bias", [(attn + "q_proj.bias", (C,)), (attn + "k_proj.bias", (KV,)),
+                                                        (attn + "v_proj.bias", (KV,))], False))
+        if config.out_bias:
+            recipes.append((ours + "attn.c_proj.bias", [(attn + "o_proj.bias", (C,))], False))
+        if config.mlp_bias:
+            recipes += [(ours + "mlp.c_fc.bias", [(mlp + "gate_proj.bias", (I,)), (mlp + "up_proj.bias", (I,))], False),
+                        (ours + "mlp.c_proj.bias", [(mlp + "down_proj.bias", (C,))], False)]
+    missing = set(expected) - {name for name, _, _ in recipes} - ({"lm_head.weight"} if tied else set())
+    assert not missing, f"no recipe for {sorted(missing)}"
+    return recipes, _LLAMA_IGNORED if not tied else _LLAMA_IGNORED_TIED
+
+
+def _file_name(name: str, layout: str) -> str:
+    """A file's tensor name as the recipes spell it: Hugging Face's names start "transformer." inside
+    GPT2LMHeadModel but not in a bare GPT2Model, and "model." inside LlamaForCausalLM but not LlamaModel."""
+    if layout == "llama":
+        return name if name.startswith(("model.", "lm_head.")) else f"model.{name}"
+    return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+
+
+def _match_state(weights: _Weights, config: GPTConfig, layout: str) -> dict[str, torch.Tensor]:
+    """The file's tensors under our names and layouts, fp32, every shape checked (stacked where
+    ours fuses several: q, k, v into c_attn, gate and up into a SwiGLU c_fc)."""
+    path = weights.label
+    names = {_file_name(n, layout): n for n in weights.names()}
+    recipes, ignored = _recipes(config, layout)
     out = {}
-    for name, want in expected.items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue  # filled from transformer.wte.weight below
-        if name not in state:
-            raise CheckpointError(f"{path}: missing tensor {name!r}")
-        tensor = state[name]
-        transpose = conv1d and _CONV1D.fullmatch(name) is not None
-        file_shape = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
-        if tuple(tensor.shape) != file_shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {file_shape}")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
-        out[name] = (tensor.t() if transpose else tensor).to(torch.float32).contiguous()
+    for ours, parts, transpose in recipes:
+        for name, shape in parts:
+            if name not in names:
+                why = " (tie_word_embeddings is false: an untied head needs it)" if name == "lm_head.weight" else ""
+                raise CheckpointError(f"{path}: missing tensor {name!r}{why}")
+            if weights.shape(names[name]) != shape:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {weights.shape(names[name])}, "
+                                      f"expected {shape}")
+        tensors = []
+        for name, _ in parts:
+            tensor = weights.read(names.pop(name))
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point "
+                                      f"({', '.join(str(d).removeprefix('torch.') for d in _FLOAT_DTYPES)})")
+            tensors.append(tensor.to(torch.float32))
+        tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0].t() if transpose else tensors[0]
+        out[ours] = tensor.contiguous()
+        del tensors, tensor
     if config.tie_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
-    for name in state:
-        # Hugging Face stores the causal mask as buffers, and a tied head may be saved anyway.
-        if name not in out and not _IGNORED.fullmatch(name):
+    for name in names:  # what no recipe read
+        if not ignored.fullmatch(name):
             raise CheckpointError(f"{path}: unexpected tensor {name!r}: not part of this model")
     return out

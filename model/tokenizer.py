@@ -74,11 +74,11 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` behind the same three names."""
 
-    def __init__(self, tokenizer, eos_token_id: int | None):
+    def __init__(self, tokenizer, eos_token_id: int | None, bos_token_id: int | None = None):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.pad_token_id: int | None = tokenizer.token_to_id(PAD_TEXT)
-        self.bos_token_id: int | None = tokenizer.token_to_id(BOS_TEXT)
+        self.bos_token_id: int | None = tokenizer.token_to_id(BOS_TEXT) if bos_token_id is None else bos_token_id
         self.vocab_size = tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -117,20 +117,22 @@ def load_tokenizer(checkpoint_dir: str | Path | None, vocab_size: int) -> ByteTo
     if tok.get_vocab_size() > vocab_size:
         raise TokenizerError(f"{directory}: the tokenizer has {tok.get_vocab_size()} tokens but the model's "
                          f"vocab_size={vocab_size}")
-    return HFTokenizer(tok, _eos_id(directory, tok))
+    return HFTokenizer(tok, _declared_id(directory, tok, "eos_token_id", tok.token_to_id(EOS_TEXT)),
+                       _declared_id(directory, tok, "bos_token_id", None))
 
 
-def _eos_id(directory: Path, tok) -> int | None:
-    """The model's declared EOS id (config.json), else the id of GPT-2's end-of-text token."""
+def _declared_id(directory: Path, tok, key: str, default: int | None) -> int | None:
+    """The model's declared special id ``key`` (config.json; a Llama checkpoint's ``<s>`` or
+    ``<|begin_of_text|>``), else ``default`` (for EOS, the id of GPT-2's end-of-text token)."""
     config = directory / "config.json"
     if config.is_file():
         try:
-            eos = json.loads(config.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError):
-            eos = None
-        if isinstance(eos, int) and 0 <= eos < tok.get_vocab_size():
-            return eos
-    return tok.token_to_id(EOS_TEXT)
+            value = json.loads(config.read_text()).get(key)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < tok.get_vocab_size():
+            return value
+    return default
 
 
 def train_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:

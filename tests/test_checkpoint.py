@@ -69,8 +69,9 @@ def test_unparseable_config(saved):
 
 
 def test_unrecognised_config(saved):
-    (saved / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: not a recognised checkpoint.*'llama'"):
+    (saved / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    match = r"config\.json: not a recognised checkpoint.*'phi3' is not one of gpt2, llama, mistral, qwen2"
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(saved)
 
 

@@ -1,10 +1,11 @@
 """The peers (hf, optimum-onnxruntime, optimum-openvino): conversion, answers, probes, reports.
 
-The conversion writes our model as a local Hugging Face GPT-2 directory (``model.hf``); nothing
-is downloaded (conftest sets HF_HUB_OFFLINE=1). Each peer is loaded once per module (optimum's
-exports take seconds) from a "lively" tiny model: seeded weights scaled up so that greedy
-generation does not just repeat the last token, which would make the comparisons with eager
-trivially true. Parity at every precision is tests/test_parity.py's, over the registry.
+The conversion writes our model as a local Hugging Face directory (``model.hf``: GPT-2, or the
+Llama-family class; tests/test_hf_llama.py covers each class); nothing is downloaded (conftest
+sets HF_HUB_OFFLINE=1). Each peer is loaded once per model (optimum's exports take seconds) from
+a "lively" model of each family, ``tiny`` (GPT-2) and ``llama-tiny`` (grouped-query): seeded
+weights scaled up so that greedy generation does not just repeat the last token, which would
+make the comparisons with eager trivially true. Parity at every precision is tests/test_parity.py's, over the registry.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from model.gpt import build_model, get_config
 transformers = pytest.importorskip("transformers", reason="transformers is missing: pip install transformers")
 
 PEERS = ("hf", "optimum-onnxruntime", "optimum-openvino")
+MODELS = ("tiny", "llama-tiny")  # one of each family
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3]]  # unequal: generate left-pads the second
 STEPS = 10
 
 
-def lively_model():
-    """tiny, seed 0, with larger weights and non-zero biases and LayerNorms (HF-style checks need them)."""
-    model = build_model(get_config("tiny"), seed=0)
+def lively_model(preset: str = "tiny"):
+    """``preset``, seed 0, with larger weights and non-zero biases and norms (HF-style checks need them)."""
+    model = build_model(get_config(preset), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -45,20 +47,25 @@ def lively_model():
     return model
 
 
+@pytest.fixture(scope="module", params=MODELS)
+def preset(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def eager():
+def eager(preset):
     with EagerBackend() as backend:
-        backend.load(lively_model())
+        backend.load(lively_model(preset))
         yield backend
 
 
 @pytest.fixture(scope="module", params=PEERS)
-def peer(request):
+def peer(request, preset):
     probe = registry.probe(request.param)
     if not probe.available:
         pytest.skip(f"{request.param} unavailable: {probe.reason}")
     with registry.create(request.param, threads=1) as backend:
-        backend.load(lively_model())
+        backend.load(lively_model(preset))
         yield backend
 
 
@@ -169,13 +176,49 @@ def test_peer_beam_search_equals_eager(peer, eager):
     assert generate(peer, PROMPTS, 6, num_beams=3) == generate(eager, PROMPTS, 6, num_beams=3)
 
 
-def test_peer_logits_and_cache(peer, eager):
+def test_peer_logits_and_cache(peer, eager, preset):
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(peer.logits(ids), eager.logits(ids), atol=1e-3, rtol=0)
     _, cache = peer.prefill(ids)
     _, cache = peer.decode(ids[:, :1], cache)
     assert peer.cache_length(cache) == 10
-    assert peer.cache_bytes(cache) == 2 * 2 * 2 * 10 * 128 * 4  # layers x (k, v) x batch x len x C x fp32
+    config = get_config(preset)  # n_kv_head heads of keys and values, never expanded to n_head
+    assert peer.cache_bytes(cache) == config.kv_cache_elements(2, 10) * 4 == 2 * 2 * 2 * 10 * config.kv_dim * 4
+
+
+def test_peer_runs_the_class_of_the_family(peer, preset):
+    if peer.name == "hf":
+        want = {"tiny": "GPT2LMHeadModel", "llama-tiny": "LlamaForCausalLM"}[preset]
+        assert peer.info()["architecture"] == want and type(peer.model).__name__ == want
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_refuses_a_model_no_transformers_class_computes(name):
+    if not registry.probe(name).available:
+        pytest.skip(f"{name} unavailable")
+    model = build_model(get_config("llama-tiny", sliding_window=8, qkv_bias=True), seed=0)
+    with registry.create(name) as backend:
+        with pytest.raises(BackendError, match=f"{name} backend cannot run this model: sliding_window=8 with biases"):
+            backend.load(model)
+
+
+def test_optimum_openvino_refuses_bf16_on_one_thread_for_the_llama_family():
+    """OpenVINO's CPU plugin dies (SIGFPE) compiling optimum's Llama IR so; refused before it runs."""
+    if not registry.probe("optimum-openvino").available:
+        pytest.skip("optimum-openvino unavailable")
+    with registry.create("optimum-openvino", precision="bf16", threads=1) as backend:
+        with pytest.raises(BackendError, match="bf16 with one thread.*use 2 or more threads"):
+            backend.load(lively_model("llama-tiny"))
+
+
+@pytest.mark.parametrize("preset, group", [("tiny", 128), ("llama-tiny", 32), ("smollm2-135m", 64),
+                                           ("qwen2.5-0.5b", 128)])
+def test_optimum_openvino_int4_group_divides_every_width(preset, group):
+    from backends.optimum_openvino import weight_bits
+    assert weight_bits("int4", get_config(preset))["group_size"] == group
+    assert weight_bits("int8", get_config(preset)) == dict(bits=8, sym=False)
+    with pytest.raises(BackendError, match="no group of 128, 64, 32 divides the matrices' input widths 96, 336"):
+        weight_bits("int4", get_config("llama-tiny", n_embd=96, n_head=4, n_kv_head=2, intermediate_size=336))
 
 
 def test_stateful_openvino_refuses_a_stale_cache():

@@ -1,4 +1,5 @@
-"""``bench generate`` (text from one backend) and ``bench convert`` (our model as a Hugging Face directory)."""
+"""``bench generate`` (text from one backend) and ``bench convert`` (our model as a Hugging Face directory:
+GPT-2, or the Llama-family class that computes it)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def add_generate(sub, default_store: str) -> None:
 
 
 def add_convert(sub, default_store: str) -> None:
-    convert = sub.add_parser("convert", help="write a preset or checkpoint as a local Hugging Face GPT-2 directory")
-    convert.add_argument("--to", default="hf", help="the format to write (hf: a Hugging Face GPT-2 directory)")
+    convert = sub.add_parser("convert", help="write a preset or checkpoint as a local Hugging Face directory "
+                                             "(GPT-2, Llama, Mistral or Qwen2)")
+    convert.add_argument("--to", default="hf", help="the format to write (hf: a Hugging Face directory that "
+                                                    "AutoModelForCausalLM loads)")
     convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     convert.add_argument("--model", help="a preset (random weights from --seed)")
     convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
