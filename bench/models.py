@@ -87,17 +87,19 @@ def reference_model(name: str | Path, *, checkpoint: bool | None = None, seed: i
         return build_model(get_config(str(name)), seed=seed)
     if not is_quantized_checkpoint(name):
         return load_checkpoint(name)
-    from model.qcheckpoint import file_digest
+    from model.checkpoint import weights_files
+    from model.qcheckpoint import weights_digest
 
     source = read_quantized_config(name)[1].get("source") or {}
     path = Path(source.get("path", ""))
-    weights = path / source.get("weights_file", SAFETENSORS_FILE)
-    if not weights.is_file():
+    weights = weights_files(path) if path.is_dir() else []
+    if not weights or weights[0].name != source.get("weights_file", SAFETENSORS_FILE):
         raise CheckpointError(f"{name}: its fp32 source {str(path)!r} is gone, so there is no reference "
                               f"to check it against (run with --no-parity, or restore the source)")
-    if file_digest(weights) != source.get("digest"):
+    digest = weights_digest(weights)
+    if digest != source.get("digest"):
         raise CheckpointError(f"{name}: its source {str(path)!r} now holds other weights (digest "
-                              f"{file_digest(weights)}, recorded {source.get('digest')})")
+                              f"{digest}, recorded {source.get('digest')})")
     return load_checkpoint(path)
 
 

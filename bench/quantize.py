@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from model.checkpoint import SAFETENSORS_FILE, TORCH_FILE, load_checkpoint
+from model.checkpoint import SAFETENSORS_FILE, load_checkpoint, weights_files
 from model.errors import InputError
-from model.qcheckpoint import file_digest, is_quantized_checkpoint, save_quantized, save_quantized_files
+from model.qcheckpoint import is_quantized_checkpoint, weights_digest, save_quantized, save_quantized_files
 
 FILE_BACKENDS = {"int8": ("int8", "int4"), "onnxruntime": ("int8", "int4"), "openvino": ("int8", "int4")}
 
@@ -64,7 +64,7 @@ def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path,
     if group_size is not None and (precision != "int4" or group_size < 2 or group_size % 2):
         raise QuantizeInputError(f"--group-size {group_size}: an even number, with --precision int4 only")
     model = load_checkpoint(source)
-    weights = _weights_file(source)
+    weights = weights_files(source)  # one file, or a sharded set's index and shards
     start = time.perf_counter()
     tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size or DEFAULT_GROUP_SIZE,
                                     prepack=True)
@@ -76,15 +76,13 @@ def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path,
     return dict(out=str(out), backend=backend, precision=precision, scheme=meta["scheme"],
                 group_size=meta["group_size"], options={}, quantize_s=quantize_s,
                 bytes=(out / SAFETENSORS_FILE).stat().st_size,
-                source_bytes=weights.stat().st_size, source_digest=meta["source"]["digest"])
+                source_bytes=sum(f.stat().st_size for f in weights), source_digest=meta["source"]["digest"])
 
 
-def _weights_file(source: Path) -> Path:
-    return source / SAFETENSORS_FILE if (source / SAFETENSORS_FILE).is_file() else source / TORCH_FILE
-
-
-def _source(source: Path, weights: Path) -> dict:
-    return dict(path=str(source.resolve()), weights_file=weights.name, digest=file_digest(weights))
+def _source(source: Path, weights: list[Path]) -> dict:
+    """Where the fp32 weights were, and their digest: the reference a quantised cell's parity is
+    checked against (``bench.models.reference_model``) must still be those weights."""
+    return dict(path=str(source.resolve()), weights_file=weights[0].name, digest=weights_digest(weights))
 
 
 def _quantize_graph(source: Path, out: Path, backend: str, precision: str, options: dict) -> dict:
@@ -107,7 +105,7 @@ def _quantize_graph(source: Path, out: Path, backend: str, precision: str, optio
         raise QuantizeInputError(f"--option {stray[0]}: not a quantiser option of {backend} at {precision} "
                                  f"(those are {', '.join(file_options)}); runtime options are given at load")
     model = load_checkpoint(source)
-    weights = _weights_file(source)
+    weights = weights_files(source)  # one file, or a sharded set's index and shards
     start = time.perf_counter()
     path = runner.graph(model)
     quantize_s = time.perf_counter() - start
@@ -122,7 +120,7 @@ def _quantize_graph(source: Path, out: Path, backend: str, precision: str, optio
     return dict(out=str(out), backend=backend, precision=precision, scheme=scheme,
                 group_size=file_options.get("group_size", file_options.get("block_size")), options=file_options,
                 quantize_s=quantize_s, bytes=sum((out / f.name).stat().st_size for f in files),
-                source_bytes=weights.stat().st_size, source_digest=meta["source"]["digest"])
+                source_bytes=sum(f.stat().st_size for f in weights), source_digest=meta["source"]["digest"])
 
 
 def _versions() -> dict:

@@ -136,6 +136,18 @@ def file_digest(path: Path, full: bool = False) -> str:
     return h.hexdigest() if full else h.hexdigest()[:16]
 
 
+def weights_digest(files: list[Path]) -> str:
+    """The digest of a checkpoint's weights files (``model.checkpoint.weights_files``): one file's
+    own digest (what older quantised checkpoints recorded), or for a sharded set a digest of each
+    file's name and digest, index first."""
+    if len(files) == 1:
+        return file_digest(files[0])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + file_digest(path, full=True).encode())
+    return h.hexdigest()[:16]
+
+
 def _major(version: str) -> int | None:
     head = str(version).split(".")[0]
     return int(head) if head.isdigit() else None

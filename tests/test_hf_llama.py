@@ -163,6 +163,29 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert [p.name for p in weights_files(tmp_path)] == ["model.safetensors.index.json", *shards]
 
 
+def test_a_quantised_sharded_checkpoint_is_checked_against_all_its_shards(tmp_path):
+    """bench quantize from a sharded directory records a digest of every shard; the parity reference
+    of the quantised file is that source, and a changed shard is named, not silently used."""
+    from bench.models import reference_model
+    from bench.quantize import quantize_checkpoint
+    from model.checkpoint import CheckpointError
+
+    src = tmp_path / "src"
+    hf_model("llama-mqa-untied").save_pretrained(src, max_shard_size="60KB")
+    out = tmp_path / "int8"
+    result = quantize_checkpoint(src, "int8", out)
+    assert result["source_bytes"] == sum(f.stat().st_size for f in src.iterdir() if f.name.startswith("model"))
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(reference_model(out)(ids)[0], load_checkpoint(src)(ids)[0])
+    last = sorted(src.glob("model-*-of-*.safetensors"))[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last shard's last tensor
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="now holds other weights"):
+        reference_model(out)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_checkpoint_loads_as_fp32(dtype, tmp_path):
     hf = hf_model("qwen2-biases-tied", dtype=dtype)
