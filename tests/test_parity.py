@@ -204,3 +204,15 @@ def test_a_broken_cache_fails_parity(name, precision, breakage, parity, parity_c
     problems = parity.problems(parity.run(backend))
     assert problems, f"{name} {precision} that {breakage} passed parity"
     backend.close()
+
+
+@pytest.mark.parametrize("breakage", ["drops the cache", "shifts positions by one"])
+@pytest.mark.parametrize("name,precision", [("mkl", "bf16"), ("int8", "int4")])
+def test_a_broken_cache_fails_llama_parity(name, precision, breakage, llama_parity, llama_parity_copy):
+    """The Llama family's looser bounds still catch a cache or rotary positions gone wrong, even at
+    int4, the loosest."""
+    backend = _broken(registry.get_backend_class(name), breakage)(precision=precision)
+    backend.load(llama_parity_copy)
+    problems = llama_parity.problems(llama_parity.run(backend))
+    assert problems, f"{name} {precision} that {breakage} passed parity"
+    backend.close()
