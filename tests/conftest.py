@@ -105,7 +105,7 @@ def parity_copy(parity_model):
     return copy.deepcopy(parity_model)
 
 
-LLAMA_PARITY_STEPS = 300  # training steps of the Llama-family parity model (about 6 s on one core)
+LLAMA_PARITY_STEPS = 300  # training steps of the Llama-family parity model (about 7 s on one core)
 
 
 @pytest.fixture(scope="session")
