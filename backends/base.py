@@ -86,6 +86,51 @@ class Probe:
                    devices=tuple(d.get("devices", ())), versions=dict(d.get("versions", {})))
 
 
+# -- int4 groups: one per matrix ----------------------------------------------------------------
+
+INT4_GROUPS = (128, 64, 32)  # the per-matrix choice, largest first: fewer scales, as long as it divides
+INT4_PAD_GROUP = 32  # a width none of them divides is padded with zero columns to a multiple of this
+
+
+class GroupSizeError(BackendError, InputError):
+    """An int4 group size asked for explicitly does not divide a matrix's input width."""
+
+
+def int4_group(in_features: int, asked: int | None = None, backend: str = "", matrix: str = "",
+               option: str = "group_size") -> tuple[int, int]:
+    """(group, padded input width) of one int4 matrix with ``in_features`` inputs.
+
+    Unasked (``asked`` None): the largest of ``INT4_GROUPS`` that divides the width, unpadded;
+    where none does, groups of ``INT4_PAD_GROUP`` over the width padded with zero columns to a
+    multiple of it, as llama.cpp's 32-wide blocks would need (the activations are padded with
+    zeros too, so the padded columns add nothing). SmolLM2-135M's 576 gets 64 and its MLP's 1536
+    128; llama-tiny's 352 gets 32; a width of 100 gets 32 over 128 columns. An ``asked`` group
+    is strict: one that does not divide the width is refused (``GroupSizeError``), never padded
+    or replaced.
+    """
+    if asked is not None:
+        if in_features % asked:
+            where = f" of {matrix}" if matrix else ""
+            raise GroupSizeError(f"backend {backend!r}: {option}={asked} does not divide in_features={in_features}"
+                                 f"{where}; leave {option} unset to choose "
+                                 f"{', '.join(map(str, INT4_GROUPS))} per matrix")
+        return asked, in_features
+    for group in INT4_GROUPS:
+        if in_features % group == 0:
+            return group, in_features
+    return INT4_PAD_GROUP, -(-in_features // INT4_PAD_GROUP) * INT4_PAD_GROUP
+
+
+def int4_group_counts(groups: dict[str, tuple[int, int, int]]) -> dict[str, int]:
+    """How many matrices got each group, for a backend's ``info()`` and a report cell:
+    ``{"128": 6, "32": 2, "32 padded": 1}`` from {matrix: (group, in_features, padded width)}."""
+    counts: dict[str, int] = {}
+    for group, width, padded in sorted(groups.values(), key=lambda g: (-g[0], g[2] != g[1])):
+        key = f"{group} padded" if padded != width else str(group)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def isa_has_native_bf16(isa: dict) -> bool:
     """Whether a CPU with these ISA flags (``bench.machine.environment.fingerprint()["cpu"]["isa"]``) has bf16
     matmul instructions (AVX-512 BF16 or AMX-BF16); without them bf16 runs a slow fp32 emulation."""

@@ -3,13 +3,16 @@
 The model's own cache grows by one position per step (``torch.cat``), so a compiled decode
 step would see a new shape every token and recompile every token. This backend keeps its
 own cache instead, as gpt-fast and Hugging Face's ``StaticCache`` do: per layer, keys and
-values preallocated as (B, n_head, max_len, head_dim), written in place at the current
+values preallocated as (B, n_kv_head, max_len, head_dim), written in place at the current
 position (``index_copy_``), attention over the whole buffer with a mask of the positions
 that hold real tokens. Every decode step then has one shape, and compiles once.
 
 - **Decode** is a step function written here (``StaticDecoder``) from the model's own
   submodules (``block.ln_1``, ``block.attn.c_attn``, ..., ``lm_head``): the weights are the
-  model's, not a copy; only the cache handling differs from ``model.gpt``. Compiled with
+  model's, not a copy; only the cache handling differs from ``model.gpt``. It computes both
+  families from the config, as the model does: learned, sinusoidal or rotary positions, either
+  norm and MLP (the block's own modules), grouped-query attention over ``n_kv_head`` cached heads
+  and a sliding window in its mask. Compiled with
   ``dynamic=False``: one graph per (batch, max_len), and a CUDA graph needs static shapes.
 - **Prefill** is the model's own ``forward`` compiled with ``dynamic=False``: one graph per
   prompt shape. A benchmark repeats one shape, and a static graph is inductor's fastest for
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 
 from backends.base import (TORCH_DTYPES, BackendError, BackendUnavailable, Probe, TorchBackend,
                            UnsupportedPrecision, isa_has_native_bf16)
-from model.gpt import GPT, sinusoidal_embedding
+from model.gpt import GPT, apply_rotary, rotary_tables, sinusoidal_embedding
 
 DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32")}
 CXX_FIX = "apt-get install g++ (or set CXX to a working C++ compiler; inductor runs $CXX, else g++)"
@@ -157,7 +160,7 @@ class _Buffers:
     captures their addresses)."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, config.n_head, max_len, config.head_dim)  # (B, n_head, max_len, head_dim)
+        shape = (batch, config.n_kv_head, max_len, config.head_dim)  # (B, n_kv_head, max_len, head_dim)
         # Zeros, not empty: attention multiplies masked positions by a zero weight, and 0 * NaN
         # from uninitialised memory would still be NaN.
         self.keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer))
@@ -197,44 +200,69 @@ def _attend(q, k, v, allowed):
     SDPA's kernels do: the ``attention="math"`` option. An experiment, kept for comparison: on
     the 2-core AVX-512 VM inductor's kernels for it made a gpt2 decode step 5x slower than
     ``scaled_dot_product_attention`` (the default, a call to ATen's flash kernel)."""
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, n_head, 1, max_len)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, heads, queries, max_len)
     weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
-    return weights @ v  # (B, n_head, 1, head_dim)
+    return weights @ v  # (B, heads, queries, head_dim)
 
 
 class StaticDecoder:
-    """One decode step over a static cache, built from ``model``'s own submodules (its weights)."""
+    """One decode step over a static cache, built from ``model``'s own submodules (its weights)
+    and helpers (``rotary_tables``, ``apply_rotary``, ``sinusoidal_embedding``), for either family.
+
+    Only the cache and the mask differ from ``model.gpt``: keys and values are written in place
+    at ``index`` and attention reads the whole buffer under a mask. Grouped-query attention reads
+    the ``n_kv_head`` cached heads as they are, without ``repeat_kv``'s copy of the whole cache:
+    with one new token per row, the ``n_head / n_kv_head`` query heads that share a key/value head
+    are laid along the query axis, (B, n_kv_head, n_rep, head_dim), and attend to that head's keys
+    together under the same mask (head ``h`` reads key/value head ``h // n_rep``, as in the model).
+    """
 
     def __init__(self, model: GPT, attention: str = "sdpa"):
         self.model = model
         self.attention = attention
 
+    def allowed(self, valid, index):
+        """Which cache positions the new token sees: the real tokens, always itself, and with a
+        sliding window only the last ``window`` positions up to itself (the model's rule: key
+        index > query index - window). (B, 1, 1, max_len)."""
+        window = self.model.config.sliding_window
+        k_idx = torch.arange(valid.shape[1], device=valid.device)  # (max_len,)
+        allowed = valid | (k_idx == index)  # (B, max_len)
+        if window is not None:
+            allowed = allowed & (k_idx > index - window)
+        return allowed.view(valid.shape[0], 1, 1, -1)
+
     def __call__(self, ids, pos, new_valid, index, keys, values, valid):
         """ids, pos, new_valid: (B, 1); index: (1,) the write position; keys, values: per layer
-        (B, n_head, max_len, head_dim), written in place; valid: (B, max_len), updated in place.
+        (B, n_kv_head, max_len, head_dim), written in place; valid: (B, max_len), updated in place.
         Returns the logits (B, vocab)."""
         model, cfg = self.model, self.model.config
-        B, C, H, D = ids.shape[0], cfg.n_embd, cfg.n_head, cfg.head_dim
+        B, C, H, KV, D = ids.shape[0], cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         x = model.transformer.wte(ids)  # (B, 1, C)
+        rotary = None
         if cfg.pos_encoding == "learned":
             x = x + model.transformer.wpe(pos)
-        else:
+        elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_embedding(pos, C).to(x.dtype)
+        else:  # rotary: q and k turned in every block by the same tables, (B, 1, 1, head_dim)
+            rotary = rotary_tables(cfg, pos, x.dtype)
         valid.index_copy_(1, index, new_valid)
-        # As model.gpt: a query sees the real tokens up to itself, and always itself.
-        k_idx = torch.arange(valid.shape[1], device=valid.device)  # (max_len,)
-        allowed = (valid | (k_idx == index)).view(B, 1, 1, -1)  # (B, 1, 1, max_len)
+        allowed = self.allowed(valid, index)  # (B, 1, 1, max_len)
         for block, k_cache, v_cache in zip(model.transformer.h, keys, values):
             attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.splits, dim=2)
             q = q.view(B, 1, H, D).transpose(1, 2)  # (B, n_head, 1, head_dim)
-            k_cache.index_copy_(2, index, k.view(B, 1, H, D).transpose(1, 2))
-            v_cache.index_copy_(2, index, v.view(B, 1, H, D).transpose(1, 2))
+            k = k.view(B, 1, KV, D).transpose(1, 2)  # (B, n_kv_head, 1, head_dim)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            k_cache.index_copy_(2, index, k)
+            v_cache.index_copy_(2, index, v.view(B, 1, KV, D).transpose(1, 2))
+            q = q.reshape(B, KV, H // KV, D)  # (B, n_kv_head, n_rep, head_dim): a group's heads as queries
             if self.attention == "sdpa":
-                y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed)  # (B, n_head, 1, head_dim)
+                y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=allowed)
             else:
-                y = _attend(q, k_cache, v_cache, allowed)
-            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))  # (B, 1, C)
+                y = _attend(q, k_cache, v_cache, allowed)  # (B, n_kv_head, n_rep, head_dim)
+            x = x + attn.c_proj(y.reshape(B, 1, C))  # heads in order h = kv * n_rep + r: (B, 1, C)
             x = x + block.mlp(block.ln_2(x))
         index.add_(1)
         return model.lm_head(model.transformer.ln_f(x))[:, -1, :]  # (B, vocab)

@@ -16,12 +16,19 @@ what ``quantize_dynamic`` does unasked) or ``per_channel`` (one per output row, 
 ``per_channel_dynamic_qconfig``); both symmetric, from torch's MinMax observers.
 
 precision int4: weight-only, group-wise asymmetric 4-bit codes (``group_size`` columns share a
-scale and a zero; default 128), run by torch's own CPU kernel
+scale and a zero), run by torch's own CPU kernel
 ``aten._weight_int4pack_mm_for_cpu``, weights packed once at load by
 ``aten._convert_weight_to_int4pack_for_cpu``. Every Linear, the LM head included. The kernel
 takes its activations, scales and zeros in bf16 (its vectorised path; measured here with
 fp32 activations it ran 20x slower than with bf16), so each int4 Linear casts its input to
 bf16 and its output back to fp32; the file keeps the scales in fp32.
+
+The group is chosen per matrix unless ``group_size`` is given (``backends.base.int4_group``): the
+largest of 128, 64 and 32 that divides the matrix's input width (SmolLM2-135M: 64 for its 576-wide
+inputs, 128 for the MLP's 1536), and where none divides, 32 over the width padded with zero
+columns to a multiple of 32, the activations padded with zeros to match at every call. An
+explicit ``group_size`` is used for every matrix and refuses a width it does not divide. The
+groups chosen are in ``info()`` (``group_sizes``: how many matrices got each).
 
 Both precisions go through one tensor set (``quantized_state``: integer weights, scales, zero
 points, the fp32 rest), the layout of a quantised checkpoint (``model/qcheckpoint.py``), and one
@@ -41,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from backends.base import BackendError, BackendUnavailable, Probe, TorchBackend
+from backends.base import (BackendError, BackendUnavailable, Probe, TorchBackend, int4_group,
+                           int4_group_counts)
 from model.errors import InputError
 
 
@@ -92,7 +100,8 @@ def quantized_weight_bytes(model: nn.Module) -> int:
 
 
 INT8_SCHEMES = ("per_tensor", "per_channel")
-DEFAULT_GROUP_SIZE = 128
+DEFAULT_GROUP_SIZE = None  # int4: a group per matrix (backends.base.int4_group)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 INT4_SCHEME = "groupwise_asym"
 INT4_ACTIVATIONS = torch.bfloat16  # what the int4 kernel computes in (its fast path)
 INT4_PACK_N = 16  # the CPU int4 pack wants a multiple of 16 output rows; the LM head is padded
@@ -102,14 +111,21 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int):
-    """Group-wise asymmetric 4-bit codes of ``weight`` (N, K): (packed uint8 (N, K/2), scales
-    (N, K/G), zeros (N, K/G)), with w ~ (q - 8) * scale + zero (tinygemm's convention, which
-    torch's int4 kernels compute: the zero is the value of code 8)."""
+def quantize_int4(weight: torch.Tensor, group_size: int, padded: int | None = None):
+    """Group-wise asymmetric 4-bit codes of ``weight`` (N, K): (packed uint8 (N, Kp/2), scales
+    (N, Kp/G), zeros (N, Kp/G)), with w ~ (q - 8) * scale + zero (tinygemm's convention, which
+    torch's int4 kernels compute: the zero is the value of code 8). ``padded`` (Kp, default K):
+    the width after zero columns are appended, a multiple of ``group_size``; the last group
+    then holds those zeros among its values."""
     N, K = weight.shape
-    if K % group_size:
-        raise BackendError(f"backend 'int8': group_size={group_size} does not divide in_features={K}")
-    w = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, groups, G)
+    padded = K if padded is None else padded
+    if padded % group_size or padded < K:
+        raise BackendError(f"backend 'int8': group_size={group_size} does not divide in_features={padded}")
+    w = weight.detach().float()
+    if padded > K:
+        w = torch.nn.functional.pad(w, (0, padded - K))  # (N, Kp): zero columns
+    K = padded
+    w = w.reshape(N, K // group_size, group_size)  # (N, groups, G)
     lo, hi = w.amin(-1), w.amax(-1)  # (N, groups)
     scales = ((hi - lo) / 15).clamp(min=1e-6)
     codes = ((w - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
@@ -118,13 +134,18 @@ def quantize_int4(weight: torch.Tensor, group_size: int):
 
 
 class Int4Linear(nn.Module):
-    """A Linear whose weight is held as torch's CPU int4 pack with group-wise scales and zeros."""
+    """A Linear whose weight is held as torch's CPU int4 pack with group-wise scales and zeros.
+
+    ``in_features``: the Linear's own input width, where the codes cover a wider, zero-padded one
+    (``quantize_int4``'s ``padded``); its input is then padded with zeros on every call."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: torch.Tensor | None, group_size: int, prepacked: tuple | None = None):
+                 bias: torch.Tensor | None, group_size: int, prepacked: tuple | None = None,
+                 in_features: int | None = None):
         super().__init__()
         N, K = packed.shape[0], packed.shape[1] * 2
-        self.in_features, self.out_features, self.group_size = K, N, group_size
+        self.in_features, self.out_features, self.group_size = in_features or K, N, group_size
+        self.padded_in_features = K
         if prepacked is not None:  # (weight_int4pack, scales_and_zeros) as this code packed them before
             self.register_buffer("weight_int4pack", prepacked[0])
             self.register_buffer("scales_and_zeros", prepacked[1])
@@ -144,9 +165,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(INT4_ACTIVATIONS)
+        if self.padded_in_features != self.in_features:  # zero activations for the zero columns
+            x = torch.nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(INT4_ACTIVATIONS).contiguous(), self.weight_int4pack,
-            self.group_size, self.scales_and_zeros)  # (M, N_padded)
+            x.contiguous(), self.weight_int4pack, self.group_size, self.scales_and_zeros)  # (M, N_padded)
         y = y[:, :self.out_features].float()
         if self.bias is not None:
             y = y + self.bias
@@ -161,10 +184,26 @@ def int4_pack_identity() -> dict:
                 source=hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16])
 
 
+def int4_groups(model: nn.Module, group_size: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """{Linear name: (group, in_features, padded width)} of ``model``'s int4 matrices: ``group_size``
+    for every one (strict), or chosen per matrix (``backends.base.int4_group``)."""
+    out = {}
+    for name in quantizable_linears(model):
+        K = model.get_submodule(name).in_features
+        group, padded = int4_group(K, group_size, backend="int8", matrix=name)
+        out[name] = (group, K, padded)
+    return out
+
+
 def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_tensor",
-                    group_size: int = DEFAULT_GROUP_SIZE, prepack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+                    group_size: int | None = DEFAULT_GROUP_SIZE,
+                    prepack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Every tensor of ``model`` quantised as ``precision`` asks, in the quantised-checkpoint
     layout (``model/qcheckpoint.py``), and the "quantization" metadata that describes them.
+
+    int4: ``group_size`` for every matrix, or None for a group per matrix; the metadata's
+    ``group_sizes`` names each matrix's, and ``group_size`` is the one group where every matrix
+    has it unpadded (what files before per-matrix groups held), else None.
 
     ``prepack`` (int4): also torch's packed form of each Linear (``L.int4pack``, ``L.scales_and_zeros``),
     so a checkpoint loads without packing again on the same torch build and CPU (``int4_pack_identity``)."""
@@ -186,17 +225,21 @@ def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_te
                 tensors[f"{name}.bias"] = bias.detach().float()
         scheme, group = int8_scheme, None
     elif precision == "int4":
+        chosen = int4_groups(model, group_size)
         for name in layers:
             module = model.get_submodule(name)
-            packed, scales, zeros = quantize_int4(module.weight, group_size)
+            group, _, padded = chosen[name]
+            packed, scales, zeros = quantize_int4(module.weight, group, padded)
             tensors.update({f"{name}.qweight": packed, f"{name}.scales": scales, f"{name}.zero_points": zeros})
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().float()
             if prepack:
-                built = Int4Linear(packed, scales, zeros, None, group_size)
+                built = Int4Linear(packed, scales, zeros, None, group)
                 tensors[f"{name}.int4pack"] = built.weight_int4pack
                 tensors[f"{name}.scales_and_zeros"] = built.scales_and_zeros
-        scheme, group = INT4_SCHEME, group_size
+        scheme = INT4_SCHEME
+        distinct = {(g, k == p) for g, k, p in chosen.values()}
+        group = next(iter(distinct))[0] if len(distinct) == 1 and next(iter(distinct))[1] else None
     else:
         raise BackendError(f"backend 'int8': no quantised state for precision {precision!r}")
     quantized_params = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
@@ -207,9 +250,18 @@ def quantized_state(model: nn.Module, precision: str, int8_scheme: str = "per_te
         tensors.pop("lm_head.weight", None)
     meta = dict(backend="int8", precision=precision, scheme=scheme, group_size=group, layers=layers,
                 libraries={"torch": torch.__version__}, engine=quantized_engine() if precision == "int8" else None)
+    if precision == "int4":
+        meta["group_sizes"] = {name: chosen[name][0] for name in layers}
+        meta["group_choice"] = "asked" if group_size else "per_matrix"
     if prepack and precision == "int4":
         meta["prepacked"] = int4_pack_identity()
     return tensors, meta
+
+
+def file_groups(meta: dict) -> dict[str, int]:
+    """{Linear name: int4 group} of a quantised tensor set's metadata: its ``group_sizes``, or in a
+    file written before groups were chosen per matrix, its one ``group_size`` for all."""
+    return dict(meta.get("group_sizes") or {name: meta["group_size"] for name in meta["layers"]})
 
 
 def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.Module:
@@ -227,6 +279,7 @@ def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.
     if meta["precision"] == "int8":
         torch.backends.quantized.engine = quantized_engine()
     use_pack = bool(meta.get("prepacked")) and meta["prepacked"] == int4_pack_identity()
+    groups = file_groups(meta)
     for name in meta["layers"]:
         q, scales, zps = (tensors[f"{name}.{k}"] for k in ("qweight", "scales", "zero_points"))
         bias = tensors.get(f"{name}.bias")
@@ -243,7 +296,8 @@ def build_quantized(config, tensors: dict[str, torch.Tensor], meta: dict) -> nn.
             module.set_weight_bias(qweight, bias)
         else:
             prepacked = (tensors[f"{name}.int4pack"], tensors[f"{name}.scales_and_zeros"]) if use_pack else None
-            module = Int4Linear(q, scales, zps, bias, meta["group_size"], prepacked)
+            K = model.get_submodule(name).in_features  # the meta model's: padded codes are wider
+            module = Int4Linear(q, scales, zps, bias, groups[name], prepacked, in_features=K)
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, leaf, module)
     for name, p in model.named_parameters():
@@ -267,15 +321,16 @@ class Int8Backend(TorchBackend):
         super().__init__(precision, threads, device, **options)
         if int8_scheme is not None and int8_scheme not in INT8_SCHEMES:
             raise InputError(f"int8_scheme={int8_scheme!r} is not one of {', '.join(INT8_SCHEMES)}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
-            raise InputError(f"group_size={group_size!r} must be an even integer of at least 2")
+        if group_size is not None and group_size not in INT4_KERNEL_GROUPS:
+            raise InputError(f"group_size={group_size!r} is not one torch's int4 kernel takes "
+                             f"({', '.join(map(str, INT4_KERNEL_GROUPS))}); leave it unset to choose per matrix")
         if int8_scheme is not None and self.precision != "int8":
             raise InputError(f"int8_scheme is an option of precision int8, not {self.precision}")
         if group_size is not None and self.precision != "int4":
             raise InputError(f"group_size is an option of precision int4, not {self.precision}")
         self.asked = dict(int8_scheme=int8_scheme, group_size=group_size)
         self.int8_scheme = int8_scheme or "per_tensor"
-        self.group_size = group_size or DEFAULT_GROUP_SIZE
+        self.group_size = group_size  # None: per matrix
         self._meta: dict = {}
 
     @classmethod
@@ -301,17 +356,24 @@ class Int8Backend(TorchBackend):
             torch.set_num_threads(self.threads)
         if isinstance(model, QuantizedCheckpoint):
             model.check_for(self.name, self.precision)
+            held_groups = set(file_groups(model.meta).values()) if self.precision == "int4" else set()
             file_scheme = dict(int8_scheme=model.meta["scheme"] if self.precision == "int8" else None,
                                group_size=model.meta.get("group_size"))
             for key, asked in self.asked.items():
-                if asked is not None and asked != file_scheme[key]:
-                    raise QuantizedCheckpointError(f"{model.directory}: holds {key}={file_scheme[key]!r}, "
+                # an asked group must be every matrix's (a file of per-matrix groups holds group_size null)
+                held = {file_scheme[key]} if key == "int8_scheme" else held_groups
+                if asked is not None and held != {asked}:
+                    shown = file_scheme[key] if key == "int8_scheme" or file_scheme[key] else \
+                        f"per matrix ({', '.join(map(str, sorted(held, reverse=True)))})"
+                    raise QuantizedCheckpointError(f"{model.directory}: holds {key}={shown!r}, "
                                                    f"but {key}={asked!r} was asked for")
             self.int8_scheme = file_scheme["int8_scheme"] or self.int8_scheme
             self.group_size = file_scheme["group_size"] or self.group_size
             self.model = build_quantized(model.config, model.tensors, model.meta)
             self._meta = dict(quantized_checkpoint=str(model.directory), requantized=False,
                               source_digest=model.meta.get("source", {}).get("digest"))
+            if self.precision == "int4":  # a file from before per-matrix groups had one, asked or default
+                self._meta["group_choice"] = model.meta.get("group_choice", "asked")
             if self.precision == "int4":  # whether torch's pack came from the file or was made again
                 held = model.meta.get("prepacked")
                 self._meta["prepacked"] = ("from the file" if held and held == int4_pack_identity() else
@@ -337,9 +399,16 @@ class Int8Backend(TorchBackend):
         if model is None:
             return info
         if self.precision == "int4":
-            return dict(info, quantized_linears=sum(isinstance(m, Int4Linear) for m in model.modules()),
-                        weight_dtype=f"int4 group-wise asymmetric, group_size {self.group_size}, bf16 scales and zeros",
-                        scheme=INT4_SCHEME, group_size=self.group_size,
+            groups = {name: (m.group_size, m.in_features, m.padded_in_features)
+                      for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+            counts = int4_group_counts(groups)
+            shown = ", ".join(f"{g} ({n})" for g, n in counts.items())
+            return dict(info, quantized_linears=len(groups),
+                        weight_dtype=f"int4 group-wise asymmetric, groups {shown}, bf16 scales and zeros",
+                        scheme=INT4_SCHEME, group_size=self.group_size, group_sizes=counts,
+                        group_choice=self._meta.get("group_choice") or (
+                            "asked" if self.group_size else "per_matrix"),
+                        padded_matrices={name: f"{k}->{p}" for name, (_, k, p) in groups.items() if p != k},
                         kernel="aten._weight_int4pack_mm_for_cpu", activations="bf16 in the int4 Linears, fp32 elsewhere",
                         weight_bytes=quantized_weight_bytes(model))
         return dict(

@@ -6,12 +6,22 @@ scale per tensor, the default, or per output channel), cached beside it; int4 is
 weight quantiser (``MatMulNBitsQuantizer``, round-to-nearest) turning every constant-weight
 MatMul into a ``MatMulNBits`` with ``block_size`` weights per scale, asymmetric unless
 ``symmetric``, computing at ``accuracy_level`` (4: int8 activations, quantised per block, ORT's
-fast x86 path; 0/1: fp32), cached too. ``fusions``: before any of that, ORT's transformer optimizer
+fast x86 path; 0/1: fp32), cached too. Unless ``block_size`` is given, the block is chosen per
+MatMul (``backends.base.int4_group``): the largest of 128, 64 and 32 that divides its input
+width, else 32 over the width padded with zeros, which the quantiser does itself (it pads K to a
+multiple of the block with zero rows, and the kernel reads the last block's real rows only); one
+quantiser pass per block size, each leaving the other MatMuls alone. An explicit ``block_size``
+is every MatMul's, and refuses a width it does not divide where ORT would quietly pad it. ``fusions``: before any of that, ORT's transformer optimizer
 (``onnxruntime.transformers.optimizer.optimize_model``, model_type "gpt2") rewrites the fp32 graph's
 residual Add + LayerNormalization pairs into ``SkipLayerNormalization`` and the tanh-GELU pieces
 (with the MLP's bias Add) into ``FastGelu``, which the session's own optimizer does not do for this
 export; the MatMuls stay, so the quantisers still find them. Its attention fusion does not match
-this export (see ``FUSIONS_MISSED``). The fused graph is cached too, and the quantised graphs are
+this export (see ``FUSIONS_MISSED``). On a Llama-family graph the same GPT-2 fusions find RMSNorm
+instead: each residual Add + RMSNorm becomes ``SkipSimplifiedLayerNormalization`` and the first
+``SimplifiedLayerNormalization`` (ORT's own operator in the ONNX domain, which ``onnx.checker``
+does not know, so such a graph is checked by loading it in ORT instead); rotary, SwiGLU and
+attention stay as exported. ``info()`` records what fused (``fused_operators``, or "none") and
+what did not. The fused graph is cached too, and the quantised graphs are
 keyed on it. Off by default: on gpt2 (batch 1, 2 threads, a loaded 2-vCPU EPYC) it took the
 session's graph from 660 to 516 nodes at int4 but changed no precision's decode step by more than
 the noise (median step time fp32 -1%, int8 +5%, int4 -3%). The KV cache stays in ORT's own
@@ -28,7 +38,7 @@ import numpy as np
 import torch
 
 from backends import export
-from backends.base import Backend, BackendError, BackendUnavailable, Probe, model_fingerprint
+from backends.base import Backend, BackendError, BackendUnavailable, Probe, int4_group, int4_group_counts, model_fingerprint
 
 INSTALL_HINT = "pip install onnxruntime onnx (onnxruntime-gpu for device='cuda')"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -43,6 +53,12 @@ INT8_SCHEMES = ("per_tensor", "per_channel")
 # past_value_i are separate inputs, so no Attention node is made.
 FUSIONS_MISSED = ("Attention: the export's scaled_dot_product_attention pattern and separate past key/value "
                   "inputs are not Hugging Face GPT-2's, which ORT's GPT-2 attention fusion matches")
+# The same run on a Llama-family graph (ORT 1.32): only the RMSNorms fuse.
+LLAMA_FUSIONS_MISSED = (FUSIONS_MISSED + "; RotaryEmbedding: the GPT-2 fusions' rotary pattern is not the export's "
+                        "(rotate-half on q and k with cos/sin tables from the positions); the GELU fusions: "
+                        "no GELU, the MLP is SwiGLU (Sigmoid, Mul)")
+# Operators ORT registers in the ONNX domain that are not ONNX's, which onnx.checker refuses.
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
 
 
 def cpu_has_vnni() -> bool:
@@ -76,7 +92,7 @@ class ONNXRuntimeBackend(Backend):
 
     def __init__(self, precision=None, threads=None, device=None, graph_optimization_level: str = "all",
                  weight_type: str = "qint8", reduce_range: bool | None = None, int8_scheme: str = "per_tensor",
-                 block_size: int = 128, accuracy_level: int = 4, symmetric: bool = False, fusions: bool = False,
+                 block_size: int | None = None, accuracy_level: int = 4, symmetric: bool = False, fusions: bool = False,
                  **options):
         super().__init__(precision, threads, device, **options)
         if options:
@@ -91,8 +107,9 @@ class ONNXRuntimeBackend(Backend):
             raise ValueError(f"weight_type={weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
         if int8_scheme not in INT8_SCHEMES:
             raise ValueError(f"int8_scheme={int8_scheme!r} is not one of {', '.join(INT8_SCHEMES)}")
-        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size={block_size!r} must be a power of two, at least 16")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 16
+                                       or block_size & (block_size - 1)):
+            raise ValueError(f"block_size={block_size!r} must be a power of two, at least 16 (unset: per MatMul)")
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level={accuracy_level!r} is not one of 0-4 (MatMulNBits)")
         self.int8_scheme, self.block_size = int8_scheme, block_size
@@ -169,8 +186,9 @@ class ONNXRuntimeBackend(Backend):
         if self.fusions:
             path, meta, hit = self._fused(path, meta)
             self._meta.update(fuse_s=0.0 if hit else meta["build_s"], fuse_cache_hit=hit,
-                              fused_operators=meta["fused_operators"], nodes_before_fusion=meta["nodes_before"],
-                              nodes_after_fusion=meta["nodes_after"], fusions_missed=FUSIONS_MISSED)
+                              fused_operators=meta["fused_operators"] or "none",
+                              nodes_before_fusion=meta["nodes_before"], nodes_after_fusion=meta["nodes_after"],
+                              fusions_missed=LLAMA_FUSIONS_MISSED if self.config.family == "llama" else FUSIONS_MISSED)
         if self.precision in ("int8", "int4"):
             path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
@@ -199,7 +217,7 @@ class ONNXRuntimeBackend(Backend):
             fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
             out = tmp / "model.onnx"
             optimized.save_model_to_file(str(out), use_external_data_format=large, all_tensors_to_one_file=True)
-            export.check_onnx(out)
+            check_graph(out)
             before = len(onnx.load(str(fp32_path), load_external_data=False).graph.node)
             after = len(onnx.load(str(out), load_external_data=False).graph.node)
             return dict(parts, key=key, opset=fp32_meta["opset"], fused_operators=fused, nodes_before=before,
@@ -224,6 +242,11 @@ class ONNXRuntimeBackend(Backend):
         from model.qcheckpoint import QuantizedCheckpointError
         qc.check_for(self.name, self.precision)
         qc.check_library("onnxruntime", ort.__version__)
+        held = qc.meta.get("options", {}).get("block_size")
+        if self.precision == "int4" and self.block_size is not None and held != self.block_size:
+            raise QuantizedCheckpointError(f"{qc.directory}: holds block_size={held or 'per MatMul'!r}, but "
+                                           f"block_size={self.block_size!r} was asked for (quantise it again "
+                                           f"with that option)")
         qc.adopt_options(self)
         if "model.onnx" not in qc.files:
             raise QuantizedCheckpointError(f"{qc.directory}: quantization.files names no model.onnx")
@@ -233,6 +256,8 @@ class ONNXRuntimeBackend(Backend):
                           source_digest=qc.meta.get("source", {}).get("digest"), model_path=str(path),
                           weight_bytes=qc.meta.get("weight_bytes"), opset=qc.meta.get("opset"), cache_hit=False,
                           written_by=f"onnxruntime {qc.meta['libraries'].get('onnxruntime')}")
+        if self.precision == "int4":
+            self._meta["block_sizes"] = int4_group_counts(matmulnbits_blocks(path))
         return path
 
     def _quantized(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
@@ -266,7 +291,7 @@ class ONNXRuntimeBackend(Backend):
             for f in tmp.iterdir():  # the pre-processed model and its side file are not needed now
                 if f.name.startswith("preprocessed"):
                     f.unlink()
-            export.check_onnx(out)
+            check_graph(out)
             return dict(parts, key=key, opset=fp32_meta["opset"], weight_bytes=export.onnx_weight_bytes(out))
 
         entry, meta, hit = export.cached("onnx-int8", key, build)
@@ -287,29 +312,51 @@ class ONNXRuntimeBackend(Backend):
         finally:  # its module calls logging.basicConfig(level=INFO) on import: a line per graph node
             root.setLevel(level)
             root.handlers[:] = handlers
+        import onnx
+        groups = self._int4_blocks(onnx.load(str(fp32_path), load_external_data=False))
         parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__), onnxruntime=ort.__version__,
-                     bits=4, block_size=self.block_size, symmetric=self.symmetric,
+                     bits=4, block_size=self.block_size or "per_matmul", symmetric=self.symmetric,
                      accuracy_level=self.accuracy_level, algorithm="RTN", op_types=["MatMul"], fusions=self.fusions)
         key = export.cache_key("onnx-int4", **parts)
         large = sum(f.stat().st_size for f in fp32_path.parent.iterdir()) > 2**31 - 2**26
 
         def build(tmp: Path) -> dict:
-            import onnx
-            quantizer = MatMulNBitsQuantizer(
-                onnx.load(str(fp32_path)), bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
-                accuracy_level=self.accuracy_level, op_types_to_quantize=("MatMul",))
-            quantizer.process()
+            model = onnx.load(str(fp32_path))
+            for block in sorted({g for g, _, _ in groups.values()}, reverse=True):
+                # One pass per block size; a MatMul quantised by an earlier pass is a MatMulNBits now.
+                others = [name for name, (g, _, _) in groups.items() if g != block]
+                quantizer = MatMulNBitsQuantizer(
+                    model, bits=4, block_size=block, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                    op_types_to_quantize=("MatMul",), nodes_to_exclude=others)
+                quantizer.process()
+                model = quantizer.model.model
             out = tmp / "model.onnx"
             quantizer.model.save_model_to_file(str(out), large)
-            export.check_onnx(out)
-            n = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(out), load_external_data=False).graph.node)
-            if n == 0:
+            check_graph(out)
+            blocks = matmulnbits_blocks(out)
+            if not blocks:
                 raise BackendError("onnxruntime int4: the quantiser left no MatMulNBits in the graph")
-            return dict(parts, key=key, opset=fp32_meta["opset"], matmulnbits_nodes=n,
-                        weight_bytes=export.onnx_weight_bytes(out))
+            return dict(parts, key=key, opset=fp32_meta["opset"], matmulnbits_nodes=len(blocks),
+                        block_sizes=int4_group_counts(blocks), weight_bytes=export.onnx_weight_bytes(out))
 
         entry, meta, hit = export.cached("onnx-int4", key, build)
+        self._meta.update(block_sizes=meta["block_sizes"])
         return entry / "model.onnx", meta, hit
+
+    def _int4_blocks(self, graph_model) -> dict[str, tuple[int, int, int]]:
+        """{MatMul node: (block, K, K padded to the block)} for every MatMul with a constant 2-D
+        weight (what the quantiser turns into MatMulNBits): ``block_size`` for each, refusing a K
+        it does not divide, or chosen per MatMul (``backends.base.int4_group``)."""
+        weights = {t.name: list(t.dims) for t in graph_model.graph.initializer}
+        out = {}
+        for node in graph_model.graph.node:
+            dims = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+            if dims is None or len(dims) != 2:
+                continue
+            block, padded = int4_group(dims[0], self.block_size, backend="onnxruntime", matrix=f"MatMul {node.name}",
+                                       option="block_size")
+            out[node.name] = (block, dims[0], padded)
+        return out
 
     # -- run -------------------------------------------------------------------------------
     def _forward(self, ids, pos, mask, cache):
@@ -368,11 +415,44 @@ class ONNXRuntimeBackend(Backend):
                         per_channel=self.int8_scheme == "per_channel", int8_scheme=self.int8_scheme)
         if self.precision == "int4":
             info.update(bits=4, block_size=self.block_size, symmetric=self.symmetric,
+                        block_choice="asked" if self.block_size else "per_matmul",
                         accuracy_level=self.accuracy_level, quantizer="MatMulNBitsQuantizer (RTN)")
         return info
 
     def close(self) -> None:
         self.session = None
+
+
+def check_graph(path: Path) -> None:
+    """``export.check_onnx`` on a graph of ONNX operators; a graph that holds ORT's own ONNX-domain
+    operators (``ORT_ONNX_DOMAIN_OPS``, from the fusions) is checked by ORT loading it instead,
+    unoptimised, since the ONNX checker does not know them."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    if not any(n.op_type in ORT_ONNX_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in nodes):
+        export.check_onnx(path)
+        return
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types; keep the message
+        raise BackendError(f"onnxruntime cannot load the graph it wrote, {path}: {type(e).__name__}: {e}") from e
+
+
+def matmulnbits_blocks(path: Path) -> dict[str, tuple[int, int, int]]:
+    """{MatMulNBits node: (block_size, K, K padded to a multiple of the block)} of an ONNX file."""
+    import onnx
+
+    out = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            block, K = attrs["block_size"], attrs["K"]
+            out[node.name] = (block, K, -(-K // block) * block)
+    return out
 
 
 def _int64(t: torch.Tensor) -> np.ndarray:

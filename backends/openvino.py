@@ -7,7 +7,16 @@ fp32 (``compress_to_fp16=False``) and cached; int8 is NNCF weight compression of
 cached too, and still computes with f32 activations. int4 is NNCF's INT4_ASYM or INT4_SYM
 weight compression (``int4_mode``), ``group_size`` weights per scale, ``ratio`` of the layers in
 int4 and the rest in NNCF's backup int8; NNCF keeps the embedding and the last layer (the LM
-head) in int8 too unless ``all_layers``. int8 computes with f32 activations unless
+head) in int8 too unless ``all_layers``. Unless ``group_size`` is given, the group is chosen per
+matrix: NNCF's ``group_size_fallback_mode=ADJUST`` from 128 gives a matrix that 128 does not
+divide the largest power of two that divides its width, if at least 32 (576 -> 64, 352 -> 32),
+which is the rule of ``backends.base.int4_group``. A width none of 128, 64, 32 divides is not
+padded here, as the ``int8`` backend pads it: NNCF rewrites each MatMul's constant in place and
+cannot widen it, so padding would mean editing the fp32 IR first (a Pad on the MatMul's
+activations and a wider constant); NNCF compresses such a matrix in its backup int8 instead, and
+``info()`` counts it there. The groups NNCF chose are read back from the compressed IR
+(``group_sizes``: how many matrices got each). An explicit ``group_size`` is NNCF's for every
+matrix and refuses a width it does not divide. int8 computes with f32 activations unless
 ``dynamic_quantization_group_size`` > 0 asks the CPU plugin to quantise them to int8 per group.
 int4 quantises them by default, in groups of 32 (``INT4_ACTIVATION_GROUP``, the CPU plugin's
 own default for compressed weights, which this backend used to turn off): with f32
@@ -34,8 +43,8 @@ import numpy as np
 import torch
 
 from backends import export
-from backends.base import (Backend, BackendError, BackendUnavailable, Probe, UnsupportedPrecision,
-                           isa_has_native_bf16, model_fingerprint)
+from backends.base import (INT4_GROUPS, Backend, BackendError, BackendUnavailable, GroupSizeError, Probe,
+                           UnsupportedPrecision, int4_group, isa_has_native_bf16, model_fingerprint)
 
 INSTALL_HINT = "pip install openvino nncf"
 INT8_MODES = ("asym", "sym")  # nncf.CompressWeightsMode.INT8_ASYM / INT8_SYM
@@ -77,7 +86,7 @@ class OpenVINOBackend(Backend):
     description = "OpenVINO IR from the PyTorch frontend; int8 and int4 by NNCF weight compression"
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
-                 group_size: int = 128, ratio: float = 1.0, all_layers: bool = False,
+                 group_size: int | None = None, ratio: float = 1.0, all_layers: bool = False,
                  dynamic_quantization_group_size: int | None = None, **options):
         super().__init__(precision, threads, device, **options)
         if options:
@@ -86,8 +95,8 @@ class OpenVINOBackend(Backend):
             raise ValueError(f"int8_mode={int8_mode!r} is not one of {', '.join(INT8_MODES)}")
         if int4_mode not in INT4_MODES:
             raise ValueError(f"int4_mode={int4_mode!r} is not one of {', '.join(INT4_MODES)}")
-        if not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"group_size={group_size!r} must be an integer of at least 2")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 2):
+            raise ValueError(f"group_size={group_size!r} must be an integer of at least 2 (unset: per matrix)")
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
         if dynamic_quantization_group_size is None:  # int4: int8 activations; int8: f32 activations
@@ -183,12 +192,15 @@ class OpenVINOBackend(Backend):
 
     def graph(self, model: torch.nn.Module) -> Path:
         """The model's IR at this precision: converted and compressed, each step cached."""
+        import openvino as ov
         self.config = model.config
         path, meta, hit = self._fp32_ir(model, model_fingerprint(model))
         self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
         if self.precision in ("int8", "int4"):
             path, meta, hit = self._int8_ir(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
+            if self.precision == "int4":  # what NNCF made of each matrix, read from the IR it wrote
+                self._meta["group_sizes"] = meta.get("group_sizes") or ir_weight_groups(ov.Core().read_model(path))
         self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"],
                           cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("quantize_cache_hit", True)))
         return path
@@ -207,6 +219,11 @@ class OpenVINOBackend(Backend):
         from model.qcheckpoint import QuantizedCheckpointError
         qc.check_for(self.name, self.precision)
         qc.check_library("openvino", ov.get_version())
+        held = qc.meta.get("options", {}).get("group_size")
+        if self.precision == "int4" and self.group_size is not None and held != self.group_size:
+            raise QuantizedCheckpointError(f"{qc.directory}: holds group_size={held or 'per matrix'!r}, but "
+                                           f"group_size={self.group_size!r} was asked for (quantise it again "
+                                           f"with that option)")
         qc.adopt_options(self)
         if not {"model.xml", "model.bin"} <= set(qc.files):
             raise QuantizedCheckpointError(f"{qc.directory}: quantization.files must name model.xml and model.bin")
@@ -216,6 +233,8 @@ class OpenVINOBackend(Backend):
                           source_digest=qc.meta.get("source", {}).get("digest"), model_path=str(path),
                           weight_bytes=qc.meta.get("weight_bytes"), cache_hit=False,
                           written_by=f"openvino {qc.meta['libraries'].get('openvino')}")
+        if self.precision == "int4":
+            self._meta["group_sizes"] = ir_weight_groups(ov.Core().read_model(path))
         return path
 
     def _fp32_ir(self, model: torch.nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
@@ -259,8 +278,9 @@ class OpenVINOBackend(Backend):
                          mode=f"int8_{self.int8_mode}")
         else:
             parts = dict(fp32_key=fp32_meta["key"], nncf=nncf.__version__, openvino=ov.get_version(),
-                         mode=f"int4_{self.int4_mode}", group_size=self.group_size, ratio=self.ratio,
+                         mode=f"int4_{self.int4_mode}", group_size=self.group_size or "per_matrix", ratio=self.ratio,
                          all_layers=self.all_layers)
+            self._check_group_size()
         key = export.cache_key(kind, **parts)
 
         def build(tmp: Path) -> dict:
@@ -283,13 +303,31 @@ class OpenVINOBackend(Backend):
             else:
                 mode = nncf.CompressWeightsMode.INT4_ASYM if self.int4_mode == "asym" else nncf.CompressWeightsMode.INT4_SYM
                 # Data-free (no dataset): round to nearest per group, as the other runtimes' int4.
-                compressed = nncf.compress_weights(model, mode=mode, group_size=self.group_size, ratio=self.ratio,
-                                                   all_layers=self.all_layers)
+                # Unasked, a group per matrix: 128, or where 128 does not divide, NNCF's ADJUST.
+                fallback = nncf.GroupSizeFallbackMode.ERROR if self.group_size else nncf.GroupSizeFallbackMode.ADJUST
+                advanced = nncf.AdvancedCompressionParameters(group_size_fallback_mode=fallback,
+                                                              min_adjusted_group_size=min(INT4_GROUPS))
+                try:
+                    compressed = nncf.compress_weights(model, mode=mode, group_size=self.group_size or max(INT4_GROUPS),
+                                                       ratio=self.ratio, all_layers=self.all_layers,
+                                                       advanced_parameters=advanced)
+                except nncf.InvalidGroupSizeError as e:  # _check_group_size missed a width: NNCF's first line
+                    raise GroupSizeError(f"backend 'openvino': {str(e).splitlines()[0]}") from None
             ov.save_model(compressed, tmp / "model.xml", compress_to_fp16=False)
-            return dict(parts, key=key, weight_bytes=ir_weight_bytes(compressed))
+            return dict(parts, key=key, weight_bytes=ir_weight_bytes(compressed),
+                        group_sizes=ir_weight_groups(compressed))
 
         entry, meta, hit = export.cached(kind, key, build)
         return entry / "model.xml", meta, hit
+
+    def _check_group_size(self) -> None:
+        """Refuse an explicit ``group_size`` that does not divide a matrix's input width (one line),
+        before NNCF would: n_embd for q/k/v, the attention's output, the MLP's first matrix and
+        the LM head; intermediate_size for the MLP's last."""
+        if self.group_size is None:
+            return
+        for width, matrix in ((self.config.n_embd, "attn.c_attn"), (self.config.intermediate_size, "mlp.c_proj")):
+            int4_group(width, self.group_size, backend="openvino", matrix=matrix)
 
     # -- run -------------------------------------------------------------------------------
     def _forward(self, ids, pos, mask, cache):
@@ -338,6 +376,8 @@ class OpenVINOBackend(Backend):
         if self.precision == "int4":
             info.update(int4_mode=self.int4_mode, group_size=self.group_size, ratio=self.ratio,
                         all_layers=self.all_layers, backup_mode="int8_asym (NNCF default)",
+                        group_choice="asked" if self.group_size else "per_matrix (NNCF group_size_fallback_mode=ADJUST "
+                                                                     "from 128, at least 32; no padding)",
                         activations=self._activations())
         return info
 
@@ -350,6 +390,26 @@ class OpenVINOBackend(Backend):
 
     def close(self) -> None:
         self.request = None
+
+
+def ir_weight_groups(ov_model) -> dict[str, int]:
+    """How many compressed weights of an NNCF-compressed IR hold each int4 group, and how many are
+    int8 (the embedding, the LM head, the backup of ``ratio`` < 1 or of a width no group fits):
+    ``{"128": 6, "32": 2, "int8": 1}``. An int4 weight is a 4-bit constant shaped (N, K/G, G);
+    an int8 one an 8-bit (N, K); zero points (NNCF names them ``.../zero_point``) are not weights."""
+    counts: dict[str, int] = {}
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "Constant" or op.get_friendly_name().endswith("zero_point"):
+            continue
+        kind, shape = op.get_element_type().get_type_name(), list(op.get_output_shape(0))
+        if kind in ("u4", "i4") and len(shape) == 3:
+            key = str(shape[-1])
+        elif kind in ("u8", "i8") and len(shape) == 2:
+            key = "int8"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (not kv[0].isdigit(), -int(kv[0]) if kv[0].isdigit() else 0)))
 
 
 def ir_weight_bytes(ov_model) -> int:

@@ -53,7 +53,8 @@ def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path,
         raise QuantizeInputError(f"--out {str(out)!r} exists and is not empty; nothing was overwritten")
     if backend != "int8":
         return _quantize_graph(source, out, backend, precision, options)
-    from backends.int8 import DEFAULT_GROUP_SIZE, INT8_SCHEMES, quantized_state
+    from backends.base import int4_group_counts
+    from backends.int8 import INT4_KERNEL_GROUPS, INT8_SCHEMES, int4_groups, quantized_state
 
     int8_scheme, group_size = options.pop("int8_scheme", None), options.pop("group_size", None)
     if options:
@@ -61,20 +62,24 @@ def quantize_checkpoint(checkpoint: str | Path, precision: str, out: str | Path,
     if int8_scheme is not None and (precision != "int8" or int8_scheme not in INT8_SCHEMES):
         raise QuantizeInputError(f"--int8-scheme {int8_scheme!r}: one of {', '.join(INT8_SCHEMES)}, "
                                  f"with --precision int8 only")
-    if group_size is not None and (precision != "int4" or group_size < 2 or group_size % 2):
-        raise QuantizeInputError(f"--group-size {group_size}: an even number, with --precision int4 only")
+    if group_size is not None and (precision != "int4" or group_size not in INT4_KERNEL_GROUPS):
+        raise QuantizeInputError(f"--group-size {group_size}: one of {', '.join(map(str, INT4_KERNEL_GROUPS))}, "
+                                 f"with --precision int4 only (unset: a group per matrix)")
     model = load_checkpoint(source)
     weights = weights_files(source)  # one file, or a sharded set's index and shards
     start = time.perf_counter()
-    tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size or DEFAULT_GROUP_SIZE,
-                                    prepack=True)
+    tensors, meta = quantized_state(model, precision, int8_scheme or "per_tensor", group_size, prepack=True)
     quantize_s = time.perf_counter() - start
     meta["source"] = _source(source, weights)
     meta["libraries"].update(_versions())
     meta["quantize_s"] = quantize_s
     save_quantized(out, model.config, tensors, meta, source=source)
+    groups = int4_group_counts(int4_groups(model, group_size)) if precision == "int4" else None
     return dict(out=str(out), backend=backend, precision=precision, scheme=meta["scheme"],
-                group_size=meta["group_size"], options={}, quantize_s=quantize_s,
+                # one group, or the matrices per group: "per matrix: 128 (7), 32 (2)"
+                group_size=meta["group_size"] or (groups and "per matrix: " + ", ".join(
+                    f"{g} ({n})" for g, n in groups.items())),
+                group_sizes=groups, options={}, quantize_s=quantize_s,
                 bytes=(out / SAFETENSORS_FILE).stat().st_size,
                 source_bytes=sum(f.stat().st_size for f in weights), source_digest=meta["source"]["digest"])
 
@@ -117,8 +122,11 @@ def _quantize_graph(source: Path, out: Path, backend: str, precision: str, optio
                 quantize_cache_hit=info.get("quantize_cache_hit"),
                 weight_bytes=info.get("weight_bytes"), opset=info.get("opset"))
     save_quantized_files(out, model.config, files, meta, source=source)
+    groups = info.get("group_sizes") or info.get("block_sizes")  # int4: the matrices per group, as the runtime chose
+    group = file_options.get("group_size", file_options.get("block_size"))
     return dict(out=str(out), backend=backend, precision=precision, scheme=scheme,
-                group_size=file_options.get("group_size", file_options.get("block_size")), options=file_options,
+                group_size=group or (groups and "per matrix: " + ", ".join(f"{g} ({n})" for g, n in groups.items())),
+                group_sizes=groups, options=file_options,
                 quantize_s=quantize_s, bytes=sum((out / f.name).stat().st_size for f in files),
                 source_bytes=sum(f.stat().st_size for f in weights), source_digest=meta["source"]["digest"])
 

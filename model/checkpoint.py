@@ -128,12 +128,27 @@ def read_quantized_config(directory: str | Path) -> tuple[GPTConfig, dict]:
         raise QuantizedCheckpointError(f"{path}: quantization.scheme={meta['scheme']!r} is not one of "
                                        f"{', '.join(SCHEMES[meta['precision']])} for {meta['precision']}")
     if meta["precision"] == "int4":
-        group = meta.get("group_size")
-        if not isinstance(group, int) or group < 2 or group % 2:
-            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group!r} must be an even integer")
-        if config.n_embd % group or (4 * config.n_embd) % group:
-            raise QuantizedCheckpointError(f"{path}: quantization.group_size={group} does not divide "
-                                           f"n_embd={config.n_embd}")
+        # A group per matrix ("group_sizes", a width it does not divide stored zero-padded), or in a
+        # file written before those, one "group_size" for all, which must divide every input width:
+        # n_embd (q/k/v, the attention's output, the MLP's first matrix, the LM head) and
+        # intermediate_size (the MLP's last).
+        groups = meta.get("group_sizes")
+        if groups is not None:
+            if not isinstance(groups, dict) or set(groups) != set(meta["layers"]):
+                raise QuantizedCheckpointError(f"{path}: quantization.group_sizes must name the group of every "
+                                               f"layer in quantization.layers, and no other")
+            for name, group in groups.items():
+                if not isinstance(group, int) or isinstance(group, bool) or group < 2 or group % 2:
+                    raise QuantizedCheckpointError(f"{path}: quantization.group_sizes[{name!r}]={group!r} must be "
+                                                   f"an even integer")
+        else:
+            group = meta.get("group_size")
+            if not isinstance(group, int) or isinstance(group, bool) or group < 2 or group % 2:
+                raise QuantizedCheckpointError(f"{path}: quantization.group_size={group!r} must be an even integer")
+            for field in ("n_embd", "intermediate_size"):
+                if getattr(config, field) % group:
+                    raise QuantizedCheckpointError(f"{path}: quantization.group_size={group} does not divide "
+                                                   f"{field}={getattr(config, field)}")
     return config, meta
 
 

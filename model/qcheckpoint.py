@@ -5,19 +5,26 @@ A quantised checkpoint is a directory like ours (``model/checkpoint.py``) with i
     config.json        {"format": "llm-backend-bench/gpt-quantized", "format_version": 1,
                         "config": {GPTConfig fields},
                         "quantization": {"backend", "precision", "scheme", "group_size",
+                                         "group_sizes": {Linear name: its int4 group},
                                          "layers": [quantised Linear names],
                                          "source": {"path", "digest"}, "libraries": {...},
                                          "tensors": {name: sha256 of its bytes}}}
     model.safetensors  every tensor; for each quantised Linear ``L``:
                          int8 per_tensor   L.qweight int8 (N, K), L.scales f32 (1,), L.zero_points i64 (1,)
                          int8 per_channel  L.qweight int8 (N, K), L.scales f32 (N,), L.zero_points i64 (N,)
-                         int4 (group G)    L.qweight uint8 (N, K/2): two 4-bit codes a byte, column 2j in
-                                           the low nibble; L.scales f32 (N, K/G), L.zero_points f32 (N, K/G)
-                                           (w = (q - 8) * scale + zero, tinygemm's convention); from
+                         int4 (group G)    L.qweight uint8 (N, Kp/2): two 4-bit codes a byte, column 2j in
+                                           the low nibble; L.scales f32 (N, Kp/G), L.zero_points f32 (N, Kp/G)
+                                           (w = (q - 8) * scale + zero, tinygemm's convention). Kp is K
+                                           rounded up to a multiple of G: K itself unless G does not
+                                           divide it, when zero columns were appended before
+                                           quantising (and the reader pads its activations). G is
+                                           the layer's entry in "group_sizes" (groups chosen per
+                                           matrix, ``backends.base.int4_group``); a file written
+                                           before that has only "group_size", every layer's. From
                                            format 2, when "prepacked" names the torch build, CPU
                                            capability and packing code, also torch's own pack of them:
-                                           L.int4pack uint8 (N16, K/2), L.scales_and_zeros bf16
-                                           (K/G, N16, 2) (N16: N padded to 16), used as it is where all
+                                           L.int4pack uint8 (N16, Kp/2), L.scales_and_zeros bf16
+                                           (Kp/G, N16, 2) (N16: N padded to 16), used as it is where all
                                            three match and packed again from the codes elsewhere
                        plus L.bias (f32) where the Linear has one, and every other weight of the
                        model in fp32 under its own name (embeddings, LayerNorms).
@@ -157,7 +164,8 @@ def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dty
     """Every tensor the file must hold for ``config`` and ``meta``: name -> (dtype, shape)."""
     model = meta_model(config)
     layers = set(meta["layers"])
-    precision, scheme, group = meta["precision"], meta["scheme"], meta.get("group_size")
+    precision, scheme = meta["precision"], meta["scheme"]
+    groups = meta.get("group_sizes") or {name: meta.get("group_size") for name in layers}
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for name, module in model.named_modules():
         if name not in layers:
@@ -165,6 +173,9 @@ def expected_tensors(config: GPTConfig, meta: dict) -> dict[str, tuple[torch.dty
         if not isinstance(module, torch.nn.Linear):
             raise QuantizedCheckpointError(f"quantization.layers names {name!r}, which is not a Linear of this model")
         N, K = module.weight.shape
+        if precision == "int4":
+            group = groups[name]
+            K = -(-K // group) * group  # zero columns up to a multiple of the group
         if precision == "int8":
             n = 1 if scheme == "per_tensor" else N
             out.update({f"{name}.qweight": (torch.int8, (N, K)), f"{name}.scales": (torch.float32, (n,)),

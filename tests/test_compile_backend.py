@@ -254,3 +254,69 @@ def test_compile_trains_a_compiled_module_through_the_training_hook():
     frozen = CompileBackend(training=True, freezing=True)
     with pytest.raises(BackendError, match="cannot train"):
         frozen.prepare_training(build_model(get_config("tiny")), None)
+
+
+# -- the Llama family: grouped-query static cache, rotary, a sliding window --------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    """llama-tiny (4 query heads on 2 key/value heads) with a sliding window shorter than a prompt
+    plus its generation, so the decode step's window term is exercised; and eager on it."""
+    probe = CompileBackend.probe()
+    if not probe.available:
+        pytest.skip(f"compile unavailable: {probe.reason}")
+    model = build_model(get_config("llama-tiny", sliding_window=6, qkv_bias=True), seed=2)
+    with CompileBackend() as b, EagerBackend() as e:
+        b.expect(BATCH, PROMPT, GEN)
+        b.load(model)
+        e.load(model)
+        yield b, e
+
+
+def test_llama_static_cache_holds_n_kv_head_heads_and_matches_eager(llama, prompt):
+    backend, eager = llama
+    cfg = backend.model.config
+    before = backend.compile_count()
+    logits, cache = backend.prefill(prompt)
+    for _ in range(GEN - 1):  # the shapes load compiled: no new graph at any length
+        logits, cache = backend.decode(logits.argmax(-1, keepdim=True), cache)
+    assert backend.compile_count() == before
+    assert all(t.shape == (BATCH, cfg.n_kv_head, 64, cfg.head_dim) for t in (*cache.buffers.keys, *cache.buffers.values))
+    assert cfg.n_kv_head == 2 < cfg.n_head
+    result = check_parity(backend, eager, prompt, steps=GEN)  # 8 + 7 positions > the window of 6
+    assert result.token_agreement == 1.0 and result.max_abs_logit_diff < 1e-4, result
+
+
+def test_llama_left_padded_batch_and_beams_match_eager(llama):
+    backend, eager = llama
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9]]
+    ours, theirs = Recorder(backend), Recorder(eager)
+    assert generate(ours, prompts, GEN - 1) == generate(theirs, prompts, GEN - 1)
+    for a, b in zip(ours.logits, theirs.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    prompt = [[5, 7, 11, 13, 17, 19, 23, 29]]
+    assert generate(backend, prompt, 5, num_beams=2) == generate(eager, prompt, 5, num_beams=2)
+
+
+def test_the_decode_step_reads_grouped_heads_as_eager_does():
+    """The step's grouped-query attention (query heads laid along the query axis) and its window,
+    uncompiled, against the model's own forward, with multi-query attention too (one kv head)."""
+    for overrides in (dict(n_kv_head=1), dict(n_kv_head=2, sliding_window=3)):
+        model = build_model(get_config("llama-tiny", **overrides), seed=1)
+        cfg = model.config
+        ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
+        for attention in ("sdpa", "math"):
+            step = compiled.StaticDecoder(model, attention)
+            buffers = compiled._Buffers(cfg, 2, 16, torch.float32, "cpu")
+            with torch.no_grad():
+                full, _ = model(ids)
+                _, present = model(ids[:, :4])
+                for (k, v), kc, vc in zip(present, buffers.keys, buffers.values):
+                    kc[:, :, :4].copy_(k)
+                    vc[:, :, :4].copy_(v)
+                buffers.valid[:, :4] = True
+                buffers.index.fill_(4)
+                for t in range(4, 10):
+                    logits = step(ids[:, t:t + 1], torch.full((2, 1), t), torch.ones(2, 1, dtype=torch.bool),
+                                  buffers.index, buffers.keys, buffers.values, buffers.valid)
+                    torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)

@@ -135,3 +135,25 @@ def test_a_quantised_checkpoint_keeps_the_fused_graph_and_records_it(tiny_model,
         plain = tmp_path / "int8-plain"
         quantize_checkpoint(tmp_path / "fp32", "int8", plain, backend="onnxruntime")
         registry.create("onnxruntime", precision="int8", fusions=True).load(open_model(plain, "onnxruntime", "int8"))
+
+
+# -- a Llama-family graph: the GPT-2 fusions find its RMSNorms and nothing else -------------------
+
+@pytest.mark.parametrize("precision,quantized_op", [("fp32", "MatMul"), ("int8", "MatMulInteger"),
+                                                    ("int4", "MatMulNBits")])
+def test_fusions_on_a_llama_graph_fuse_rmsnorm_and_say_what_missed(precision, quantized_op, llama_parity,
+                                                                    llama_parity_copy):
+    """ORT's GPT-2 fusions (model_type "gpt2") on llama-tiny: each RMSNorm becomes ORT's
+    (Skip)SimplifiedLayerNormalization, nothing GPT-2-only is claimed, the quantisers still find
+    every weight MatMul, and the graph answers as eager does."""
+    n_layer = llama_parity_copy.config.n_layer
+    backend = loaded(llama_parity_copy, precision=precision, fusions=True)
+    got = ops(backend)
+    fused = backend.info()["fused_operators"]
+    norms = 2 * n_layer + 1  # ln_1 and ln_2 per block, ln_f
+    assert fused.get("SimplifiedLayerNormalization", 0) + fused.get("SkipSimplifiedLayerNormalization", 0) == norms
+    assert got["SimplifiedLayerNormalization"] + got["SkipSimplifiedLayerNormalization"] == norms, got
+    assert not {"FastGelu", "SkipLayerNormalization", "LayerNormalization", "Attention", "RotaryEmbedding"} & set(fused)
+    assert "RotaryEmbedding" in backend.info()["fusions_missed"]
+    assert got[quantized_op] >= 4 * n_layer + 1, got  # c_attn, c_proj, c_fc, mlp.c_proj per block, lm_head
+    llama_parity.check(backend)

@@ -1,8 +1,9 @@
-"""Every registered backend, at every precision it declares, against eager fp32.
+"""Every registered backend, at every precision it declares, against eager fp32, on both families.
 
-The model is ``parity_model`` (tests/conftest.py): the tiny preset trained to continue a
-sequence by repeating the token seven back, so its greedy answers are the prompt's own tokens,
-read from the KV cache through attention. A backend whose cache, positions or attention are
+The models are ``parity_model`` and ``llama_parity_model`` (tests/conftest.py): the tiny and
+llama-tiny presets trained to continue a sequence by repeating the token seven back, so their
+greedy answers are the prompt's own tokens, read from the KV cache through attention (for
+llama-tiny: rotary positions and 4 query heads reading 2 cached key/value heads). A backend whose cache, positions or attention are
 wrong changes those answers; ``Parity`` also bounds the logit error per precision, so a
 reduced precision is judged by how far its logits move, not by top-1 alone.
 
@@ -25,6 +26,7 @@ from backends import registry
 from backends.base import BackendUnavailable, UnsupportedPrecision, isa_has_native_bf16
 from backends.eager import EagerBackend
 from backends.parity import check_parity
+from model.errors import InputError
 
 
 def _cases():
@@ -86,28 +88,50 @@ def _what_this_machine_lacks(backend, probe, error: Exception) -> str | None:
     return f"{', '.join(missing)} not installed" if missing else None
 
 
-@pytest.mark.usefixtures("_cache_per_precision")
-@pytest.mark.parametrize("name,precision", list(_cases()))
-def test_backend_matches_eager(name, precision, parity, parity_copy):
+def _check_backend(name: str, precision: str | None, parity, model, peer_may_refuse: bool = False) -> None:
+    """Load ``name`` at ``precision`` with ``model`` and check it against ``parity``; skips as the
+    module docstring says. With ``peer_may_refuse``, a peer (``registry.is_peer``) that refuses
+    the model's family with one line (an ``InputError``: the library it stands for has no
+    equivalent of it) is skipped with that line; our own backends must run it."""
     probe = _probe(name)
     if not probe.available:
         pytest.skip(f"{name} unavailable: {probe.reason}")
     assert precision is not None, f"{name} probes available but its adapter does not import"
     with _create(name, precision, probe.devices) as backend:
         try:
-            backend.load(parity_copy)
+            backend.load(model)
         except (UnsupportedPrecision, BackendUnavailable) as e:
             lack = _what_this_machine_lacks(backend, probe, e)
             if lack is None:
                 raise AssertionError(f"{name} {precision} refused on a machine that has what it needs: {e}") from e
             pytest.skip(f"{name} {precision} cannot run here ({lack}): {e}")
+        except InputError as e:
+            if not (peer_may_refuse and registry.is_peer(name)):
+                raise
+            pytest.skip(f"peer {name} refuses the {model.config.family} family: {e}")
         result = parity.check(backend)
     assert result.steps == parity.steps
 
 
-def test_eager_matches_itself_exactly(parity_model, parity_prompt):
+@pytest.mark.usefixtures("_cache_per_precision")
+@pytest.mark.parametrize("name,precision", list(_cases()))
+def test_backend_matches_eager(name, precision, parity, parity_copy):
+    _check_backend(name, precision, parity, parity_copy)
+
+
+@pytest.mark.usefixtures("_cache_per_precision")
+@pytest.mark.parametrize("name,precision", list(_cases()))
+def test_backend_matches_eager_on_the_llama_family(name, precision, llama_parity, llama_parity_copy):
+    """The same check on llama-tiny: RMSNorm, rotary, SwiGLU, grouped-query attention, and int4
+    on widths (352) that the default group of 128 does not divide."""
+    _check_backend(name, precision, llama_parity, llama_parity_copy, peer_may_refuse=True)
+
+
+@pytest.mark.parametrize("model_fixture", ["parity_model", "llama_parity_model"])
+def test_eager_matches_itself_exactly(model_fixture, parity_prompt, request):
     # Both runs fresh, not the shared reference: importing IPEX (for the ipex cases) swaps in
     # its own CPU LayerNorm kernel, which moves eager's logits by ~5e-7.
+    parity_model = request.getfixturevalue(model_fixture)
     with EagerBackend() as a, EagerBackend() as b:
         a.load(copy.deepcopy(parity_model))
         b.load(copy.deepcopy(parity_model))
@@ -130,9 +154,11 @@ def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat(tokens, dim=1)  # (B, steps)
 
 
-def test_the_parity_model_answers_from_what_it_read(parity_model, parity_prompt):
+@pytest.mark.parametrize("model_fixture", ["parity_model", "llama_parity_model"])
+def test_the_parity_model_answers_from_what_it_read(model_fixture, parity_prompt, request):
     """The property every parity test leans on: the greedy path is varied, and changing one early
     prompt token changes it (the answer is read from the cache), with a clear top-1 margin."""
+    parity_model = request.getfixturevalue(model_fixture)
     steps = 12
     out = _greedy(parity_model, parity_prompt, steps)
     assert all(len(set(row)) >= 6 for row in out.tolist()), out  # not one token repeated
@@ -176,5 +202,17 @@ def test_a_broken_cache_fails_parity(name, precision, breakage, parity, parity_c
     backend = _broken(registry.get_backend_class(name), breakage)(precision=precision)
     backend.load(parity_copy)
     problems = parity.problems(parity.run(backend))
+    assert problems, f"{name} {precision} that {breakage} passed parity"
+    backend.close()
+
+
+@pytest.mark.parametrize("breakage", ["drops the cache", "shifts positions by one"])
+@pytest.mark.parametrize("name,precision", [("mkl", "bf16"), ("int8", "int4")])
+def test_a_broken_cache_fails_llama_parity(name, precision, breakage, llama_parity, llama_parity_copy):
+    """The Llama family's looser bounds still catch a cache or rotary positions gone wrong, even at
+    int4, the loosest."""
+    backend = _broken(registry.get_backend_class(name), breakage)(precision=precision)
+    backend.load(llama_parity_copy)
+    problems = llama_parity.problems(llama_parity.run(backend))
     assert problems, f"{name} {precision} that {breakage} passed parity"
     backend.close()
