@@ -64,7 +64,9 @@ class CheckpointError(InputError):
 # -- the quantised format's marker and config (its tensors and files: model.qcheckpoint) ---------
 
 QFORMAT = "llm-backend-bench/gpt-quantized"
-QFORMAT_VERSION = 2  # 2: the "files" payload of the graph runtimes, and int4's prepacked weights
+# 2: the "files" payload of the graph runtimes, and int4's prepacked weights; 3: int4's group per
+# matrix ("group_sizes", codes over zero-padded widths). Older versions still load.
+QFORMAT_VERSION = 3
 SCHEMES = {"int8": ("per_tensor", "per_channel"), "int4": ("groupwise_asym",)}
 # The graph runtimes' schemes, by (backend, precision): what their quantisers were asked for.
 FILE_SCHEMES = {

@@ -40,7 +40,8 @@ def add_quantize(sub, default_store: str) -> None:
     quant.add_argument("--int8-scheme", choices=("per_tensor", "per_channel"), default=None,
                        help="int8 weight scales: one per tensor (default) or per output channel")
     quant.add_argument("--group-size", type=positive_int, default=None,
-                       help="int4: weights per scale (default 128; int8 and openvino backends)")
+                       help="int4: weights per scale, for every matrix (default: per matrix, the largest of "
+                            "128, 64, 32 that divides its width; int8 and openvino backends)")
     quant.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="a quantiser option of the backend, repeatable: block_size=32, accuracy_level=4, "
                             "symmetric=true (onnxruntime); int4_mode=sym, ratio=0.8, all_layers=true (openvino)")
@@ -90,6 +91,8 @@ def cmd_quantize(args) -> int:
         print(json.dumps(done, indent=1))
     else:
         group = f", group size {done['group_size']}" if done["group_size"] else ""
+        if not done["group_size"] and done.get("group_sizes"):  # chosen per matrix
+            group = ", groups " + ", ".join(f"{g}: {n} matrices" for g, n in done["group_sizes"].items())
         group += "".join(f", {k}={v}" for k, v in done["options"].items() if k not in ("group_size", "block_size"))
         print(f"wrote {done['out']}: {done['backend']}/{done['precision']} {done['scheme']}{group}, "
               f"{done['bytes'] / 2**20:,.2f} MiB (source {done['source_bytes'] / 2**20:,.2f} MiB), "

@@ -364,8 +364,8 @@ def backend_quality(backend, reference, stream: dict, context: int = DEFAULT_CON
                 divergence=cmp, verdict=verdict(cmp))
 
 
-INFO_KEYS = ("int8_scheme", "group_size", "block_size", "accuracy_level", "symmetric", "int4_mode", "ratio",
-             "quantized_checkpoint")
+INFO_KEYS = ("int8_scheme", "group_size", "group_sizes", "block_size", "block_sizes", "padded_matrices",
+             "accuracy_level", "symmetric", "int4_mode", "ratio", "quantized_checkpoint")
 
 
 def quality_sweep(checkpoint: str, backends: list[str], precisions: list[str], *, corpus: str | None = None,
