@@ -23,14 +23,14 @@ def test_default_sweep_parses():
     from bench.planner import load_toml
 
     values = load_toml(ROOT / "sweeps" / "default.toml")
-    # the first answer: every own backend at every precision on gpt2 and a Llama-family model, then the
-    # peers and the two trained models
-    assert (values["backend"], values["precision"], values["model"]) == ("ours", "fastest", ["gpt2", "smollm2-135m"])
+    # the first answer: every own backend at every precision on gpt2, then the peers; the finalists
+    # on a Llama-family model and the two trained models
+    assert (values["backend"], values["precision"], values["model"]) == ("ours", "fastest", ["gpt2"])
     assert values["confirm"] >= 1 and values["launches"] == 3
     assert [p.get("backend") for p in values["also"]] == ["peers", None, None]
     assert [p.get("after_screen", False) for p in values["also"]] == [False, True, True]  # the finalists
-    assert values["also"][1]["batch"] == [4] and values["also"][2]["model"] == ["runs/small-trained",
-                                                                            "runs/llama-small-trained"]
+    assert values["also"][1]["batch"] == [4] and values["also"][2]["model"] == [
+        "smollm2-135m", "runs/small-trained", "runs/llama-small-trained"]
     full = load_toml(ROOT / "sweeps" / "full.toml")
     assert full["backend"] == "all" and full["launches"] == 3 and "confirm" not in full
 
