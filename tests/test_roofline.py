@@ -101,7 +101,22 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(roofline, "measure_bandwidth", fake_bandwidth)
     monkeypatch.setattr(roofline, "measure_peak_gflops", fake_peak)
+    monkeypatch.setattr(roofline, "quick_bandwidth", lambda device="cpu": calls.get("now", 12.0))
     return calls
+
+
+def test_a_cached_bandwidth_far_below_the_machine_now_is_measured_again(tmp_path, counted):
+    """A roofline cached while the machine was busy (8.5 GB/s where it does 46) would put every
+    cell over 100% of its bound: a quick gemv check catches it and the roofline is measured again."""
+    cache = tmp_path / "roofline.json"
+    measure_roofline(threads=1, cache=cache, fingerprint_id="fp", precisions=("fp32",))
+    counted["now"] = 17.0  # within 1.5x of the cached 12 GB/s: reused
+    assert "remeasured" not in measure_roofline(threads=1, cache=cache, fingerprint_id="fp", precisions=("fp32",))
+    assert counted["bandwidth"] == 1
+    counted["now"] = 46.0
+    again = measure_roofline(threads=1, cache=cache, fingerprint_id="fp", precisions=("fp32",))
+    assert counted["bandwidth"] == 2 and counted["peak"] == ["fp32", "fp32"]
+    assert "12.0 GB/s" in again["remeasured"] and "46.0 GB/s" in again["remeasured"]
 
 
 def test_cache_is_reused(tmp_path, counted):

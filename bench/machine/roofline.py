@@ -91,6 +91,18 @@ def measure_bandwidth(mib: int | None = None, repeats: int = REPEATS, device: st
         return {name: nb / _best_seconds(op, device, repeats) / 1e9 for name, (op, nb) in kernels.items()}
 
 
+# A cached bandwidth this far below a quick gemv check now was measured while the machine was
+# busy (or on other hardware under the same fingerprint): every fraction of the bound would read
+# too high, over 100%, so the roofline is measured again.
+STALE_FACTOR = 1.5
+
+
+def quick_bandwidth(device: str = "cpu") -> float:
+    """GB/s of a quick gemv pass (three repeats over the usual array size; about half a second),
+    the check of a cached bandwidth against this machine as it is now."""
+    return measure_bandwidth(repeats=3, device=device)["gemv"]
+
+
 def _int8_methods(device: str) -> dict[str, tuple[Callable[[int], Callable[[], object]], str]]:
     """The int8 matmuls to try: name -> (n -> op, description)."""
     import torch
@@ -193,7 +205,9 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
 
     ``threads``: intra-op threads for the measurement (None: torch's default); the caller's
     setting is restored afterwards. ``cache``: the JSON cache file (default ``runs/roofline.json``).
-    ``refresh``: measure even if cached. ``fingerprint_id``: the cache key's environment,
+    ``refresh``: measure even if cached. A cached entry is checked against a quick gemv pass
+    first (``quick_bandwidth``): one more than ``STALE_FACTOR`` times below it was measured on a
+    busy machine and is measured again, the reason kept under "remeasured". ``fingerprint_id``: the cache key's environment,
     computed from ``bench.machine.environment.fingerprint()`` when not given.
     Returns {"bandwidth_gb_s", "bandwidth_kernels", "peak_gflops": {precision: GFLOP/s},
     "peak_method": {precision: how}, "threads", "device", "method", "measured_at", "fingerprint_id"}.
@@ -210,6 +224,13 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
     key = _cache_key(fingerprint_id, device, threads)
     entries = _read_cache(path)
     cached = None if refresh else entries.get(key)
+    stale = None
+    if cached is not None:
+        now = quick_bandwidth(device)
+        if now > STALE_FACTOR * cached["bandwidth_gb_s"]:
+            stale = (f"the cached bandwidth, {cached['bandwidth_gb_s']:.1f} GB/s (measured "
+                     f"{cached.get('measured_at', '?')}), was below a gemv check now ({now:.1f} GB/s): measured again")
+            cached = None
     missing = [p for p in precisions if cached is None or p not in cached.get("peak_gflops", {})]
     if cached is not None and not missing:
         return cached
@@ -234,6 +255,8 @@ def measure_roofline(threads: int | None = None, precisions: tuple[str, ...] = (
                            f"(see peak_method), 2 FLOPs per multiply-add"),
                 "fingerprint_id": fingerprint_id,
             }
+            if stale:
+                result["remeasured"] = stale
         else:
             result = dict(cached)
             result["peak_gflops"] = dict(cached["peak_gflops"])
