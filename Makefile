@@ -10,7 +10,7 @@ RUNS := runs
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --resume-retries 30 -e '.[test,ray]'  # the registry mirror drops big wheels mid-download
+	$(BIN)/python -m pip install -q --resume-retries 30 -e '.[test,ray]'  # a dropped download of a big wheel resumes
 	touch $(STAMP)
 
 install: $(STAMP)
