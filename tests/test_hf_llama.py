@@ -19,6 +19,7 @@ from bench.cli import main
 from model.checkpoint import CheckpointError, load_checkpoint, read_config
 from model.generate import generate
 from model.gpt import build_model, get_config
+from tests.lively import lively
 
 transformers = pytest.importorskip("transformers", reason="transformers is missing: pip install transformers")
 
@@ -303,19 +304,6 @@ def test_damaged_sharded_set_is_one_line(damage, message, tmp_path):
 
 # -- writing: save_hf for each family ---------------------------------------------------------------
 
-def lively(preset: str = "llama-tiny", **overrides):
-    """A preset's seeded weights scaled up, norms and biases perturbed: greedy decoding varies."""
-    model = build_model(get_config(preset, **overrides), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.mul_(6)
-    return model
-
-
 WRITE_CASES = {  # our config -> the class it is written as
     "llama": ({}, "LlamaForCausalLM"),
     "llama-biases-llama3-untied": (dict(qkv_bias=True, out_bias=True, mlp_bias=True, rope_scaling="llama3",
@@ -332,7 +320,7 @@ WRITE_CASES = {  # our config -> the class it is written as
 def test_save_hf_round_trip(case, tmp_path):
     from model.hf import save_hf
     overrides, architecture = WRITE_CASES[case]
-    ours = lively("tiny") if overrides is None else lively(**overrides)
+    ours = lively("tiny") if overrides is None else lively("llama-tiny", **overrides)
     save_hf(ours, tmp_path)
     assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in tmp_path.iterdir()}
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [architecture]
@@ -353,7 +341,7 @@ def test_save_hf_round_trip(case, tmp_path):
 
 def test_to_hf_model_holds_our_weights():
     from model.hf import to_hf_model
-    ours = lively(qkv_bias=True)
+    ours = lively("llama-tiny", qkv_bias=True)
     hf = to_hf_model(ours)
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     ids = torch.arange(20).unsqueeze(0)

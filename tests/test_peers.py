@@ -25,6 +25,7 @@ from bench.cli import main
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.generate import generate
 from model.gpt import build_model, get_config
+from tests.lively import lively
 
 transformers = pytest.importorskip("transformers", reason="transformers is missing: pip install transformers")
 
@@ -32,19 +33,6 @@ PEERS = ("hf", "optimum-onnxruntime", "optimum-openvino")
 MODELS = ("tiny", "llama-tiny")  # one of each family
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3]]  # unequal: generate left-pads the second
 STEPS = 10
-
-
-def lively_model(preset: str = "tiny"):
-    """``preset``, seed 0, with larger weights and non-zero biases and norms (HF-style checks need them)."""
-    model = build_model(get_config(preset), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.mul_(6)
-    return model
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -55,7 +43,7 @@ def preset(request):
 @pytest.fixture(scope="module")
 def eager(preset):
     with EagerBackend() as backend:
-        backend.load(lively_model(preset))
+        backend.load(lively(preset))
         yield backend
 
 
@@ -65,7 +53,7 @@ def peer(request, preset):
     if not probe.available:
         pytest.skip(f"{request.param} unavailable: {probe.reason}")
     with registry.create(request.param, threads=1) as backend:
-        backend.load(lively_model(preset))
+        backend.load(lively(preset))
         yield backend
 
 
@@ -73,7 +61,7 @@ def peer(request, preset):
 
 def test_hf_model_computes_our_logits(tmp_path):
     from model.hf import save_hf
-    ours = lively_model()
+    ours = lively("tiny")
     save_hf(ours, tmp_path)
     assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in tmp_path.iterdir()}
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, local_files_only=True).eval()
@@ -208,7 +196,7 @@ def test_optimum_openvino_refuses_bf16_on_one_thread_for_the_llama_family():
         pytest.skip("optimum-openvino unavailable")
     with registry.create("optimum-openvino", precision="bf16", threads=1) as backend:
         with pytest.raises(BackendError, match="bf16 with one thread.*use 2 or more threads"):
-            backend.load(lively_model("llama-tiny"))
+            backend.load(lively("llama-tiny"))
 
 
 @pytest.mark.parametrize("preset, group", [("tiny", 128), ("llama-tiny", 32), ("smollm2-135m", 64),
@@ -225,7 +213,7 @@ def test_stateful_openvino_refuses_a_stale_cache():
     if not registry.probe("optimum-openvino").available:
         pytest.skip("optimum-openvino unavailable")
     with registry.create("optimum-openvino") as backend:
-        backend.load(lively_model())
+        backend.load(lively("tiny"))
         # an fp32 row keeps an fp32 cache (the CPU plugin's default for a stateful model is f16)
         assert backend.info()["kv_cache_precision"] == "f32" and backend.info()["inference_precision"] == "f32"
         ids = torch.tensor([[1, 2, 3]])
