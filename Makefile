@@ -10,7 +10,12 @@ RUNS := runs
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --resume-retries 30 -e '.[test,ray]'  # a dropped download of a big wheel resumes
+	# A dropped download of a big wheel resumes (--resume-retries); a registry that cuts one off for
+	# good gets two more tries a minute apart before the install fails.
+	for try in 1 2 3; do \
+	  $(BIN)/python -m pip install -q --resume-retries 30 -e '.[test,ray]' && break; \
+	  [ $$try = 3 ] && exit 1; echo "pip install failed (try $$try of 3); trying again in 60 s"; sleep 60; \
+	done
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -171,6 +171,13 @@ class Backend(ABC):
     # The autocast precisions it trains in; empty: it cannot train, for ``training_refusal``.
     training_precisions: ClassVar[tuple[str, ...]] = ()
     training_refusal: ClassVar[str] = "it implements inference only"
+    # Whether prefill/decode work: a step at a time, with the logits, on tokens the caller chooses.
+    # An engine that only runs whole generations through its own loop (a peer such as
+    # CTranslate2's generate_tokens or OpenVINO GenAI's LLMPipeline) sets it False and implements
+    # ``generate_greedy``; the harness then times that loop and checks parity on what it gives.
+    stepwise: ClassVar[bool] = True
+    # Whether ``logits(ids)`` works (perplexity and KL divergence, teacher-forced parity).
+    exposes_logits: ClassVar[bool] = True
 
     def __init__(self, precision: str | None = None, threads: int | None = None,
                  device: str | None = None, training: bool = False, **options: Any):
@@ -256,6 +263,18 @@ class Backend(ABC):
     @abstractmethod
     def _forward(self, ids, pos, mask, cache):
         """The shared body of prefill (cache None) and decode."""
+
+    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, on_token=None) -> list[list[int]]:
+        """``max_new_tokens`` greedy tokens after each prompt (no end-of-sequence stop), calling
+        ``on_token(step, tokens)`` as each step's tokens are chosen: what the harness times.
+
+        The default is ``model.generate.generate`` over prefill/decode. An engine with its own
+        generation loop (``stepwise`` False) overrides it, calling ``on_token`` from that loop (its
+        streamer or callback), so the first call closes the time to first token and each later
+        one a decode step, as for every other backend.
+        """
+        from model.generate import generate
+        return generate(self, prompts, max_new_tokens, greedy=True, on_token=on_token)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits for ``ids`` (B, T), no padding: (B, T, vocab) float32 on the CPU.

@@ -28,14 +28,20 @@ TOLERANCES: dict[str, tuple[float | None, float]] = {
 }
 
 
+# What the comparison rests on (``ParityResult.basis``).
+TEACHER_FORCED = "teacher-forced logits"  # the backend fed the reference's tokens; logits compared
+GENERATED = "generated tokens"  # an engine that exposes no logits: its own greedy tokens, free-running
+
+
 @dataclass(frozen=True)
 class ParityResult:
-    max_abs_logit_diff: float
+    max_abs_logit_diff: float | None  # None where the engine exposes no logits (basis GENERATED)
     token_agreement: float
     steps: int
     precision: str
     tolerance: dict
     passed: bool
+    basis: str = TEACHER_FORCED
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +68,41 @@ def check_parity(backend: Backend, reference: Backend, ids: torch.Tensor, steps:
     for tok in tokens:
         logits, cache = backend.decode(tok, cache)
         got.append(logits)
-    ref = torch.stack(ref_logits)  # (steps, B, vocab)
-    out = torch.stack(got).float()  # (steps, B, vocab)
+    return _compare(backend, torch.stack(ref_logits), torch.stack(got).float())
+
+
+def _compare(backend: Backend, ref: torch.Tensor, out: torch.Tensor) -> ParityResult:
+    """Reference and backend logits (steps, B, vocab), the backend fed the reference's tokens."""
     max_diff = float((ref - out).abs().max())
     agreement = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
     max_allowed, min_agreement = TOLERANCES[backend.precision]
     passed = agreement >= min_agreement and (max_allowed is None or max_diff <= max_allowed)
     if not torch.isfinite(out).all():
         passed = False
-    return ParityResult(max_diff, agreement, len(got), backend.precision,
+    return ParityResult(max_diff, agreement, out.shape[0], backend.precision,
                         dict(max_abs_logit_diff=max_allowed, min_token_agreement=min_agreement), passed)
+
+
+def check_parity_generated(backend: Backend, reference: Backend, ids: torch.Tensor, steps: int = 8) -> ParityResult:
+    """Parity for an engine that runs whole generations only (``backend.stepwise`` False).
+
+    Where it exposes logits (``logits(ids)``), the prompt and the reference's greedy tokens go
+    through it in one pass: teacher forcing, the same comparison as ``check_parity``. Where it
+    does not, its own greedy tokens (``generate_greedy``) are compared position by position with
+    the reference's: the share that agree, with no logit difference to report. That is stricter
+    than teacher forcing (one early disagreement changes the rest), so it is said in ``basis``.
+    """
+    ref_logits, tokens = reference_run(reference, ids, steps)
+    ref = torch.stack(ref_logits)  # (steps, B, vocab)
+    if backend.exposes_logits:
+        T = ids.shape[1]
+        full = torch.cat([ids, *tokens], dim=1) if tokens else ids  # (B, T + steps - 1)
+        out = backend.logits(full)[:, T - 1:].float().transpose(0, 1)  # (steps, B, vocab)
+        return _compare(backend, ref, out)
+    want = ref.argmax(-1).T  # (B, steps): the reference's greedy tokens
+    got = torch.tensor(backend.generate_greedy(ids.tolist(), steps), dtype=torch.long)
+    agreement = float((got == want).float().mean())
+    max_allowed, min_agreement = TOLERANCES[backend.precision]
+    return ParityResult(None, agreement, steps, backend.precision,
+                        dict(max_abs_logit_diff=max_allowed, min_token_agreement=min_agreement),
+                        agreement >= min_agreement, basis=GENERATED)

@@ -50,7 +50,7 @@ RETRY_ON_RESUME = FAILED
 # Record fields that hold a statistics dict (STAT_KEYS) and the keys of the parity dict:
 # fixed here so CSV columns do not depend on which cells happen to be in a run.
 STATS_FIELDS = ("ttft_ms", "tpot_ms")
-PARITY_KEYS = ("max_abs_logit_diff", "token_agreement", "steps", "precision", "passed",
+PARITY_KEYS = ("max_abs_logit_diff", "token_agreement", "steps", "precision", "passed", "basis",
                "tolerance.max_abs_logit_diff", "tolerance.min_token_agreement")
 
 _SCHEMA = """

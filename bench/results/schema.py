@@ -57,7 +57,7 @@ CELL_FIELDS = {
     "roofline_fraction": "decode_tok_s / roofline_decode_tok_s",
     "roofline_bound": "which bound applies: memory or compute",
     # proof against eager fp32
-    "parity": "dict: max_abs_logit_diff, token_agreement, steps, tolerance, passed; {reference: true} for eager fp32",
+    "parity": "dict: max_abs_logit_diff (None where the engine exposes no logits), token_agreement, steps, tolerance, passed, basis ('teacher-forced logits' or 'generated tokens'); {reference: true} for eager fp32",
     "quality": "trained checkpoints: perplexity on the test split, and against eager fp32 the PPL ratio, KL divergence, same-top-token share and verdict",
     # how the numbers were taken
     "launches": "ok launches (fresh processes, one per round) the record pools; the interval spans their spread",

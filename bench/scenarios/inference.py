@@ -25,11 +25,10 @@ import psutil
 import torch
 
 from backends import registry
-from backends.parity import check_parity
+from backends.parity import check_parity, check_parity_generated
 from bench.results import stats
 from bench.models import open_model, reference_model
 from bench.spec import CellSpec
-from model.generate import generate
 
 MiB = 1024 * 1024
 
@@ -107,7 +106,7 @@ def one_generation(backend, prompts: list[list[int]], gen_len: int):
     clock = _Clock(backend)
     backend.synchronize()
     t0 = time.perf_counter()
-    generate(backend, prompts, gen_len, greedy=True, on_token=clock)
+    backend.generate_greedy(prompts, gen_len, on_token=clock)
     stamps = [t0] + clock.stamps
     steps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
     return steps[0], steps[1:], (stamps[-1] - t0) * 1e3
@@ -149,10 +148,13 @@ def measure_cell(spec: CellSpec) -> dict:
         ids = prompt_ids(spec, config.vocab_size)
         prompts = ids.tolist()
         t = time.perf_counter()
-        _, cache = backend.prefill(ids)
+        if backend.stepwise:
+            _, cache = backend.prefill(ids)
+            del cache
+        else:  # an engine with its own loop: a generation of one token is its prefill
+            backend.generate_greedy(prompts, 1)
         backend.synchronize()
         out["first_call_ms"] = (time.perf_counter() - t) * 1e3
-        del cache
 
         timed = PlantedDelay(backend, spec.planted_delay) if spec.planted_delay else backend
         samples = _repeat(timed, prompts, spec)
@@ -162,7 +164,9 @@ def measure_cell(spec: CellSpec) -> dict:
         out["samples"] = samples
         out["compiles"] = _compiles(compiled)
 
-        out["kv_cache_mb"] = _kv_cache_mb(backend, ids, spec.gen_len) if spec.measure_kv else None
+        # An engine that keeps its cache out of reach (its own generation loop) has none to weigh.
+        out["kv_cache_mb"] = _kv_cache_mb(backend, ids, spec.gen_len) if spec.measure_kv and backend.stepwise \
+            else None
         mem = backend.memory()
         out["device_peak_mb"] = None if mem is None else mem["peak"] / MiB
         out["peak_rss_mb"] = _peak_rss_mb()  # before the parity reference adds its own weights
@@ -293,6 +297,8 @@ def _parity(backend, spec: CellSpec, ids: torch.Tensor, reference: _Reference) -
     if _is_reference(backend, spec):
         return dict(reference=True, passed=True, precision="fp32")
     steps = max(1, min(spec.parity_steps, spec.gen_len))
+    if not backend.stepwise:
+        return check_parity_generated(backend, reference.get(), ids[:2], steps=steps).to_dict()
     return check_parity(backend, reference.get(), ids[:2], steps=steps).to_dict()
 
 
@@ -304,6 +310,9 @@ def _quality(backend, spec: CellSpec, reference: _Reference) -> dict:
         stream = checkpoint_stream(spec.model, max_tokens=spec.quality_tokens)
     except QualityInputError as e:  # a checkpoint without a tokenizer or corpus: said, not failed
         return dict(skipped=str(e))
+    if not backend.exposes_logits:
+        return dict(skipped=f"backend {spec.backend!r} exposes no logits, so no perplexity or divergence; "
+                            f"its parity is on its generated tokens")
     if _is_reference(backend, spec):
         return backend_quality(backend, None, stream, is_reference=True)
     return backend_quality(backend, reference.get(), stream)
