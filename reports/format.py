@@ -157,8 +157,16 @@ def variant(cell: dict) -> str:
     return f"{cell.get('precision')}{options}"
 
 
+def engine_precision(cell: dict) -> str | None:
+    """A peer engine's own name for the scheme it ran (llama.cpp's "q4_0", CTranslate2's
+    "int8_float32"), so two schemes are never shown under one precision without their names."""
+    return (cell.get("backend_info") or {}).get("engine_precision")
+
+
 def label(cell: dict) -> str:
-    return f"{cell.get('backend')} · {variant(cell)}" + (PEER_MARK if is_peer(cell) else "")
+    scheme = engine_precision(cell)
+    return (f"{cell.get('backend')} · {variant(cell)}" + (f" ({scheme})" if scheme else "")
+            + (PEER_MARK if is_peer(cell) else ""))
 
 
 def threads_label(threads: int | None) -> str:

@@ -11,9 +11,9 @@ from dataclasses import replace
 
 from reports.format import Machine, Section, model_name, models, params
 from reports.tables import (PEERS_TEXT, QUALITY_TEXT, SERVE_TEXT, all_cells_table, best_table, drift_table,
-                            drift_text, memory_table, model_table, parity_table, peers_table, problems_table,
-                            quality_failures_table, quality_table, scaling_table, serve_table, training_table,
-                            unsteady_table)
+                            drift_text, fastest_table, memory_table, model_table, parity_table, peers_table,
+                            problems_table, quality_failures_table, quality_table, scaling_table, serve_table,
+                            training_table, unsteady_table)
 from reports.training import is_train, training_sections
 
 
@@ -48,7 +48,9 @@ def inference_sections(machine: Machine) -> list[Section]:
                            (model_table(machine, m),)))
     peers = peers_table(machine)
     if peers is not None:
-        out.append(Section("peers", "Against the peers", PEERS_TEXT, (peers,)))
+        fastest = fastest_table(machine)
+        out.append(Section("peers", "Against the peers", PEERS_TEXT,
+                           ((fastest,) if fastest is not None else ()) + (peers,)))
     scaling = scaling_table(machine)
     if scaling is not None:
         out.append(Section("thread-scaling", "Thread scaling",

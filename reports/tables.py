@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from reports.format import (DASH, PEER_MARK, Cell, Machine, Table, _finite, _none_last, acceptable, best_by_threads,
-                            decode_text, is_ok, is_peer, label, median, mib, model_name, models, ms, num, number,
+                            decode_text, engine_precision, is_ok, is_peer, label, median, mib, model_name, models, ms, num, number,
                             params, parity_passed, parity_text, pct, quality_of, quality_verdict, rows, sort_key,
                             text, thread_counts, threads_label, variant)
 
@@ -24,7 +24,10 @@ def model_table(machine: Machine, model: str) -> Table:
     peers = {c.get("backend") for c in cells if is_peer(c)}
     out = []
     for backend, precision in rows(cells):
-        row = [text(f"{backend} · {precision}" + (PEER_MARK if backend in peers else ""))]
+        scheme = next((engine_precision(c) for c in cells if (c.get("backend"), variant(c)) == (backend, precision)
+                       and engine_precision(c)), None)
+        row = [text(f"{backend} · {precision}" + (f" ({scheme})" if scheme else "")
+                    + (PEER_MARK if backend in peers else ""))]
         for b in batches:
             group = [c for c in cells if (c.get("backend"), variant(c), c.get("batch"))
                      == (backend, precision, b)]
@@ -80,6 +83,54 @@ def peer_ratios(cells: list[dict]) -> list[dict]:
     return out
 
 
+def fastest_rows(cells: list[dict]) -> list[dict]:
+    """Per model, precision, batch and threads where a peer ran: the fastest peer and our fastest
+    backend among cells whose parity, where checked, passed and whose quality did not fail, and
+    ours over the peer (None where one side has no such cell)."""
+    key = lambda c: (c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"))  # noqa: E731
+    best: dict[bool, dict[tuple, dict]] = {True: {}, False: {}}
+    for c in sorted(cells, key=sort_key):
+        if not _peer_candidate(c) or quality_verdict(c) == "fail":
+            continue
+        side = best[is_peer(c)]
+        if key(c) not in side or c["decode_tok_s"] > side[key(c)]["decode_tok_s"]:
+            side[key(c)] = c
+    order = {m: i for i, m in enumerate(models(cells))}
+    precisions = ("fp32", "bf16", "fp16", "int8", "int4")
+    keys = sorted({key(c) for c in cells if is_peer(c)},
+                  key=lambda k: (order.get(k[0], len(order)), precisions.index(k[1]) if k[1] in precisions else 9,
+                                 _none_last(k[2]), _none_last(k[3])))
+    return [dict(key=k, peer=best[True].get(k), ours=best[False].get(k),
+                 ratio=_rate_ratio(best[False][k], best[True].get(k)) if k in best[False] else None) for k in keys]
+
+
+def fastest_table(machine: Machine) -> Table | None:
+    """The fastest peer per model, precision, batch and threads, and our best backend over it."""
+    rows_ = fastest_rows(list(machine.cells))
+    if not rows_:
+        return None
+    out = []
+    for r in rows_:
+        model, precision, batch, threads = r["key"]
+        peer, ours = r["peer"], r["ours"]
+        side = [
+            *((text(label(peer)), Cell((decode_text(peer),), peer["decode_tok_s"])) if peer else
+              (Cell(("no peer passed",), None, tone="muted"), text(DASH))),
+            *((text(label(ours)), Cell((decode_text(ours),), ours["decode_tok_s"], strong=True)) if ours else
+              (Cell(("none of ours passed",), None, tone="muted"), text(DASH))),
+        ]
+        ratio = r["ratio"]
+        out.append((text(model_name(model)), text(str(precision)), number(batch, str(batch)),
+                    text(threads_label(threads)), *side,
+                    number(ratio, f"×{ratio:.2f}" if ratio is not None else DASH,
+                           tone="" if ratio is None else "good" if ratio >= 1 else "bad")))
+    return Table("fastest-peer", ("model", "precision", "batch", "threads", "fastest peer", "its decode tok/s",
+                                  "our fastest", "its decode tok/s", "ours ÷ fastest peer"), tuple(out),
+                 (False, False, True, True, False, True, False, True, True),
+                 caption="Per model, precision, batch and threads: the fastest peer engine and the fastest of our "
+                         "backends (parity passed, quality not failed), decode tokens/s with 95% intervals")
+
+
 def _rate_ratio(c: dict, peer: dict | None) -> float | None:
     return c["decode_tok_s"] / peer["decode_tok_s"] if peer and peer["decode_tok_s"] > 0 else None
 
@@ -112,9 +163,13 @@ def peers_table(machine: Machine) -> Table | None:
 
 
 PEERS_TEXT = (
-    "Peers are what a user would run instead of our adapters, on the same weights: Hugging Face transformers "
-    "(hf), optimum's ONNX Runtime model (optimum-onnxruntime) and optimum-intel's OpenVINO model "
-    "(optimum-openvino). Their rows are marked (peer) everywhere. Each of our backends is rated against the "
+    "Peers are what a user would run instead of our adapters, on the same weights: the engines people pick "
+    "for CPU inference (llama.cpp, CTranslate2, ONNX Runtime GenAI, OpenVINO GenAI), each through its own "
+    "converter and generation API, and Hugging Face transformers (hf), optimum's ONNX Runtime model "
+    "(optimum-onnxruntime) and optimum-intel's OpenVINO model (optimum-openvino). Their rows are marked (peer) "
+    "everywhere, and an engine's own name for its scheme follows the precision (llama.cpp's q4_0 is int4, "
+    "CTranslate2's int8_float32 is int8). The first table names the fastest peer at each model, precision, "
+    "batch and thread count and rates our fastest backend against it. Below, each of our backends is rated against the "
     "fastest peer whose parity, where checked, passed, and against the peer on its own runtime (eager against "
     "hf, onnxruntime against optimum-onnxruntime, openvino against optimum-openvino), at the same model, "
     "precision, batch and thread count; \"no peer\" where none ran at that point."
