@@ -7,7 +7,7 @@ RUNS := runs
 
 .PHONY: install bench test test-fast chromium clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-llamacpp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# A dropped download of a big wheel resumes (--resume-retries); a registry that cuts one off for
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	  $(BIN)/python -m pip install -q --resume-retries 30 -e '.[test,ray]' && break; \
 	  [ $$try = 3 ] && exit 1; echo "pip install failed (try $$try of 3); trying again in 60 s"; sleep 60; \
 	done
+	scripts/install-llamacpp $(VENV)  # compiled for this CPU once (about 5 min), then cached by its flags
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -223,6 +223,13 @@ class Backend(ABC):
         return "cpu"
 
     @classmethod
+    def model_refusal(cls, config) -> str | None:
+        """Why this backend cannot run a model of this ``model.gpt.GPTConfig`` (an engine whose
+        converter does not take GPT-2, or a RoPE scaling it computes otherwise), or None. The
+        planner stores such a cell as skipped with this reason; ``load`` refuses it the same way."""
+        return None
+
+    @classmethod
     def native_precisions(cls, isa: dict) -> tuple[str, ...]:
         """The reduced precisions, among ``precisions`` and besides the default, that this backend
         runs natively fast on a CPU with these ISA flags (``bench.machine.environment.fingerprint()["cpu"]["isa"]``):

@@ -20,6 +20,7 @@ import pytest
 
 from backends import registry
 from bench.store import Store
+from model.gpt import get_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Probes cheap enough to repeat in this process (torch, onnxruntime, openvino): an independent look.
@@ -73,6 +74,8 @@ def test_a_backend_is_skipped_as_unavailable_exactly_when_its_probe_says_so(swep
         if name in swept["not_run"]:
             assert cell["status"] == "skipped", name
             assert cell["reason"].startswith("backend unavailable: ") and swept["not_run"][name] in cell["reason"]
+        elif registry.get_backend_class(name).model_refusal(get_config("tiny")):  # a peer whose converter cannot take it
+            assert cell["status"] == "skipped" and f"backend {name!r} cannot run tiny: " in cell["reason"], name
         elif "int8" in registry.get_backend_class(name).precisions:
             assert cell["status"] == "ok", (name, cell["status"], cell.get("reason"))
         else:

@@ -97,6 +97,10 @@ def _check_backend(name: str, precision: str | None, parity, model, peer_may_ref
     if not probe.available:
         pytest.skip(f"{name} unavailable: {probe.reason}")
     assert precision is not None, f"{name} probes available but its adapter does not import"
+    refusal = registry.get_backend_class(name).model_refusal(model.config)
+    if refusal:  # said before loading, as the planner says it: the engine's converter cannot take this model
+        assert registry.is_peer(name), f"our own backend {name} refuses {model.config.family}: {refusal}"
+        pytest.skip(f"peer {name} cannot run this model: {refusal}")
     with _create(name, precision, probe.devices) as backend:
         try:
             backend.load(model)

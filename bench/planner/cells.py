@@ -349,6 +349,9 @@ def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> 
                                     quality_tokens=sweep.quality_tokens if checkpoint else 0,
                                     planted_delay=sweep.planted_delay, options=options)
                     reason, need = target.reason, 0
+                    if not reason:
+                        refusal = cls.model_refusal(config)
+                        reason = f"backend {backend!r} cannot run {model}: {refusal}" if refusal else ""
                     if not reason and options:
                         check_option_values(cls, precision, options)
                     if not reason:
