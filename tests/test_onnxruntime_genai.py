@@ -123,6 +123,21 @@ def test_fp32_passes_parity_with_eager(genai, eager):
     assert result.max_abs_logit_diff <= TOLERANCES["fp32"][0]
 
 
+def test_a_mistral_window_is_kept():
+    """MistralForCausalLM with a window of 4 over 14 positions: the builder honours the window only
+    as transformers 5 spells it (``layer_types``), which the staging writes; without it every
+    layer attended to everything (max |logit diff| 7 here)."""
+    _skip_unless_available()
+    model = lively("llama-tiny", sliding_window=4)
+    ids = torch.randint(0, 512, (2, 14), generator=torch.Generator().manual_seed(4))
+    with registry.create(NAME, threads=1) as backend, EagerBackend() as reference:
+        backend.load(model)
+        reference.load(model)
+        assert backend.info()["architecture"] == "MistralForCausalLM"
+        assert "sliding_attention" in backend.info()["builder_staging"]["config.json layer_types"]
+        torch.testing.assert_close(backend.logits(ids), reference.logits(ids), atol=1e-3, rtol=0)
+
+
 def test_logits_are_every_position_at_once(genai, eager):
     ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(3))
     got = genai.logits(ids)
