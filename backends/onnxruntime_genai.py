@@ -216,6 +216,23 @@ class ORTGenAIBackend(Backend):
                          fix=INSTALL_HINT, versions=versions)
         return Probe(True, devices=("cpu",), versions=versions)
 
+    @classmethod
+    def model_refusal(cls, config) -> str | None:
+        """The builder converts a fixed list of Hugging Face classes (GPT-2 is not among them)."""
+        from model.hf import ConvertError, hf_architecture
+        try:
+            arch = hf_architecture(config)
+            support = builder_support()
+        except ConvertError as e:
+            return str(e)
+        except Exception:  # the builder does not import: the probe says so
+            return None
+        if arch not in support["architectures"]:
+            import onnxruntime_genai as og
+            return (f"the model builder of onnxruntime-genai {og.__version__} does not convert {arch} "
+                    f"(it converts {len(support['architectures'])} architectures, Llama, Mistral and Qwen2 among them)")
+        return None
+
     # -- load ------------------------------------------------------------------------------
     def load(self, model: torch.nn.Module) -> None:
         import onnxruntime_genai as og
