@@ -177,38 +177,7 @@ class OptimumOVBackend(Backend):
             raise BackendError("optimum-intel exported a stateless model; this backend drives the stateful one")
 
     def _exported(self, hf_path: Path, hf_meta: dict) -> tuple[Path, dict, bool]:
-        import openvino as ov
-        from optimum.intel.version import __version__ as optimum_intel_version
-        bits = self.weight_compression
-        if bits is not None:
-            try:
-                import nncf
-            except ImportError as e:
-                raise BackendUnavailable(f"optimum-openvino {self.precision} needs nncf, which cannot be "
-                                         f"imported ({e}); fix: pip install nncf") from e
-            nncf_version = nncf.__version__
-        else:
-            nncf_version = None
-        parts = dict(hf_key=hf_meta["key"], optimum_intel=optimum_intel_version, openvino=ov.get_version(),
-                     nncf=nncf_version, weight_compression=bits, source=export.source_digest(__name__))
-        key = export.cache_key("optimum-openvino", **parts)
-
-        def build(tmp: Path) -> dict:
-            from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
-            # Without a quantization_config optimum-intel leaves a model this small uncompressed
-            # (it compresses to int8 by default only above 1B parameters), so fp32 stays fp32.
-            quant = OVWeightQuantizationConfig(**bits) if bits is not None else None
-            try:
-                exported = OVModelForCausalLM.from_pretrained(str(hf_path), export=True, compile=False, use_cache=True,
-                                                              quantization_config=quant, local_files_only=True)
-                exported.save_pretrained(tmp)
-            except Exception as e:  # the exporter raises many types; keep the message
-                raise BackendError(f"optimum-intel OpenVINO export failed: {type(e).__name__}: {e}") from e
-            by_type = ir_weight_bytes_by_type(ov.Core().read_model(tmp / "openvino_model.xml"))
-            return dict(parts, key=key, weight_bytes=sum(by_type.values()), weight_bytes_by_type=by_type,
-                        stateful=bool(exported.stateful))
-
-        return export.cached("optimum-openvino", key, build)
+        return export_ir(hf_path, hf_meta, self.weight_compression, self.precision)
 
     # -- run -------------------------------------------------------------------------------
     def _forward(self, ids, pos, mask, cache):
@@ -288,3 +257,41 @@ def ir_weight_bytes_by_type(ov_model) -> dict[str, int]:
             t = op.get_output_element_type(0).get_type_name()
             out[t] = out.get(t, 0) + op.get_byte_size()
     return dict(sorted(out.items()))
+
+
+def export_ir(hf_path: Path, hf_meta: dict, bits: dict | None, precision: str) -> tuple[Path, dict, bool]:
+    """optimum-intel's OpenVINO export of the Hugging Face directory ``hf_path`` (stateful IR, the
+    weights compressed by NNCF as ``bits`` asks, from ``weight_bits``), cached under
+    "optimum-openvino": (directory, meta, cache hit). Shared with the ``openvino-genai`` peer,
+    whose documentation prescribes exactly this export."""
+    import openvino as ov
+    from optimum.intel.version import __version__ as optimum_intel_version
+    if bits is not None:
+        try:
+            import nncf
+        except ImportError as e:
+            raise BackendUnavailable(f"optimum-openvino {precision} needs nncf, which cannot be "
+                                     f"imported ({e}); fix: pip install nncf") from e
+        nncf_version = nncf.__version__
+    else:
+        nncf_version = None
+    parts = dict(hf_key=hf_meta["key"], optimum_intel=optimum_intel_version, openvino=ov.get_version(),
+                 nncf=nncf_version, weight_compression=bits, source=export.source_digest(__name__))
+    key = export.cache_key("optimum-openvino", **parts)
+
+    def build(tmp: Path) -> dict:
+        from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+        # Without a quantization_config optimum-intel leaves a model this small uncompressed
+        # (it compresses to int8 by default only above 1B parameters), so fp32 stays fp32.
+        quant = OVWeightQuantizationConfig(**bits) if bits is not None else None
+        try:
+            exported = OVModelForCausalLM.from_pretrained(str(hf_path), export=True, compile=False, use_cache=True,
+                                                          quantization_config=quant, local_files_only=True)
+            exported.save_pretrained(tmp)
+        except Exception as e:  # the exporter raises many types; keep the message
+            raise BackendError(f"optimum-intel OpenVINO export failed: {type(e).__name__}: {e}") from e
+        by_type = ir_weight_bytes_by_type(ov.Core().read_model(tmp / "openvino_model.xml"))
+        return dict(parts, key=key, weight_bytes=sum(by_type.values()), weight_bytes_by_type=by_type,
+                    stateful=bool(exported.stateful))
+
+    return export.cached("optimum-openvino", key, build)

@@ -30,6 +30,7 @@ BACKENDS: dict[str, str] = {
     "optimum-onnxruntime": "backends.optimum_onnxruntime:OptimumORTBackend",
     "optimum-openvino": "backends.optimum_openvino:OptimumOVBackend",
     "onnxruntime-genai": "backends.onnxruntime_genai:ORTGenAIBackend",
+    "openvino-genai": "backends.openvino_genai:OpenVINOGenAIBackend",
 }
 
 
