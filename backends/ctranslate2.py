@@ -56,9 +56,11 @@ position's logits), so parity is teacher-forced and perplexity works. ``prefill`
 
 from __future__ import annotations
 
+import atexit
 import json
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,18 @@ REPORTED = {"float32": ("float32",), "int8_float32": ("int8_float32",), "int8": 
 ID_TOKEN = "<id:{}>"
 STEPS_ONLY = ("ctranslate2 runs whole generations only (generate_batch / generate_tokens): it has no public "
               "step API with a KV cache that returns logits; use generate_greedy, or logits for every position")
+
+
+# Backends holding a Generator. A Generator that has run a Python callback and is still alive when the
+# interpreter finalizes (torch loaded) aborts the process now and then ("terminate called without an
+# active exception": 1 to 3 exits in 10 here); dropping it at exit, before finalization, never did.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for backend in list(_LIVE):
+        backend.close()
 
 
 def _version() -> str:
@@ -220,6 +234,7 @@ class CTranslate2Backend(Backend):
                                f"{model.config.vocab_size} ids")
         self._window = model.config.sliding_window
         self.generator = generator
+        _LIVE.add(self)
         self._meta = dict(export_s=(0.0 if hf_hit else hf_meta["build_s"]) + (0.0 if hit else meta["build_s"]),
                           export_cache_hit=hit, model_path=str(path), architecture=hf_meta["architecture"],
                           quantization=meta["quantization"], weight_bytes=meta["weight_bytes"])
@@ -266,23 +281,39 @@ class CTranslate2Backend(Backend):
 
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, on_token=None) -> list[list[int]]:
         """``max_new_tokens`` greedy tokens after each prompt from CTranslate2's own loop (``generate_batch``
-        with a callback); ``on_token(step, tokens (B,))`` once per step, when every row's token is in."""
+        with a callback); ``on_token(step, tokens (B,))`` once per step, when every row's token is in.
+
+        The callback runs on CTranslate2's worker thread, where each call gets a fresh Python thread
+        state and any torch operation pays torch's per-thread set-up again (measured: ``torch.tensor`` of
+        4 ids, 76 us there against 7 us elsewhere, 5-7% of a 1.4 ms step). So it runs no torch at all:
+        the tokens go into a numpy buffer whose per-step torch views were made beforehand (``unbind``,
+        about 0.5 us a step), and ``on_token`` gets those views.
+        """
         self._check_loaded("generate_greedy")
         prompts = [[int(t) for t in p] for p in prompts]
         self._check_ids(prompts, "generate_greedy")
         n = int(max_new_tokens)
         if n < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        rows: list[list[int]] = [[] for _ in prompts]
+        B = len(prompts)
+        buf = np.zeros((n, B), dtype=np.int64)
+        views = torch.from_numpy(buf).unbind(0) if on_token is not None else ()  # (B,) per step, sharing buf
+        counts = [0] * B  # tokens per row so far
+        filled = [0] * n  # rows in, per step
         state = dict(emitted=0, error=None)
 
         def callback(step) -> bool:
-            rows[step.batch_id].append(step.token_id)
+            row = step.batch_id
+            k = counts[row]
+            counts[row] = k + 1
+            if k >= n:
+                return False  # more than asked: caught after the call
+            buf[k, row] = step.token_id
+            filled[k] += 1
             try:
-                while state["emitted"] < n and all(len(r) > state["emitted"] for r in rows):
+                while state["emitted"] < n and filled[state["emitted"]] == B:
                     if on_token is not None:
-                        k = state["emitted"]
-                        on_token(k, torch.tensor([r[k] for r in rows], dtype=torch.long))
+                        on_token(state["emitted"], views[state["emitted"]])
                     state["emitted"] += 1
             except BaseException as e:  # never let it unwind through CTranslate2's thread: stop, raise below
                 state["error"] = e
@@ -298,9 +329,9 @@ class CTranslate2Backend(Backend):
         if state["error"] is not None:
             raise state["error"]
         out = [list(r.sequences_ids[0]) for r in results]
-        if out != rows or any(len(r) != n for r in out) or state["emitted"] != n:
+        if any(len(r) != n for r in out) or counts != [n] * B or state["emitted"] != n or out != buf.T.tolist():
             raise BackendError(f"ctranslate2 generated {[len(r) for r in out]} tokens per row "
-                               f"({state['emitted']} steps reported), not {n}")
+                               f"({counts} through its callback, {state['emitted']} steps complete), not {n}")
         return out
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -328,19 +359,39 @@ class CTranslate2Backend(Backend):
         return info
 
     def close(self) -> None:
-        if self.generator is not None:
-            self.generator.unload_model()
-        self.generator = None
+        self.generator = None  # the last reference: its model and worker threads go with it
+        _LIVE.discard(self)
+
+
+def converted_dir(model: torch.nn.Module, precision: str = "fp32", compute_type: str | None = None) -> Path:
+    """The cache entry the backend runs ``model`` from (converting it if it is missing): the directory to
+    hand ``direct_decode``. For a preset as the harness builds it: ``converted_dir(build_model(get_config(
+    "tiny"), seed=0))`` (``bench.models.open_model``); it lies under ``backends.base.cache_dir()/ctranslate2/``."""
+    with CTranslate2Backend(precision=precision, threads=1, compute_type=compute_type) as backend:
+        backend.load(model)
+        return Path(backend.info()["model_path"])
+
+
+DIRECT_APIS = ("tokens", "callback")
 
 
 def direct_decode(path_or_dir: str | Path, threads: int, prompt_len: int, gen_len: int, batch: int = 1,
-                  compute_type: str = "default", reps: int = 5, seed: int = 0) -> dict:
-    """The engine alone on a converted model (``info()["model_path"]``, a cache entry): CTranslate2's own
-    ``generate_tokens`` (batch 1: each yielded step stamped) or ``generate_batch`` with a callback (batch > 1:
-    a step stamped when every row's token is in), greedy, ``gen_len`` tokens with no end token after random
-    ``prompt_len``-token prompts; one generation to warm up, then ``reps``. TTFT is the median time to the
-    first token; decode_tok_s = batch * 1000 / the median of every later step's interval (as the harness's)."""
+                  compute_type: str = "default", reps: int = 5, seed: int = 0, api: str | None = None) -> dict:
+    """The engine alone on a converted model (``converted_dir`` or ``info()["model_path"]``, a cache entry),
+    through CTranslate2's own API with nothing of ours in the loop: ``api="tokens"`` iterates
+    ``generate_tokens`` (the default at batch 1), ``api="callback"`` runs ``generate_batch`` with a callback
+    (the default above batch 1); a step is stamped when every row's token of it is in. Greedy, ``gen_len``
+    tokens with no end token after random ``prompt_len``-token prompts, ``compute_type="default"`` (what the
+    file stores); one generation to warm up, then ``reps``. TTFT is the median time to the first token;
+    decode_tok_s = batch * 1000 / the median of every later step's interval, as the harness derives it.
+
+    ``generate_tokens`` hands each step from CTranslate2's thread to the caller's through a queue: measured
+    here 6-7% slower a step than ``generate_batch``'s callback on ~0.85 ms steps (small, llama-small, one
+    thread), which the backend's ``generate_greedy`` uses."""
     import ctranslate2
+    api = api or ("tokens" if batch == 1 else "callback")
+    if api not in DIRECT_APIS:
+        raise ValueError(f"api={api!r} is not one of {', '.join(DIRECT_APIS)}")
     if gen_len < 2:
         raise ValueError(f"gen_len={gen_len} must be at least 2 (a decode step after the first token)")
     path = Path(path_or_dir)
@@ -352,36 +403,43 @@ def direct_decode(path_or_dir: str | Path, threads: int, prompt_len: int, gen_le
     options = dict(max_length=gen_len, min_length=gen_len, sampling_topk=1, end_token=[])
 
     def one() -> list[float]:
-        stamps = []
-        t0 = time.perf_counter()
-        if batch == 1:
-            for _ in generator.generate_tokens(prompts[0], **options):
+        stamps: list[float] = []
+        counts, filled = [0] * batch, [0] * gen_len  # tokens per row; rows in, per step
+
+        def stamp(step) -> bool:
+            k = counts[step.batch_id]
+            counts[step.batch_id] = k + 1
+            filled[k] += 1
+            if filled[k] == batch and k == len(stamps):  # equal prompts: steps complete in order
                 stamps.append(time.perf_counter())
+            return False
+
+        t0 = time.perf_counter()
+        if api == "tokens":
+            for step in generator.generate_tokens(prompts, **options):
+                stamp(step)
         else:
-            counts = [0] * batch
-
-            def callback(step):
-                counts[step.batch_id] += 1
-                if min(counts) > len(stamps):
-                    stamps.append(time.perf_counter())
-                return False
-
-            generator.generate_batch(prompts, beam_size=1, include_prompt_in_result=False, callback=callback,
+            generator.generate_batch(prompts, beam_size=1, include_prompt_in_result=False, callback=stamp,
                                      **options)
         if len(stamps) != gen_len:
-            raise BackendError(f"ctranslate2 reported {len(stamps)} steps, not {gen_len}")
+            raise BackendError(f"ctranslate2 reported {len(stamps)} complete steps, not {gen_len}")
         return [t0] + stamps
 
-    one()  # warm-up
-    ttft, steps = [], []
-    for _ in range(reps):
-        s = one()
-        ttft.append((s[1] - s[0]) * 1e3)
-        steps += [(b - a) * 1e3 for a, b in zip(s[1:], s[2:])]
+    try:
+        one()  # warm-up
+        ttft, steps = [], []
+        for _ in range(reps):
+            s = one()
+            ttft.append((s[1] - s[0]) * 1e3)
+            steps += [(b - a) * 1e3 for a, b in zip(s[1:], s[2:])]
+        compute = generator.compute_type
+    finally:
+        generator = None  # not left for the interpreter's finalization (see _LIVE)
     tpot = statistics.median(steps)
-    api = "generate_tokens (each yielded step)" if batch == 1 else "generate_batch with a callback (a step: every row in)"
+    how_api = ("generate_tokens, each yielded step" if api == "tokens" else "generate_batch with a callback")
     return dict(decode_tok_s=batch * 1000.0 / tpot, ttft_ms=statistics.median(ttft), tpot_ms=tpot, reps=reps,
-                compute_type=generator.compute_type,
-                how=f"ctranslate2 {ctranslate2.__version__} Generator (cpu, {generator.compute_type}, "
-                    f"intra_threads={threads}, inter_threads=1) {api}, greedy, end_token=[]; {reps} generations "
-                    f"after one warm-up; decode_tok_s = batch * 1000 / median step interval, ttft_ms median")
+                compute_type=compute, api=api,
+                how=f"ctranslate2 {ctranslate2.__version__} Generator (cpu, {compute}, intra_threads={threads}, "
+                    f"inter_threads=1), {how_api} (a step stamped when all {batch} rows are in), greedy, "
+                    f"end_token=[]; {reps} generations after one warm-up; decode_tok_s = batch * 1000 / median "
+                    f"step interval, ttft_ms median")

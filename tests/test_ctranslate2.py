@@ -281,11 +281,31 @@ def test_the_harness_times_its_loop_and_checks_parity_on_logits():
     assert out["backend_info"]["engine_precision"] == "float32"
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_direct_decode_on_the_cache_entry(batch):
-    from backends.ctranslate2 import direct_decode
+@pytest.mark.parametrize("batch, api", [(1, None), (2, None), (1, "callback"), (2, "tokens")])
+def test_direct_decode_on_the_cache_entry(batch, api):
+    from backends.ctranslate2 import converted_dir, direct_decode
     with _loaded(lively("tiny")) as backend:  # the fp32 fixture's entry: a cache hit
         path = backend.info()["model_path"]
-    out = direct_decode(path, threads=1, prompt_len=4, gen_len=4, batch=batch, reps=1)
+    assert str(converted_dir(lively("tiny"))) == path
+    out = direct_decode(path, threads=1, prompt_len=4, gen_len=4, batch=batch, reps=1, api=api)
     assert out["decode_tok_s"] > 0 and out["ttft_ms"] > 0 and out["compute_type"] == "float32"
-    assert ("generate_tokens" if batch == 1 else "generate_batch with a callback") in out["how"]
+    assert out["api"] == (api or ("tokens" if batch == 1 else "callback"))
+    assert ("generate_tokens" if out["api"] == "tokens" else "generate_batch with a callback") in out["how"]
+    with pytest.raises(ValueError, match="api='stream' is not one of tokens, callback"):
+        direct_decode(path, threads=1, prompt_len=4, gen_len=4, api="stream")
+
+
+def test_a_backend_left_open_is_closed_at_exit(monkeypatch):
+    """A Generator that ran a callback and outlives the interpreter's finalization can abort the process
+    (seen 1 to 3 exits in 10): the module's exit hook closes every backend still open."""
+    import weakref
+
+    from backends import ctranslate2 as module
+    monkeypatch.setattr(module, "_LIVE", weakref.WeakSet())  # this test's backend alone, not the fixtures'
+    backend = _loaded(lively("tiny"))
+    backend.generate_greedy(PROMPTS, 2, on_token=lambda step, tokens: None)
+    assert backend in module._LIVE
+    module._close_live()
+    assert backend.generator is None and backend not in module._LIVE
+    with pytest.raises(BackendError, match="call load\(\) before generate_greedy"):
+        backend.generate_greedy(PROMPTS, 2)
