@@ -50,7 +50,8 @@ Running: CTranslate2 has no public step API with a KV cache that returns logits,
 stepwise: ``generate_greedy`` runs ``generate_batch`` (greedy: ``beam_size=1``, ``sampling_topk=1``;
 ``max_length = min_length = n``, ``end_token=[]`` so that no token ends a sequence, EOS included;
 ``include_prompt_in_result=False``), its callback called per generated token per batch row; ``on_token``
-is called once per step, when every row's token of that step is in. ``logits`` is ``forward_batch`` (every
+is called once per step, when every row's token of that step is in (no torch runs on CTranslate2's
+callback thread: see ``generate_greedy``). ``logits`` is ``forward_batch`` (every
 position's logits), so parity is teacher-forced and perplexity works. ``prefill``/``decode`` raise.
 """
 
@@ -112,8 +113,9 @@ class IdVocabulary:
     """What CTranslate2's converter reads of a tokenizer (``get_vocab``, bos/eos/unk), for a model given
     as token ids: token ``i`` is ``<id:i>``, ``vocab_size`` of them."""
 
-    def __init__(self, vocab_size: int, bos_id: int | None, eos_id: int | None):
+    def __init__(self, vocab_size: int, bos_id, eos_id):
         self.vocab_size = vocab_size
+        bos_id, eos_id = (i[0] if isinstance(i, list) and i else i for i in (bos_id, eos_id))  # a config may list several
         eos = eos_id if eos_id is not None else 0
         self.bos_token = ID_TOKEN.format(bos_id if bos_id is not None else eos)
         self.eos_token = ID_TOKEN.format(eos)

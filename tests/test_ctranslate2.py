@@ -133,6 +133,21 @@ def test_refuses_what_it_computes_wrongly():
             backend.load(lively("llama-tiny", sliding_window=8, qkv_bias=True))  # no transformers class computes it
 
 
+@pytest.mark.parametrize("overrides, architecture", [
+    (dict(qkv_bias=True), "Qwen2ForCausalLM"),
+    (dict(qkv_bias=True, out_bias=True, mlp_bias=True), "LlamaForCausalLM"),
+    (dict(rope_scaling="linear", rope_factor=2.0, tie_embeddings=False, n_kv_head=1), "LlamaForCausalLM"),
+])
+def test_other_llama_family_classes_compute_the_model(overrides, architecture):
+    model = lively("llama-tiny", **overrides)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(4))
+    with _loaded(model) as backend:
+        assert backend.info()["architecture"] == architecture
+        with torch.no_grad():
+            want, _ = model(ids)
+        torch.testing.assert_close(backend.logits(ids), want, atol=1e-3, rtol=0)
+
+
 def test_sliding_window_within_the_window_and_refused_beyond():
     """Mistral: a prompt within the window, generation past it, agree with eager; longer is refused."""
     model = lively("llama-tiny", sliding_window=8)
