@@ -31,6 +31,7 @@ BACKENDS: dict[str, str] = {
     "optimum-openvino": "backends.optimum_openvino:OptimumOVBackend",
     "onnxruntime-genai": "backends.onnxruntime_genai:ORTGenAIBackend",
     "openvino-genai": "backends.openvino_genai:OpenVINOGenAIBackend",
+    "ctranslate2": "backends.ctranslate2:CTranslate2Backend",
 }
 
 
