@@ -209,6 +209,10 @@ class CTranslate2Backend(Backend):
         return super().check_precision(precision)
 
     # -- load ------------------------------------------------------------------------------
+    @classmethod
+    def model_refusal(cls, config) -> str | None:
+        return refusal(config)
+
     def load(self, model: torch.nn.Module) -> None:
         import ctranslate2
         self.generator = None
