@@ -29,6 +29,7 @@ BACKENDS: dict[str, str] = {
     "hf": "backends.hf:HFBackend",
     "optimum-onnxruntime": "backends.optimum_onnxruntime:OptimumORTBackend",
     "optimum-openvino": "backends.optimum_openvino:OptimumOVBackend",
+    "llamacpp": "backends.llamacpp:LlamaCppBackend",
 }
 
 
