@@ -126,6 +126,7 @@ class LlamaCppBackend(Backend):
         self._ctx = None  # llama_context *
         self._batch = None
         self._batch_cap = 0
+        self._limit = 0
         self._n_seq = 0
         self._step = 0
         self._history: list[list[int]] = []  # each row's real tokens in llama.cpp (for reorder_cache)
@@ -229,7 +230,8 @@ class LlamaCppBackend(Backend):
 
     def _context_per_seq(self) -> int:
         """Tokens each sequence may hold: the option, else enough for what expect() said (at least
-        CTX_DEFAULT), within block_size and a Mistral window (llama.cpp's llama has none)."""
+        CTX_DEFAULT), within block_size and a Mistral window (llama.cpp's llama has none). llama.cpp
+        rounds its context up to a multiple of 256; this limit is kept by ``_forward`` itself."""
         cap = self.config.block_size
         if self.config.sliding_window is not None:
             cap = min(cap, self.config.sliding_window)
@@ -247,8 +249,9 @@ class LlamaCppBackend(Backend):
         import llama_cpp
         self._free_context()
         per_seq = self._context_per_seq()
+        self._limit = per_seq
         p = llama_cpp.llama_context_default_params()
-        p.n_ctx = per_seq * n_seq
+        p.n_ctx = -(-per_seq // CTX_ROUND) * CTX_ROUND * n_seq  # what llama.cpp would round it to
         p.n_batch = p.n_ctx  # a whole batch of prompts (or logits()) in one llama_decode
         p.n_ubatch = min(512, p.n_ctx)
         p.n_seq_max = n_seq
@@ -267,7 +270,8 @@ class LlamaCppBackend(Backend):
         self._batch_cap = p.n_batch
         self._batch = llama_cpp.llama_batch_init(p.n_batch, 0, 1)
         self._step += 1
-        self._ctx_info = dict(n_ctx=llama_cpp.llama_n_ctx(ctx), n_ctx_seq=llama_cpp.llama_n_ctx_seq(ctx),
+        self._ctx_info = dict(context_per_sequence=per_seq, n_ctx=llama_cpp.llama_n_ctx(ctx),
+                              n_ctx_seq=llama_cpp.llama_n_ctx_seq(ctx),
                               n_seq_max=llama_cpp.llama_n_seq_max(ctx), n_batch=llama_cpp.llama_n_batch(ctx),
                               n_ubatch=llama_cpp.llama_n_ubatch(ctx),
                               llama_threads=llama_cpp.llama_n_threads(ctx),
@@ -322,16 +326,28 @@ class LlamaCppBackend(Backend):
         if rc != 0:
             self._step += 1  # the state is no longer what any handle says
             if rc == 1:
-                raise BackendError(f"llamacpp: the context is full ({self._ctx_info['n_ctx_seq']} tokens per "
-                                   f"sequence; the n_ctx option sets it, up to block_size)")
+                raise BackendError(self._full())
             raise BackendError(f"llama_decode failed (returned {rc})")
 
-    def _row_logits(self, index: int) -> np.ndarray:
+    def _full(self) -> str:
+        window = self.config.sliding_window
+        why = (f"; sliding_window={window} caps it, as llama.cpp's {self._meta.get('architecture')} has no window"
+               if window is not None and self._limit == window else "")
+        return (f"llamacpp: the context is full ({self._limit} tokens per sequence; the n_ctx option sets it, "
+                f"up to block_size={self.config.block_size}{why})")
+
+    def _read_logits(self, outputs: list[int]) -> torch.Tensor:
+        """The logits of the batch's tokens at ``outputs`` (their indices in the batch), copied
+        out of llama.cpp's buffer: (len(outputs), vocab) float32."""
         import llama_cpp
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        if not ptr:
-            raise BackendError(f"llama.cpp returned no logits for output {index}")
-        return np.ctypeslib.as_array(ptr, shape=(self._vocab,))
+        out = torch.empty(len(outputs), self._vocab, dtype=torch.float32)
+        row_bytes = self._vocab * 4
+        for j, i in enumerate(outputs):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            if not ptr:
+                raise BackendError(f"llama.cpp returned no logits for the batch's token {i}")
+            ctypes.memmove(out.data_ptr() + j * row_bytes, ptr, row_bytes)
+        return out
 
     def _forward(self, ids, pos, mask, cache):
         self._check_loaded("prefill/decode")
@@ -345,50 +361,66 @@ class LlamaCppBackend(Backend):
             past, real = cache.length, list(cache.real)
         if mask is not None and tuple(mask.shape) != (B, past + T):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(B, past + T)} (batch, past + new tokens)")
-        keep = torch.ones(B, T, dtype=torch.bool) if mask is None else mask[:, past:].bool().cpu()
         tokens = ids.tolist()
-        wanted_pos = None if pos is None else pos.tolist()
-        keep_rows = keep.tolist()
-        rows, outputs = [], []
-        for b in range(B):
-            row = []
-            for t in range(T):
-                if not keep_rows[b][t]:
-                    continue  # padding: never given to llama.cpp
-                p = real[b] + len(row)
-                if wanted_pos is not None and wanted_pos[b][t] != p:
-                    raise BackendError(f"llamacpp: row {b}'s token {t} is at position {wanted_pos[b][t]}, but llama.cpp "
-                                       f"places each row's real tokens at 0, 1, ... (this one at {p}); positions "
-                                       f"that skip or repeat are not supported")
-                row.append([tokens[b][t], p, False])
-            if not row:
-                raise BackendError(f"llamacpp: row {b} has no real token in this call (the mask hides them all)")
-            row[-1][2] = True
-            rows.append(row)
+        if mask is None and pos is None:  # no padding: every token, at the positions that follow
+            rows = [[(tok, real[b] + t, t == T - 1) for t, tok in enumerate(tokens[b])] for b in range(B)]
+        else:
+            rows = self._real_tokens(tokens, real, None if mask is None else mask[:, past:].bool().tolist(),
+                                     None if pos is None else pos.tolist())
+        for b, row in enumerate(rows):
+            if real[b] + len(row) > self._limit:
+                raise BackendError(self._full())
         if cache is None:
             self._start(B)
             self._history = [[] for _ in range(B)]
-        self._decode([[tuple(x) for x in row] for row in rows])
+        self._decode(rows)
+        outputs, n = [], 0
         for b, row in enumerate(rows):
             self._history[b].extend(x[0] for x in row)
-            outputs.append(sum(len(r) for r in rows[:b + 1]) - 1)
+            n += len(row)
+            outputs.append(n - 1)
             real[b] += len(row)
-        logits = torch.from_numpy(np.stack([self._row_logits(i) for i in outputs]))  # a copy
+        logits = self._read_logits(outputs)
         self._step += 1
         return logits, LlamaCppHandle(past + T, B, self._step, tuple(real))
+
+    @staticmethod
+    def _real_tokens(tokens, real, keep, wanted) -> list[list[tuple[int, int, bool]]]:
+        """Each row's (token, position, wants logits) for llama.cpp: the tokens the mask keeps
+        (padding is never given to it), at the row's next positions, which ``pos`` must agree with."""
+        rows = []
+        for b, row_tokens in enumerate(tokens):
+            row = []
+            for t, tok in enumerate(row_tokens):
+                if keep is not None and not keep[b][t]:
+                    continue  # padding: never given to llama.cpp
+                p = real[b] + len(row)
+                if wanted is not None and wanted[b][t] != p:
+                    raise BackendError(f"llamacpp: row {b}'s token {t} is at position {wanted[b][t]}, but llama.cpp "
+                                       f"places each row's real tokens at 0, 1, ... (this one at {p}); positions "
+                                       f"that skip or repeat are not supported")
+                row.append((tok, p, False))
+            if not row:
+                raise BackendError(f"llamacpp: row {b} has no real token in this call (the mask hides them all)")
+            row[-1] = (row[-1][0], row[-1][1], True)
+            rows.append(row)
+        return rows
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits from one llama_decode (each row its own sequence, from position 0)."""
         import llama_cpp
         self._check_loaded("logits")
         B, T = ids.shape
+        if T > self._limit:
+            raise BackendError(self._full())
         self._start(B)
         tokens = ids.tolist()
         self._decode([[(tokens[b][t], t, True) for t in range(T)] for b in range(B)])
         ptr = llama_cpp.llama_get_logits(self._ctx)
-        out = np.ctypeslib.as_array(ptr, shape=(B * T, self._vocab)).reshape(B, T, self._vocab).copy()
+        out = torch.empty(B, T, self._vocab, dtype=torch.float32)
+        ctypes.memmove(out.data_ptr(), ptr, out.numel() * 4)  # outputs in batch order: row by row
         self._step += 1  # the state now holds these rows: earlier handles are stale
-        return torch.from_numpy(out)
+        return out
 
     def reorder_cache(self, cache: LlamaCppHandle, index: torch.Tensor) -> LlamaCppHandle:
         """Beam search: row i of the next step continues row ``index[i]``, through each sequence's
