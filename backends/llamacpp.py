@@ -26,6 +26,17 @@ Beam search reorders rows through llama.cpp's per-sequence state (``llama_state_
 and the rows' tokens decoded again. The cache is inside the context: the cache object is a handle, and only the latest
 one is valid (as optimum-openvino's).
 
+The context (llama.cpp allocates every sequence's keys and values up front) holds what ``expect()``
+said (prompt + generation, rounded up to 256), or 4096 tokens without it, within block_size; a
+fresh sequence longer than that makes it anew, longer; the ``n_ctx`` option fixes it instead. A
+Mistral window caps it, since llama.cpp's ``llama`` has none (within it, full attention is the
+window's answer). llama.cpp rounds its context up to 256; the limit is kept exactly here.
+
+llama.cpp's extra weight buffers (``use_extra_bufts``: its AMX and CPU_REPACK layouts) are on
+unless this build's AMX kernels crash here, which a child process checks once per machine
+(``extra_buffers_setting``; option ``extra_buffers``): with llama-cpp-python 0.3.36 built with
+GGML_NATIVE on a Xeon with AMX, ggml's AMX matmul dies in ``ldtilecfg`` on any multi-token batch.
+
 The KV cache type follows the precision (f32 for fp32, int8 and int4, as our backends keep theirs;
 bf16 and f16 for those) and flash attention is off, unless the ``kv_cache_type`` and
 ``flash_attn`` options say otherwise: llama.cpp's own defaults (f16 cache, flash attention
@@ -127,6 +138,7 @@ class LlamaCppBackend(Backend):
         self._batch = None
         self._batch_cap = 0
         self._limit = 0
+        self._longest = 0  # the longest sequence a call has started: the context grows to hold it
         self._n_seq = 0
         self._step = 0
         self._history: list[list[int]] = []  # each row's real tokens in llama.cpp (for reorder_cache)
@@ -228,21 +240,26 @@ class LlamaCppBackend(Backend):
                           tensor_types=meta["tensor_types"], architecture=meta["architecture"],
                           tokenizer=meta["tokenizer"], weight_bytes=meta["weight_bytes"])
 
-    def _context_per_seq(self) -> int:
-        """Tokens each sequence may hold: the option, else enough for what expect() said (at least
-        CTX_DEFAULT), within block_size and a Mistral window (llama.cpp's llama has none). llama.cpp
-        rounds its context up to a multiple of 256; this limit is kept by ``_forward`` itself."""
+    def _cap(self) -> int:
+        """The most tokens a sequence may hold: block_size, or a Mistral window (llama.cpp's llama has none)."""
         cap = self.config.block_size
         if self.config.sliding_window is not None:
             cap = min(cap, self.config.sliding_window)
+        return cap
+
+    def _context_per_seq(self) -> int:
+        """Tokens each sequence may hold (llama.cpp allocates their keys and values up front): the
+        n_ctx option; else what expect() said (prompt + generation), or CTX_DEFAULT without it, or
+        a longer prompt seen since; rounded up to 256 and within ``_cap``. llama.cpp rounds its
+        context up to a multiple of 256 itself; this limit is kept exactly by ``_forward``."""
+        cap = self._cap()
         if self.n_ctx_option is not None:
             if self.n_ctx_option > cap:
                 raise BackendError(f"llamacpp n_ctx={self.n_ctx_option} exceeds what the model allows ({cap}: "
                                    f"block_size" + (" and sliding_window)" if cap != self.config.block_size else ")"))
             return self.n_ctx_option
-        need = CTX_DEFAULT
-        if self._expected:
-            need = max(need, self._expected[1] + self._expected[2])
+        need = self._expected[1] + self._expected[2] if self._expected else CTX_DEFAULT
+        need = max(need, self._longest)
         return min(cap, -(-need // CTX_ROUND) * CTX_ROUND)
 
     def _new_context(self, n_seq: int) -> None:
@@ -296,11 +313,16 @@ class LlamaCppBackend(Backend):
             raise BackendError("llamacpp keeps its KV cache inside the llama.cpp context: only the cache "
                                "returned by the latest prefill/decode can be continued, not an older one")
 
-    def _start(self, batch: int) -> None:
-        """A fresh state for ``batch`` sequences: the context grown if it holds fewer, the memory cleared."""
+    def _start(self, batch: int, tokens: int) -> None:
+        """A fresh state for ``batch`` sequences starting with up to ``tokens`` tokens: the context
+        made anew if it holds fewer sequences or shorter ones (up to ``_cap``, unless the n_ctx
+        option fixes it), the memory cleared."""
         import llama_cpp
-        if batch > self._n_seq:
-            self._new_context(batch)
+        longer = tokens > self._limit and self.n_ctx_option is None and self._limit < self._cap()
+        if longer:
+            self._longest = tokens
+        if batch > self._n_seq or longer:
+            self._new_context(max(batch, self._n_seq))
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._step += 1
 
@@ -367,12 +389,13 @@ class LlamaCppBackend(Backend):
         else:
             rows = self._real_tokens(tokens, real, None if mask is None else mask[:, past:].bool().tolist(),
                                      None if pos is None else pos.tolist())
+        if cache is None:
+            self._start(B, max(len(row) for row in rows))
+            self._history = [[] for _ in range(B)]
         for b, row in enumerate(rows):
             if real[b] + len(row) > self._limit:
+                self._step += 1  # a started state that holds nothing of this call
                 raise BackendError(self._full())
-        if cache is None:
-            self._start(B)
-            self._history = [[] for _ in range(B)]
         self._decode(rows)
         outputs, n = [], 0
         for b, row in enumerate(rows):
@@ -411,9 +434,9 @@ class LlamaCppBackend(Backend):
         import llama_cpp
         self._check_loaded("logits")
         B, T = ids.shape
+        self._start(B, T)
         if T > self._limit:
             raise BackendError(self._full())
-        self._start(B)
         tokens = ids.tolist()
         self._decode([[(tokens[b][t], t, True) for t in range(T)] for b in range(B)])
         ptr = llama_cpp.llama_get_logits(self._ctx)
@@ -506,6 +529,13 @@ def _tensor_bytes(path: Path) -> int:
 
 
 # -- llama.cpp measured on its own ------------------------------------------------------------
+
+def converted_gguf(model, precision: str = "fp32", quant: str | None = None, threads: int | None = None) -> Path:
+    """The GGUF the llamacpp backend runs for ``model`` at ``precision`` (its cache entry,
+    ``<cache_dir>/llamacpp/<key>/model.gguf``, converted now if missing): what ``direct_decode`` takes."""
+    backend = LlamaCppBackend(precision=precision, quant=quant, threads=threads)
+    return backend._gguf_file(model)[0]
+
 
 def direct_decode(path_or_dir, threads: int, prompt_len: int, gen_len: int, batch: int = 1, *,
                   kv_cache_type: str | None = None, flash_attn: str = "off", extra_buffers: str = "auto",

@@ -296,6 +296,20 @@ def test_the_context_limit_is_kept():
             backend.load(lively("tiny"))
 
 
+def test_the_context_is_what_expect_said_and_grows_for_a_longer_prompt():
+    model = lively("llama-tiny", block_size=1024)
+    with LlamaCppBackend(threads=1) as backend, EagerBackend() as eager:
+        backend.expect(1, 8, 8)
+        backend.load(model)
+        eager.load(model)
+        assert backend.info()["context_per_sequence"] == 256  # prompt + generation, rounded up to 256
+        ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(3))
+        logits, cache = backend.prefill(ids)  # a fresh sequence: the context is made anew to hold it
+        assert backend.info()["context_per_sequence"] == 512 and backend.cache_length(cache) == 300
+        want, _ = eager.prefill(ids)
+        torch.testing.assert_close(logits, want, atol=1e-3, rtol=0)
+
+
 # -- probe and direct measurement ------------------------------------------------------------------
 
 def test_probe_reports_the_versions():
@@ -318,9 +332,12 @@ def test_probe_names_a_missing_module_and_the_fix(blocked, fix, monkeypatch):
     assert not probe.available and blocked in probe.reason and probe.fix == fix
 
 
-def test_direct_decode_runs_the_file_alone(lc):
+def test_direct_decode_runs_the_file_alone(lc, preset):
+    from backends.llamacpp import converted_gguf
+    path = converted_gguf(lively(preset))  # the cache entry the backend runs
+    assert str(path) == lc.info()["gguf_path"]
     for batch in (1, 2):
-        out = direct_decode(lc.info()["gguf_path"], threads=1, prompt_len=8, gen_len=4, batch=batch)
+        out = direct_decode(path.parent, threads=1, prompt_len=8, gen_len=4, batch=batch)
         assert out["decode_tok_s"] > 0 and out["ttft_ms"] > 0 and out["batch"] == batch
         assert "llama_decode" in out["how"] and out["threads"] == 1 and out["kv_cache_type"] == "f32"
     with pytest.raises(BackendError, match="is not a GGUF file"):
