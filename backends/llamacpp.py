@@ -13,8 +13,10 @@ and the converter's source. Precisions are llama.cpp's own file types:
 
 llama.cpp picks some tensors' types itself when it quantises (an output matrix, fallbacks where a
 width does not divide 256 for the K-quants): ``info()["tensor_types"]`` counts what the file holds.
-A model that came from a GGUF file (``model.gguf.load_gguf``, ``--checkpoint model.gguf``) and is
-run at that file's own type runs the file itself, unconverted (``info()["gguf_source"]``).
+A model that came from a GGUF file (``model.gguf.load_gguf``, a ``.gguf`` model entry) and is run
+at that file's own type, its weights unchanged, runs the file itself, unconverted (``info()["source"]``
+says which; ``gguf_path`` is the file run). llama.cpp's q8_0/q4_0 kernels quantise the activations
+to 8 bits as well (ggml's vec_dot_type): that is part of what its int8 and int4 are.
 
 Running: prefill and decode are ``llama_decode`` on one ``llama_batch``; each row of a batch is its
 own sequence (seq_id = row, its own positions; ``n_seq_max`` = the batch); the logits are read with
@@ -23,8 +25,8 @@ and each row's real tokens are at positions 0, 1, ... (what ``model.generate`` p
 row computes what it would alone. ``logits(ids)`` is one decode with every position's logits.
 Beam search reorders rows through llama.cpp's per-sequence state (``llama_state_seq_get_data`` and
 ``set_data``); where it needs more rows than the context has sequences, a larger context is made
-and the rows' tokens decoded again. The cache is inside the context: the cache object is a handle, and only the latest
-one is valid (as optimum-openvino's).
+and the rows' tokens decoded again. The cache is inside the context: the cache object is a handle,
+and only the latest one is valid (as optimum-openvino's).
 
 The context (llama.cpp allocates every sequence's keys and values up front) holds what ``expect()``
 said (prompt + generation, rounded up to 256), or 4096 tokens without it, within block_size; a
@@ -40,7 +42,8 @@ GGML_NATIVE on a Xeon with AMX, ggml's AMX matmul dies in ``ldtilecfg`` on any m
 The KV cache type follows the precision (f32 for fp32, int8 and int4, as our backends keep theirs;
 bf16 and f16 for those) and flash attention is off, unless the ``kv_cache_type`` and
 ``flash_attn`` options say otherwise: llama.cpp's own defaults (f16 cache, flash attention
-"auto", which is on for the CPU) change fp32 logits by about 1e-2. Threads are llama.cpp's
+"auto", which is on for the CPU) change fp32 logits by about 1e-2 (8e-3 measured on the lively
+test models with flash attention alone, which rounds to f16 inside). Threads are llama.cpp's
 ``n_threads`` and ``n_threads_batch``, read back from the context.
 
 Known difference at fp32: llama.cpp's CPU GELU reads a table of fp16 values (ggml's
@@ -103,6 +106,7 @@ class LlamaCppBackend(Backend):
     peer = True
     peer_of = None
     description = "peer: llama.cpp (llama-cpp-python's low-level API) on a GGUF; int8/int4 its q8_0/q4_0 (q4_K_M)"
+    precision_options = {"int4": ("quant",)}  # a sweep's quant=q4_K_M applies to its int4 cells only
 
     def __init__(self, precision=None, threads=None, device=None, quant: str | None = None,
                  kv_cache_type: str | None = None, flash_attn: str = "off", n_ctx: int | None = None,
@@ -182,6 +186,7 @@ class LlamaCppBackend(Backend):
         from model.gpt import GPT
         if not isinstance(model, GPT):
             raise BackendError(f"llamacpp backend runs a GPT model (converted to GGUF), not {type(model).__name__}")
+        self.close()  # a second load replaces the first
         quiet_llama_cpp()
         llama_cpp.llama_backend_init()
         self.config = model.config
