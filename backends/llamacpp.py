@@ -696,8 +696,10 @@ def _extra_buffers_verdict() -> dict:
 
     from backends.base import cache_dir
     system = llama_cpp.llama_print_system_info().decode(errors="replace")
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(lib.glob("libggml-cpu*.so*"))]
+    # the libraries llama-cpp-python loaded: its own, or those LLAMA_CPP_LIB_PATH points it at
+    lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    stamp = [str(lib.resolve())] + [(p.name, p.stat().st_size, int(p.stat().st_mtime))
+                                    for p in sorted(lib.glob("libggml-cpu*.so*"))]
     key = hashlib.sha256(json.dumps([llama_cpp.__version__, system, stamp]).encode()).hexdigest()[:16]
     record = cache_dir() / "llamacpp-extra-buffers" / f"{key}.json"
     if record.is_file():
