@@ -32,6 +32,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime-genai": "backends.onnxruntime_genai:ORTGenAIBackend",
     "openvino-genai": "backends.openvino_genai:OpenVINOGenAIBackend",
     "ctranslate2": "backends.ctranslate2:CTranslate2Backend",
+    "llamacpp": "backends.llamacpp:LlamaCppBackend",
 }
 
 

@@ -37,8 +37,14 @@ def localize(names):
 
 
 def is_checkpoint_dir(name: str) -> bool:
-    """A model entry that is not a preset but a directory: a checkpoint."""
-    return name not in PRESETS and Path(name).is_dir()
+    """A model entry that is not a preset but a directory (a checkpoint) or a GGUF file
+    (``model.gguf``: loaded as our model, and run as it is by the llamacpp backend)."""
+    return name not in PRESETS and (Path(name).is_dir() or is_gguf_file(name))
+
+
+def is_gguf_file(name) -> bool:
+    """A ``.gguf`` file on disk, which ``--checkpoint`` and a model entry take like a directory."""
+    return str(name).lower().endswith(".gguf") and Path(name).is_file()
 
 
 def model_config(name: str, checkpoint: bool | None = None):

@@ -208,8 +208,16 @@ def save_checkpoint(model: GPT, directory: str | Path) -> Path:
 
 
 def read_config(directory: str | Path) -> GPTConfig:
-    """The config of a checkpoint directory (ours or Hugging Face's), without its weights."""
+    """The config of a checkpoint directory (ours or Hugging Face's) or a GGUF file, without its weights."""
+    if _is_gguf(directory):
+        from model.gguf import read_gguf_config
+        return read_gguf_config(directory)[0]
     return _read_config(Path(directory))[0]
+
+
+def _is_gguf(path: str | Path) -> bool:
+    """A ``.gguf`` file (``model.gguf``'s reader loads it), given where a checkpoint directory goes."""
+    return str(path).lower().endswith(".gguf") and Path(path).is_file()
 
 
 def _read_config(directory: Path) -> tuple[GPTConfig, str]:
@@ -242,7 +250,11 @@ def _read_config(directory: Path) -> tuple[GPTConfig, str]:
 
 
 def load_checkpoint(directory: str | Path) -> GPT:
-    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face directory."""
+    """A ``GPT`` in eval mode, fp32 on the CPU, from our format or a local Hugging Face directory
+    (or a GGUF file: ``model.gguf.load_gguf``, its quantised tensors dequantised)."""
+    if _is_gguf(directory):
+        from model.gguf import load_gguf
+        return load_gguf(directory)
     directory = Path(directory)
     config, layout = _read_config(directory)
     if is_quantized_checkpoint(directory):  # never dequantised into an fp32 model
