@@ -1,10 +1,11 @@
 """`bench run --backend all` for real: the real probes, the real plan, a real launch per runnable cell.
 
 One sweep, shared by the module: the tiny preset at int8, batch 1, one launch of a 4-token
-generation. int8 keeps the launches to the four backends that quantise (int8, onnxruntime,
-openvino and the optimum-openvino peer); every other backend is planned and stored as skipped,
-because it does not support int8 or because its probe says it is unavailable, with the reason.
-Probing all eleven backends in child processes is most of its time (about a minute on two cores).
+generation. int8 keeps the launches to the backends that quantise (int8, onnxruntime, openvino and
+the peers optimum-openvino, llamacpp, ctranslate2 and openvino-genai); every other backend is
+planned and stored as skipped, because it does not support int8, because its probe says it is
+unavailable, or because its converter cannot take GPT-2 (onnxruntime-genai), with the reason.
+Probing all fifteen backends in child processes is most of its time (about a minute on two cores).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def add_generate(sub, default_store: str) -> None:
     gen.add_argument("--backend", default="eager")
     gen.add_argument("--precision", default=None)
     gen.add_argument("--model", help="a preset (random weights from --seed)")
-    gen.add_argument("--checkpoint", help="a checkpoint directory or s3://bucket/prefix")
+    gen.add_argument("--checkpoint", help="a checkpoint directory, a .gguf file or s3://bucket/prefix")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from backends import registry
-    from bench.models import open_model
+    from bench.models import is_gguf_file, open_model
     from model.generate import generate
     from model.tokenizer import load_tokenizer
 
@@ -88,8 +88,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise UsageError(f"bench generate: --max-new-tokens {args.max_new_tokens} must not be negative")
     registry.get_backend_class(args.backend)
-    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
-        raise UsageError(f"bench generate: checkpoint directory {args.checkpoint!r} does not exist")
+    if args.checkpoint is not None and not (Path(args.checkpoint).is_dir() or is_gguf_file(args.checkpoint)):
+        raise UsageError(f"bench generate: checkpoint {args.checkpoint!r} is neither a directory nor a .gguf file")
     model = open_model(args.checkpoint or args.model, args.backend, args.precision,
                        checkpoint=args.checkpoint is not None, seed=args.weights_seed)  # a quantised one as it is
     tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)

@@ -13,7 +13,7 @@ def add_parser(sub, default_store: str) -> None:
     run.add_argument("--config", help="a TOML sweep file; command-line options override it")
     run.add_argument("--model", help="preset names, comma-separated (tiny, small, gpt2, ...)")
     run.add_argument("--checkpoint",
-                     help="checkpoint directories or s3://bucket/prefix, comma-separated (instead of --model)")
+                     help="checkpoint directories, .gguf files or s3://bucket/prefix, comma-separated (instead of --model)")
     run.add_argument("--backend", help="backend names, comma-separated, or 'all' (every available one)")
     run.add_argument("--precision", help="fp32, bf16, fp16, int8, int4, comma-separated; 'all' (every precision "
                                          "each backend runs here) or 'fastest' (its int8, int4 and native bf16, "
@@ -141,7 +141,7 @@ def cmd_run_serve(args) -> int:
     """bench run --scenario serve: a bench serve process per backend and precision, a load point per rate."""
     from backends import registry
     from bench.machine.environment import fingerprint
-    from bench.models import model_config
+    from bench.models import is_gguf_file, model_config
     from bench.planner import check_store, parse_threads
     from bench.scenarios.load import parse_rates, parse_slo, sweep_serve
     from bench.store import Store
@@ -152,8 +152,8 @@ def cmd_run_serve(args) -> int:
     if args.option:
         raise UsageError("bench run --scenario serve: --option sweeps inference and train cells only")
     one_model(args.model, args.checkpoint, "bench run --scenario serve")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
-        raise UsageError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    if args.checkpoint is not None and not (Path(args.checkpoint).is_dir() or is_gguf_file(args.checkpoint)):
+        raise UsageError(f"checkpoint {args.checkpoint!r} is neither a directory nor a .gguf file")
     model_config(args.model or args.checkpoint, args.checkpoint is not None)  # an unknown preset fails here
     backends = names(args.backend, registry.names())
     for b in backends:

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.models import is_checkpoint_dir, model_config, quantized_target
+from bench.models import is_checkpoint_dir, is_gguf_file, model_config, quantized_target
 from bench.spec import SCENARIOS
 from model.errors import InputError
 
@@ -244,8 +244,8 @@ def sweep_from_values(values: dict, *, model_flag: bool = False) -> Sweep:
         dirs = parse_list(values["checkpoint"], "checkpoint") if not isinstance(values["checkpoint"], bool) \
             else parse_list(values["model"], "model")
         for d in dirs:
-            if not Path(d).is_dir():
-                raise SweepError(f"checkpoint directory {d!r} does not exist")
+            if not (Path(d).is_dir() or is_gguf_file(d)):
+                raise SweepError(f"checkpoint {d!r} is neither a directory nor a .gguf file")
         sweep.models, sweep.checkpoint = [str(Path(d).resolve()) for d in dirs], True
     elif "model" in values:
         sweep.models = parse_list(values["model"], "model")
