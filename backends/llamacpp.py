@@ -69,7 +69,7 @@ from backends import export
 from backends.base import (Backend, BackendError, BackendUnavailable, Probe, isa_has_native_bf16,
                            model_fingerprint)
 
-INSTALL_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36'
+INSTALL_HINT = "make install, or scripts/install-llamacpp .venv (builds llama-cpp-python 0.3.36 for this CPU, about 4 min)"
 GGUF_INSTALL_HINT = "pip install gguf"
 GGUF_TYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
 INT4_QUANTS = ("q4_0", "q4_K_M")

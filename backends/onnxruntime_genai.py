@@ -250,6 +250,7 @@ class ORTGenAIBackend(Backend):
         self._meta = dict(export_s=(0.0 if hf_hit else hf_meta["build_s"]) + (0.0 if hit else meta["build_s"]),
                           export_cache_hit=hit, model_path=str(path), architecture=arch,
                           weight_bytes=meta["weight_bytes"], engine_precision=meta["engine_precision"],
+                          engine_precision_detail=meta.get("engine_precision_detail"),
                           matmulnbits=meta["matmulnbits"], builder_args=meta["builder_args"],
                           builder_staging=meta["staging"], context_length=meta["context_length"])
         overlay = dict(eos_token_id=meta["generator_eos_token_id"])
@@ -308,6 +309,7 @@ class ORTGenAIBackend(Backend):
                              *(f"{k}={v}" for k, v in self.builder_options.items())]
             return dict(parts, key=key, builder_args=args_recorded, staging=staging, weight_bytes=graph["weight_bytes"],
                         matmulnbits=graph["matmulnbits"], engine_precision=_engine_precision(self.precision, graph),
+                        engine_precision_detail=_engine_precision_detail(self.precision, graph),
                         context_length=genai["context_length"], model_eos_token_id=eos,
                         generator_eos_token_id=generator_eos)
 
@@ -516,8 +518,19 @@ def _graph_summary(path: Path) -> dict:
 
 
 def _engine_precision(precision: str, graph: dict) -> str:
-    """The engine's own name for what runs, e.g. "int4 (MatMulNBits 4-bit, block 32, accuracy_level 4:
-    int8 activations) x11; embeddings GatherBlockQuantized 4-bit, block 32"."""
+    """The engine's own short name for what runs, for a report's label: "fp32", or the most common
+    quantised node's scheme, "MatMulNBits 4-bit b32 acc4" (the whole count is ``engine_precision_detail``)."""
+    if precision == "fp32" or not graph["matmulnbits"]:
+        return precision
+    key = max(graph["matmulnbits"], key=graph["matmulnbits"].get)
+    fields = dict(kv.split("=") for kv in key.split()[1:])
+    level = f" acc{fields['accuracy_level']}" if "accuracy_level" in fields else ""
+    return f"{key.split()[0]} {fields['bits']}-bit b{fields['block']}{level}"
+
+
+def _engine_precision_detail(precision: str, graph: dict) -> str:
+    """Every quantised node kind and its count, e.g. "int4 (MatMulNBits 4-bit, block 32, accuracy_level 4:
+    int8 activations x11; GatherBlockQuantized 4-bit, block 32 x1)"."""
     if precision == "fp32":
         return "fp32 (model builder --precision fp32: fp32 MatMul weights and activations)"
     parts = []

@@ -213,7 +213,8 @@ def test_a_padded_batch_is_refused_in_one_line(genai):
 def test_info_records_engine_precision_and_threads(genai):
     info = genai.info()
     assert info["peer"] is True and info["peer_of"] == "onnxruntime" and info["architecture"] == "LlamaForCausalLM"
-    assert info["engine_precision"].startswith("fp32 (model builder --precision fp32")
+    assert info["engine_precision"] == "fp32"
+    assert info["engine_precision_detail"].startswith("fp32 (model builder --precision fp32")
     assert info["threads"] == 1 and info["intra_op_num_threads"] == 1
     assert info["config_overlay"]["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
     assert info["device_type"] == "CPU" and info["weight_bytes"] > 0
@@ -230,7 +231,8 @@ def test_int4_agrees_with_eager_on_the_trained_llama(llama_parity_model, llama_p
         result = llama_parity.check(backend)
         info = backend.info()
     assert result.token_agreement >= TOLERANCES["int4"][1]
-    assert "MatMulNBits 4-bit, block 32, accuracy_level 4: int8 activations" in info["engine_precision"]
+    assert info["engine_precision"] == "MatMulNBits 4-bit b32 acc4"
+    assert "MatMulNBits 4-bit, block 32, accuracy_level 4: int8 activations" in info["engine_precision_detail"]
     assert info["matmulnbits"]["MatMulNBits bits=4 block=32 accuracy_level=4"] == 11  # 2 layers x 5 + head
     assert info["weight_bytes"] < 0.4 * 4 * llama_parity_model.config.n_params
 
