@@ -34,7 +34,6 @@ continuously, sequences joining and leaving a running batch between decode steps
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import InputError
+from model.gpt import model_fingerprint  # noqa: F401  (the key for cached exports; imported from here)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")  # int8/int4: the weights' bits
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,17 +141,6 @@ def cache_dir() -> Path:
     """Where exported and compiled models are kept (``BENCH_CACHE_DIR`` overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-backend-bench"
     return Path(os.environ.get("BENCH_CACHE_DIR", default))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A digest of a model's config and every weight: the key for cached exports."""
-    h = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
-                 if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class Backend(ABC):

@@ -23,7 +23,6 @@ Nothing is ever downloaded: the directory must already be on disk.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from model.errors import InputError
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, GPTConfig, meta_model  # noqa: F401  (meta_model: also imported from here)
 
 FORMAT = "llm-backend-bench/gpt"
 FORMAT_VERSION = 1
@@ -176,20 +175,6 @@ def _check_files_meta(meta: dict, path: Path) -> dict:
                                            f"in the directory and its sha256 (64 hex digits)")
     return meta
 
-
-
-def meta_model(config: GPTConfig) -> GPT:
-    """``GPT(config)`` on the meta device: its names and shapes, to be filled from a file. The
-    modules' default initialisers are skipped (a meta tensor has no values to set, and running
-    them goes through torch's Python decompositions, whose first import cost about 2 s of every
-    fresh process that loaded a checkpoint)."""
-    from unittest import mock
-
-    with contextlib.ExitStack() as stack:
-        for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):
-            stack.enter_context(mock.patch.object(torch.nn.init, name, lambda tensor, *a, **k: tensor))
-        stack.enter_context(torch.device("meta"))
-        return GPT(config)
 
 
 def save_checkpoint(model: GPT, directory: str | Path) -> Path:

@@ -462,7 +462,7 @@ def load_gguf(path: str | Path) -> GPT:
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
-    from model.checkpoint import meta_model
+    from model.gpt import meta_model
 
     path = Path(path)
     config, arch, meta = read_gguf_config(path)
@@ -497,7 +497,7 @@ def load_gguf(path: str | Path) -> GPT:
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     model.eval()
-    from backends.base import model_fingerprint
+    from model.gpt import model_fingerprint
     model.gguf_source = dict(path=str(path.resolve()), architecture=arch, file_type=file_type_name(reader),
                              tensor_types=dict(sorted(types.items())), dequantized=dequantised,
                              tokenizer=meta["tokenizer"], fingerprint=model_fingerprint(model))

@@ -512,3 +512,31 @@ class GPT(nn.Module):
 def build_model(config: GPTConfig, seed: int = 0) -> GPT:
     """A model in eval mode with GPT-2-initialised random weights drawn from ``seed`` (either family)."""
     return GPT(config).init_weights(seed).eval()
+
+
+def meta_model(config: GPTConfig) -> GPT:
+    """``GPT(config)`` on the meta device: its names and shapes, to be filled from a file. The
+    modules' default initialisers are skipped (a meta tensor has no values to set, and running
+    them goes through torch's Python decompositions, whose first import cost about 2 s of every
+    fresh process that loaded a checkpoint)."""
+    import contextlib
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, lambda tensor, *a, **k: tensor))
+        stack.enter_context(torch.device("meta"))
+        return GPT(config)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of a model's config and every weight: the key for cached exports."""
+    import hashlib
+
+    h = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                 if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return h.hexdigest()[:16]

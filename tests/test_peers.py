@@ -302,7 +302,23 @@ def test_report_marks_peers_and_rates_ours_against_the_best_peer():
     assert "hf · fp32 (peer)" in md and "optimum-onnxruntime · fp32 (peer)" in md
     machine = group_runs([run])[0]
     peers = next(s for s in sections(machine) if s.id == "peers")
-    assert len(peers.tables[0].rows) == len(ratios)
+    assert [t.id for t in peers.tables] == ["fastest-peer", "peers"]
+    assert len(peers.tables[1].rows) == len(ratios)
+
+
+def test_the_fastest_peer_and_our_fastest_at_each_point():
+    """The peers section opens with one row per model, precision, batch and threads where a peer ran:
+    the fastest peer, the fastest of ours, and ours over it."""
+    from reports.tables import fastest_rows
+    run = with_peers()
+    rows = {r["key"]: r for r in fastest_rows(run["cells"])}
+    at = ("tiny", "fp32", 1, 1)
+    ours = [c for c in run["cells"] if not c.get("peer") and c["status"] == "ok"
+            and (c["model"], c["precision"], c["batch"], c["threads"]) == at]
+    assert rows[at]["peer"]["backend"] == "optimum-onnxruntime"
+    assert rows[at]["ours"] is max(ours, key=lambda c: c["decode_tok_s"])
+    assert rows[at]["ratio"] == pytest.approx(rows[at]["ours"]["decode_tok_s"] / rows[at]["peer"]["decode_tok_s"])
+    assert ("tiny", "fp32", 2, 1) not in rows  # no peer ran at batch 2: no row
 
 
 def test_report_without_peers_has_no_peer_section():

@@ -24,6 +24,7 @@ from bench.store import Store
 from bench.planner import Sweep, plan
 from bench.sweep import round_order, run_sweep
 
+
 AVAILABLE = Probe(True)
 FP = {"cpu": {"brand": "Test CPU", "isa": {"avx2": True}}, "versions": {"torch": "2.8.0"}, "python": "3.11"}
 
@@ -334,6 +335,7 @@ def test_runs_without_sentinels_fall_back_to_a_stated_floor():
     assert result.noise_floor_pct == 2.0 and "no sentinel" in result.noise_floor_source
 
 
+@pytest.mark.serial  # real launches against each other: run alone, after the parallel part of make test
 def test_bench_compare_detects_a_planted_slowdown_in_real_launches():
     """Real processes, real timings: the same cell with every step made twice as slow.
 

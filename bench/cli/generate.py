@@ -88,6 +88,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise UsageError(f"bench generate: --max-new-tokens {args.max_new_tokens} must not be negative")
     registry.get_backend_class(args.backend)
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise UsageError(f"bench generate: checkpoint directory {args.checkpoint!r} does not exist")
     if args.checkpoint is not None and not (Path(args.checkpoint).is_dir() or is_gguf_file(args.checkpoint)):
         raise UsageError(f"bench generate: checkpoint {args.checkpoint!r} is neither a directory nor a .gguf file")
     model = open_model(args.checkpoint or args.model, args.backend, args.precision,

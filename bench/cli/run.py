@@ -152,6 +152,8 @@ def cmd_run_serve(args) -> int:
     if args.option:
         raise UsageError("bench run --scenario serve: --option sweeps inference and train cells only")
     one_model(args.model, args.checkpoint, "bench run --scenario serve")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise UsageError(f"checkpoint directory {args.checkpoint!r} does not exist")
     if args.checkpoint is not None and not (Path(args.checkpoint).is_dir() or is_gguf_file(args.checkpoint)):
         raise UsageError(f"checkpoint {args.checkpoint!r} is neither a directory nor a .gguf file")
     model_config(args.model or args.checkpoint, args.checkpoint is not None)  # an unknown preset fails here

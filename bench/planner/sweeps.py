@@ -244,6 +244,8 @@ def sweep_from_values(values: dict, *, model_flag: bool = False) -> Sweep:
         dirs = parse_list(values["checkpoint"], "checkpoint") if not isinstance(values["checkpoint"], bool) \
             else parse_list(values["model"], "model")
         for d in dirs:
+            if not Path(d).exists():
+                raise SweepError(f"checkpoint directory {d!r} does not exist")
             if not (Path(d).is_dir() or is_gguf_file(d)):
                 raise SweepError(f"checkpoint {d!r} is neither a directory nor a .gguf file")
         sweep.models, sweep.checkpoint = [str(Path(d).resolve()) for d in dirs], True

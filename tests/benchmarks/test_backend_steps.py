@@ -16,6 +16,9 @@ import torch
 from backends import registry
 from model.gpt import build_model, get_config
 
+# Measures real launches against each other: run alone, after the parallel part of make test.
+pytestmark = pytest.mark.serial
+
 PRESET = "tiny"
 BATCH, PROMPT_LEN = 1, 32
 ROUNDS, WARMUP = 30, 3
