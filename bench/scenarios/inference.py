@@ -208,6 +208,24 @@ class PlantedDelay:
     def decode(self, *args, **kwargs):
         return self._slowed(self.backend.decode, *args, **kwargs)
 
+    def generate_greedy(self, prompts, max_new_tokens, on_token=None):
+        """What the harness times, slowed: through this wrapper's prefill and decode where the
+        backend steps; for an engine with its own loop, a spin in its per-token callback for the
+        fraction of the time since the previous token (or the start)."""
+        if self.backend.stepwise:
+            from model.generate import generate
+            return generate(self, prompts, max_new_tokens, greedy=True, on_token=on_token)
+        last = [time.perf_counter()]
+
+        def slowed(step, tokens):
+            until = time.perf_counter() + self.fraction * (time.perf_counter() - last[0])
+            while time.perf_counter() < until:
+                pass
+            last[0] = time.perf_counter()
+            if on_token is not None:
+                on_token(step, tokens)
+        return self.backend.generate_greedy(prompts, max_new_tokens, on_token=slowed)
+
 
 def _compiles(counts: list[int | None]) -> dict | None:
     """Graphs compiled during load, warm-up (the first call included) and measurement, from the

@@ -32,6 +32,12 @@ def backend(request):
     probe = registry.probe(name)  # in-process: the benchmark runs the library here anyway
     if not probe.available:
         pytest.skip(f"{name}: {probe.reason}" + (f" (fix: {probe.fix})" if probe.fix else ""))
+    cls = registry.get_backend_class(name)
+    if not cls.stepwise:
+        pytest.skip(f"{name} runs whole generations through its own loop (no prefill or decode step to time); "
+                    f"bench run times that loop")
+    if cls.model_refusal(get_config(PRESET)):
+        pytest.skip(f"{name} cannot run {PRESET}: {cls.model_refusal(get_config(PRESET))}")
     instance = registry.create(name)
     instance.load(build_model(get_config(PRESET), seed=0))  # fresh: a backend may change the module
     with instance:
