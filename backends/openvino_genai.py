@@ -57,7 +57,7 @@ from backends.base import (Backend, BackendError, BackendUnavailable, Probe, Uns
                            isa_has_native_bf16)
 from backends.hf import peer_hf_dir
 from backends.optimum_openvino import INSTALL_HINT as OPTIMUM_HINT
-from backends.optimum_openvino import OV_PRECISION, OptimumOVBackend, export_ir, weight_bits
+from backends.optimum_openvino import OV_PRECISION, OptimumOVBackend, export_ir, refuse_bf16_one_thread, weight_bits
 
 INSTALL_HINT = f"{OPTIMUM_HINT} 'openvino-genai==2026.4.*'"
 ATTENTION_BACKENDS = ("PA", "SDPA")
@@ -270,13 +270,7 @@ class OpenVINOGenAIBackend(Backend):
 
     # -- load ------------------------------------------------------------------------------
     def load(self, model: torch.nn.Module) -> None:
-        if self.precision == "bf16" and self.threads == 1 and model.config.family == "llama":
-            import openvino as ov
-            # As optimum-openvino's: OpenVINO 2026.4's CPU plugin dies of SIGFPE (no Python code can
-            # catch it) on a Llama-family IR in bf16 with one thread, under PA and SDPA alike.
-            raise BackendError(f"openvino-genai bf16 with one thread: OpenVINO {ov.get_version()}'s CPU plugin "
-                               f"crashes (floating point exception) on a Llama-family model so; "
-                               f"use 2 or more threads")
+        refuse_bf16_one_thread(self.name, self.precision, self.threads, model.config)  # PA and SDPA alike
         self.weight_compression = weight_bits(self.precision, model.config)
         hf_path, hf_meta, hf_hit = peer_hf_dir(self.name, model)
         path, meta, hit = export_ir(hf_path, hf_meta, self.weight_compression, self.precision)

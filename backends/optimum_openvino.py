@@ -62,6 +62,16 @@ def weight_bits(precision: str, config) -> dict | None:
                        f"the matrices' input widths {', '.join(map(str, widths))}")
 
 
+def refuse_bf16_one_thread(backend: str, precision: str, threads: int | None, config) -> None:
+    """OpenVINO 2026.4's CPU plugin dies of SIGFPE (inside compile_model, which no Python code can
+    catch) on a Llama-family IR in bf16 with one thread, seen on a Xeon with AMX; GPT-2's compiles.
+    Both OpenVINO peers refuse that case before loading, in one line."""
+    if precision == "bf16" and threads == 1 and config.family == "llama":
+        import openvino as ov
+        raise BackendError(f"{backend} bf16 with one thread: OpenVINO {ov.get_version()}'s CPU plugin crashes "
+                           f"(floating point exception) compiling a Llama-family model so; use 2 or more threads")
+
+
 @dataclass(frozen=True)
 class OVStateHandle:
     """The stateful model's cache, as a handle: the state itself lives in the infer request."""
@@ -130,13 +140,7 @@ class OptimumOVBackend(Backend):
     # -- load ------------------------------------------------------------------------------
     def load(self, model: torch.nn.Module) -> None:
         from optimum.intel import OVModelForCausalLM
-        import openvino as ov
-        if self.precision == "bf16" and self.threads == 1 and model.config.family == "llama":
-            # Seen with OpenVINO 2026.4 on a Xeon with AMX: SIGFPE inside compile_model, which no
-            # Python code can catch, for optimum's Llama-family IR (GPT-2's compiles).
-            raise BackendError(f"optimum-openvino bf16 with one thread: OpenVINO {ov.get_version()}'s CPU plugin "
-                               f"crashes (floating point exception) compiling a Llama-family model so; "
-                               f"use 2 or more threads")
+        refuse_bf16_one_thread(self.name, self.precision, self.threads, model.config)
         self.weight_compression = weight_bits(self.precision, model.config)
         hf_path, hf_meta, hf_hit = peer_hf_dir(self.name, model)
         path, meta, hit = self._exported(hf_path, hf_meta)
