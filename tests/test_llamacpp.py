@@ -26,7 +26,8 @@ pytest.importorskip("gguf", reason="gguf is missing: pip install gguf")
 llama_cpp = pytest.importorskip("llama_cpp", reason='llama_cpp is missing: CMAKE_ARGS="-DGGML_NATIVE=ON" '
                                                     'pip install llama-cpp-python==0.3.36')
 
-from backends.llamacpp import INSTALL_HINT, LlamaCppBackend, LlamaCppHandle, direct_decode  # noqa: E402
+from backends.llamacpp import INSTALL_HINT, LlamaCppBackend, LlamaCppHandle  # noqa: E402
+from backends.llamacpp_direct import direct_decode  # noqa: E402
 
 MODELS = ("tiny", "llama-tiny")
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3]]  # unequal: generate left-pads the second
@@ -333,7 +334,7 @@ def test_probe_names_a_missing_module_and_the_fix(blocked, fix, monkeypatch):
 
 
 def test_direct_decode_runs_the_file_alone(lc, preset):
-    from backends.llamacpp import converted_gguf
+    from backends.llamacpp_direct import converted_gguf
     path = converted_gguf(lively(preset))  # the cache entry the backend runs
     assert str(path) == lc.info()["gguf_path"]
     for batch in (1, 2):
