@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backends import export
+from backends import export, ort_decoder
 from backends.base import Backend, BackendError, BackendUnavailable, Probe, int4_group, int4_group_counts, model_fingerprint
 
 INSTALL_HINT = "pip install onnxruntime onnx (onnxruntime-gpu for device='cuda')"
@@ -45,6 +45,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")  # -> GraphOptimizationLevel.ORT_*
 WEIGHT_TYPES = ("qint8", "quint8")
 INT8_SCHEMES = ("per_tensor", "per_channel")
+GRAPHS = ("export", "decoder")  # the traced export (backends.export) or ORT's decoder operators (backends.ort_decoder)
 # What ORT's GPT-2 fusions do not match in our export, and why (found by running them, ORT 1.32):
 # its GPT-2 Attention patterns (fusion_gpt_attention.py) want Hugging Face's graph: one stacked past
 # per layer (split or gathered into key and value) and Softmax <- Where/Add <- Div <- MatMul (the
@@ -93,7 +94,7 @@ class ONNXRuntimeBackend(Backend):
     def __init__(self, precision=None, threads=None, device=None, graph_optimization_level: str = "all",
                  weight_type: str = "qint8", reduce_range: bool | None = None, int8_scheme: str = "per_tensor",
                  block_size: int | None = None, accuracy_level: int = 4, symmetric: bool = False, fusions: bool = False,
-                 **options):
+                 graph: str = "export", **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown onnxruntime options: {', '.join(sorted(options))}")
@@ -118,6 +119,12 @@ class ONNXRuntimeBackend(Backend):
         if not isinstance(fusions, bool):
             raise ValueError(f"fusions={fusions!r} must be true or false")
         self.fusions = fusions
+        if graph not in GRAPHS:
+            raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
+        if graph == "decoder" and fusions:
+            raise ValueError("fusions=true rewrites the export; graph=decoder is written fused already")
+        self.graph_kind = graph
+        self.capacity = 0  # graph=decoder: cache positions to allocate at the first step (expect())
         # int8 weights (QInt8): ORT's dynamic quantisation always makes uint8 activations,
         # and u8 x s8 is the fast path on x86 (VPMADDUBSW). Without VNNI that instruction
         # can saturate its 16-bit sums, so ORT's docs say to quantise weights to 7 bits
@@ -152,6 +159,9 @@ class ONNXRuntimeBackend(Backend):
                 f"onnxruntime {ort.__version__} has no {provider} (available: "
                 f"{', '.join(ort.get_available_providers())}); fix: pip install onnxruntime-gpu")
         from model.qcheckpoint import QuantizedCheckpoint
+        if isinstance(model, QuantizedCheckpoint) and self.graph_kind == "decoder":
+            raise BackendError("a quantised checkpoint holds the export's graph; graph=decoder quantises its own "
+                               "from the fp32 checkpoint (or use graph=export)")
         path = self._from_file(model) if isinstance(model, QuantizedCheckpoint) else self.graph(model)
 
         opts = ort.SessionOptions()
@@ -174,14 +184,20 @@ class ONNXRuntimeBackend(Backend):
             self.session = None
             raise BackendUnavailable(f"onnxruntime asked for {provider} but the session runs on {got}")
         self.ort_device = "cuda" if self.device == "cuda" else "cpu"
-        self.in_names = export.input_names(self.config.n_layer)
+        if self.graph_kind == "decoder":
+            self.in_names = ort_decoder.input_names(self.config)
+        else:
+            self.in_names = export.input_names(self.config.n_layer)
         self.out_names = export.output_names(self.config.n_layer)
 
     def graph(self, model: torch.nn.Module) -> Path:
         """The model's ONNX file at this precision: exported and quantised, each step cached."""
         self.config = model.config
         fingerprint = model_fingerprint(model)
-        path, meta, hit = export.onnx_fp32(model, fingerprint)
+        if self.graph_kind == "decoder":
+            path, meta, hit = self._decoder(model, fingerprint)
+        else:
+            path, meta, hit = export.onnx_fp32(model, fingerprint)
         self._meta = dict(export_s=0.0 if hit else meta["build_s"], export_cache_hit=hit, fp32_key=meta["key"])
         if self.fusions:
             path, meta, hit = self._fused(path, meta)
@@ -189,13 +205,36 @@ class ONNXRuntimeBackend(Backend):
                               fused_operators=meta["fused_operators"] or "none",
                               nodes_before_fusion=meta["nodes_before"], nodes_after_fusion=meta["nodes_after"],
                               fusions_missed=LLAMA_FUSIONS_MISSED if self.config.family == "llama" else FUSIONS_MISSED)
-        if self.precision in ("int8", "int4"):
+        if self.precision == "int8" and self.graph_kind == "decoder":
+            path, meta, hit = self._int4(path, meta, bits=8)
+        elif self.precision in ("int8", "int4"):
             path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
         self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
                           cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("fuse_cache_hit", True)
                                          and self._meta.get("quantize_cache_hit", True)))
         return path
+
+    def _decoder(self, model: torch.nn.Module, fingerprint: str) -> tuple[Path, dict, bool]:
+        """The cached fp32 decoder graph (``backends.ort_decoder``), written from the weights."""
+        import onnx
+        import onnxruntime as ort
+        reason = ort_decoder.refusal(model.config)
+        if reason:
+            raise BackendError(f"onnxruntime graph=decoder cannot run this model: {reason}")
+        parts = dict(fingerprint=fingerprint, source=export.source_digest("backends.ort_decoder", "model.gpt"),
+                     onnx=onnx.__version__, opset=ort_decoder.OPSET)
+        key = export.cache_key("onnx-decoder", **parts)
+
+        def build(tmp: Path) -> dict:
+            out = tmp / "model.onnx"
+            onnx.save_model(ort_decoder.build(model), str(out), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+            check_graph(out)
+            return dict(parts, key=key, onnxruntime=ort.__version__, weight_bytes=export.onnx_weight_bytes(out))
+
+        entry, meta, hit = export.cached("onnx-decoder", key, build)
+        return entry / "model.onnx", meta, hit
 
     def _fused(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
         """The cached fp32 graph after ORT's GPT-2 transformer fusions (``fusions``)."""
@@ -297,8 +336,8 @@ class ONNXRuntimeBackend(Backend):
         entry, meta, hit = export.cached("onnx-int8", key, build)
         return entry / "model.onnx", meta, hit
 
-    def _int4(self, fp32_path: Path, fp32_meta: dict) -> tuple[Path, dict, bool]:
-        """The cached MatMulNBits (4-bit weight-only) version of the fp32 graph."""
+    def _int4(self, fp32_path: Path, fp32_meta: dict, bits: int = 4) -> tuple[Path, dict, bool]:
+        """The cached MatMulNBits version of the fp32 graph: 4-bit weights, or 8-bit (graph=decoder's int8)."""
         import logging
 
         import onnxruntime as ort
@@ -315,9 +354,10 @@ class ONNXRuntimeBackend(Backend):
         import onnx
         groups = self._int4_blocks(onnx.load(str(fp32_path), load_external_data=False))
         parts = dict(fp32_key=fp32_meta["key"], source=export.source_digest(__name__), onnxruntime=ort.__version__,
-                     bits=4, block_size=self.block_size or "per_matmul", symmetric=self.symmetric,
+                     bits=bits, block_size=self.block_size or "per_matmul", symmetric=self.symmetric,
                      accuracy_level=self.accuracy_level, algorithm="RTN", op_types=["MatMul"], fusions=self.fusions)
-        key = export.cache_key("onnx-int4", **parts)
+        kind = "onnx-int4" if bits == 4 else f"onnx-nbits{bits}"
+        key = export.cache_key(kind, **parts)
         large = sum(f.stat().st_size for f in fp32_path.parent.iterdir()) > 2**31 - 2**26
 
         def build(tmp: Path) -> dict:
@@ -326,7 +366,7 @@ class ONNXRuntimeBackend(Backend):
                 # One pass per block size; a MatMul quantised by an earlier pass is a MatMulNBits now.
                 others = [name for name, (g, _, _) in groups.items() if g != block]
                 quantizer = MatMulNBitsQuantizer(
-                    model, bits=4, block_size=block, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                    model, bits=bits, block_size=block, is_symmetric=self.symmetric, accuracy_level=self.accuracy_level,
                     op_types_to_quantize=("MatMul",), nodes_to_exclude=others)
                 quantizer.process()
                 model = quantizer.model.model
@@ -335,11 +375,11 @@ class ONNXRuntimeBackend(Backend):
             check_graph(out)
             blocks = matmulnbits_blocks(out)
             if not blocks:
-                raise BackendError("onnxruntime int4: the quantiser left no MatMulNBits in the graph")
+                raise BackendError(f"onnxruntime {self.precision}: the quantiser left no MatMulNBits in the graph")
             return dict(parts, key=key, opset=fp32_meta["opset"], matmulnbits_nodes=len(blocks),
                         block_sizes=int4_group_counts(blocks), weight_bytes=export.onnx_weight_bytes(out))
 
-        entry, meta, hit = export.cached("onnx-int4", key, build)
+        entry, meta, hit = export.cached(kind, key, build)
         self._meta.update(block_sizes=meta["block_sizes"])
         return entry / "model.onnx", meta, hit
 
@@ -359,9 +399,14 @@ class ONNXRuntimeBackend(Backend):
         return out
 
     # -- run -------------------------------------------------------------------------------
+    def expect(self, batch: int, prompt_len: int, gen_len: int) -> None:
+        self.capacity = prompt_len + gen_len  # graph=decoder allocates its cache buffers once, this long
+
     def _forward(self, ids, pos, mask, cache):
         if self.session is None:
             raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
+        if self.graph_kind == "decoder":
+            return self._decoder_step(ids, pos, mask, cache)
         B, T = ids.shape
         pos, mask = export.graph_positions_and_mask(ids, pos, mask, cache)
 
@@ -383,15 +428,54 @@ class ONNXRuntimeBackend(Backend):
         logits = torch.from_numpy(outputs[0].numpy())[:, -1, :]  # (B, vocab)
         return logits, ORTCache(list(outputs[1:]), mask.shape[1], B)
 
-    def cache_length(self, cache: ORTCache) -> int:
+    def _decoder_step(self, ids, pos, mask, cache: ort_decoder.DecoderCache | None):
+        """One run of the decoder graph, its KV buffers bound as both past and present (in place)."""
+        B, T = ids.shape
+        if cache is None:
+            cache = ort_decoder.new_cache(self.config, B, max(self.capacity, T))
+        elif cache.state["length"] != cache.length:
+            raise BackendError("onnxruntime graph=decoder: this cache was already decoded from (its buffers are "
+                               "written in place); continue from the cache the last step returned")
+        past = cache.length
+        pos, _ = export.graph_positions_and_mask(ids, pos, mask, cache if past else None)  # checks the shapes too
+        cache = ort_decoder.grown(cache, past + T)
+        full_mask = None
+        if mask is not None:
+            full_mask = mask.detach().cpu().numpy().astype(bool)
+            if full_mask.all():
+                full_mask = None
+        elif cache.mask is not None:  # a padded batch continued without a mask: the new tokens are real
+            full_mask = np.concatenate([cache.mask, np.ones((B, T), bool)], axis=1)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", _int64(ids))
+        if "position_ids" in self.in_names:
+            binding.bind_cpu_input("position_ids", _int64(pos))
+        binding.bind_cpu_input("attention_bias", ort_decoder.attention_bias(T, past, full_mask, B))
+        binding.bind_cpu_input("seqlens_k", np.full(B, past + T - 1, np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(past + T, np.int32))
+        binding.bind_output("logits", "cpu")
+        for name, value in zip(self.in_names[-2 * self.config.n_layer:], cache.values):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)  # the same buffer: in place
+        self.session.run_with_iobinding(binding)
+        logits = torch.from_numpy(binding.get_outputs()[0].numpy())[:, -1, :]  # (B, vocab)
+        cache.length = cache.state["length"] = past + T
+        cache.mask = full_mask
+        return logits, cache
+
+    def cache_length(self, cache) -> int:
         return cache.length
 
-    def cache_bytes(self, cache: ORTCache) -> int:
+    def cache_bytes(self, cache) -> int:
+        if isinstance(cache, ort_decoder.DecoderCache):  # the filled positions, as every backend counts them
+            return sum(a.shape[0] * a.shape[1] * cache.length * a.shape[3] * 4 for a in cache.arrays)
         return sum(int(np.prod(v.shape())) * 4 for v in cache.values)  # float32
 
-    def reorder_cache(self, cache: ORTCache, index: torch.Tensor) -> ORTCache:
+    def reorder_cache(self, cache, index: torch.Tensor):
         import onnxruntime as ort
         idx = index.cpu().numpy()
+        if isinstance(cache, ort_decoder.DecoderCache):
+            return ort_decoder.reordered(cache, idx)
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[idx]), self.ort_device, 0)
                   for v in cache.values]
         return ORTCache(values, cache.length, len(idx))
@@ -402,7 +486,9 @@ class ONNXRuntimeBackend(Backend):
     def info(self) -> dict:
         info = super().info()
         info.update(self._meta)
-        info.update(fusions=self.fusions)
+        info.update(fusions=self.fusions, graph=self.graph_kind)
+        if self.graph_kind == "decoder":
+            info.update(kv_cache="preallocated buffers written in place by GroupQueryAttention")
         if self.session is not None:
             import onnxruntime as ort
             opts = self.session.get_session_options()
@@ -410,7 +496,10 @@ class ONNXRuntimeBackend(Backend):
                 onnxruntime=ort.__version__, providers=self.session.get_providers(),
                 intra_op_num_threads=opts.intra_op_num_threads, inter_op_num_threads=opts.inter_op_num_threads,
                 execution_mode=str(opts.execution_mode), graph_optimization_level=str(opts.graph_optimization_level))
-        if self.precision == "int8":
+        if self.precision == "int8" and self.graph_kind == "decoder":
+            info.update(bits=8, block_size=self.block_size, symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                        block_choice="asked" if self.block_size else "per_matmul", quantizer="MatMulNBitsQuantizer (RTN)")
+        elif self.precision == "int8":
             info.update(weight_type=self.weight_type, reduce_range=self.reduce_range,
                         per_channel=self.int8_scheme == "per_channel", int8_scheme=self.int8_scheme)
         if self.precision == "int4":
