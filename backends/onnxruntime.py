@@ -94,7 +94,7 @@ class ONNXRuntimeBackend(Backend):
     def __init__(self, precision=None, threads=None, device=None, graph_optimization_level: str = "all",
                  weight_type: str = "qint8", reduce_range: bool | None = None, int8_scheme: str = "per_tensor",
                  block_size: int | None = None, accuracy_level: int = 4, symmetric: bool = False, fusions: bool = False,
-                 graph: str = "export", **options):
+                 graph: str | None = None, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown onnxruntime options: {', '.join(sorted(options))}")
@@ -119,10 +119,18 @@ class ONNXRuntimeBackend(Backend):
         if not isinstance(fusions, bool):
             raise ValueError(f"fusions={fusions!r} must be true or false")
         self.fusions = fusions
+        # The decoder graph unless an option that only the export has asks for the export
+        # (never a silent switch: graph=decoder with one of them is refused).
+        export_only = [k for k, asked in (("fusions", fusions), ("int8_scheme", int8_scheme != "per_tensor"),
+                                          ("weight_type", weight_type != "qint8"),
+                                          ("reduce_range", reduce_range is not None)) if asked]
+        if graph is None:
+            graph = "export" if export_only else "decoder"
         if graph not in GRAPHS:
             raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
-        if graph == "decoder" and fusions:
-            raise ValueError("fusions=true rewrites the export; graph=decoder is written fused already")
+        if graph == "decoder" and export_only:
+            raise ValueError(f"{', '.join(export_only)} apply to graph=export (its ORT fusions and dynamic int8); "
+                             f"graph=decoder is written fused and its int8 is 8-bit MatMulNBits")
         self.graph_kind = graph
         self.capacity = 0  # graph=decoder: cache positions to allocate at the first step (expect())
         # int8 weights (QInt8): ORT's dynamic quantisation always makes uint8 activations,
@@ -159,9 +167,6 @@ class ONNXRuntimeBackend(Backend):
                 f"onnxruntime {ort.__version__} has no {provider} (available: "
                 f"{', '.join(ort.get_available_providers())}); fix: pip install onnxruntime-gpu")
         from model.qcheckpoint import QuantizedCheckpoint
-        if isinstance(model, QuantizedCheckpoint) and self.graph_kind == "decoder":
-            raise BackendError("a quantised checkpoint holds the export's graph; graph=decoder quantises its own "
-                               "from the fp32 checkpoint (or use graph=export)")
         path = self._from_file(model) if isinstance(model, QuantizedCheckpoint) else self.graph(model)
 
         opts = ort.SessionOptions()
@@ -205,10 +210,11 @@ class ONNXRuntimeBackend(Backend):
                               fused_operators=meta["fused_operators"] or "none",
                               nodes_before_fusion=meta["nodes_before"], nodes_after_fusion=meta["nodes_after"],
                               fusions_missed=LLAMA_FUSIONS_MISSED if self.config.family == "llama" else FUSIONS_MISSED)
-        if self.precision == "int8" and self.graph_kind == "decoder":
-            path, meta, hit = self._int4(path, meta, bits=8)
-        elif self.precision in ("int8", "int4"):
-            path, meta, hit = (self._quantized if self.precision == "int8" else self._int4)(path, meta)
+        if self.precision in ("int8", "int4"):
+            if self.precision == "int4" or self.graph_kind == "decoder":  # the decoder's int8: 8-bit MatMulNBits
+                path, meta, hit = self._int4(path, meta, bits=4 if self.precision == "int4" else 8)
+            else:
+                path, meta, hit = self._quantized(path, meta)
             self._meta.update(quantize_s=0.0 if hit else meta["build_s"], quantize_cache_hit=hit)
         self._meta.update(model_path=str(path), weight_bytes=meta["weight_bytes"], opset=meta["opset"],
                           cache_hit=bool(self._meta["export_cache_hit"] and self._meta.get("fuse_cache_hit", True)
@@ -267,12 +273,15 @@ class ONNXRuntimeBackend(Backend):
 
     def file_options(self) -> tuple[str, dict]:
         """(scheme, quantiser options) of this precision's graph, as a quantised checkpoint records them."""
-        if self.precision == "int8":
+        if self.precision == "int8" and self.graph_kind == "export":
             return self.int8_scheme, dict(int8_scheme=self.int8_scheme, weight_type=self.weight_type,
-                                          reduce_range=self.reduce_range, fusions=self.fusions)
+                                          reduce_range=self.reduce_range, fusions=self.fusions, graph=self.graph_kind)
         return (f"groupwise_{'sym' if self.symmetric else 'asym'}",
                 dict(block_size=self.block_size, symmetric=self.symmetric, accuracy_level=self.accuracy_level,
-                     fusions=self.fusions))
+                     fusions=self.fusions, graph=self.graph_kind))
+
+    # Options whose attribute is named otherwise (model.qcheckpoint adopts a file's options by them).
+    option_attributes = {"graph": "graph_kind"}
 
     def _from_file(self, qc) -> Path:
         """A quantised checkpoint's model.onnx, used as it is: no export, no quantiser."""
@@ -286,6 +295,8 @@ class ONNXRuntimeBackend(Backend):
             raise QuantizedCheckpointError(f"{qc.directory}: holds block_size={held or 'per MatMul'!r}, but "
                                            f"block_size={self.block_size!r} was asked for (quantise it again "
                                            f"with that option)")
+        if "graph" not in qc.meta.get("options", {}):
+            self.graph_kind = "export"  # written before graph=decoder existed: the export's graph
         qc.adopt_options(self)
         if "model.onnx" not in qc.files:
             raise QuantizedCheckpointError(f"{qc.directory}: quantization.files names no model.onnx")

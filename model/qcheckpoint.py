@@ -110,15 +110,16 @@ class QuantizedCheckpoint:
         import inspect
 
         defaults = inspect.signature(type(backend).__init__).parameters
+        attributes = getattr(backend, "option_attributes", {})
         for key, held in self.meta.get("options", {}).items():
-            current = getattr(backend, key)
+            current = getattr(backend, attributes.get(key, key))
             if current == held:
                 continue
             default = defaults[key].default if key in defaults else inspect.Parameter.empty
             if default is not None and current != default:
                 raise QuantizedCheckpointError(f"{self.directory}: holds {key}={held!r}, but {key}={current!r} "
                                                f"was asked for (quantise it again with that option)")
-            setattr(backend, key, held)
+            setattr(backend, attributes.get(key, key), held)
 
     def check_for(self, backend: str, precision: str) -> None:
         """Refuse a backend or precision this file is not for, saying which one reads it."""

@@ -193,7 +193,7 @@ def test_mask_of_the_wrong_length_is_refused(name, tiny_model):
 
 def test_onnxruntime_int8_graph_is_quantized(tiny_model, parity, parity_copy):
     onnx = pytest.importorskip("onnx")
-    backend = loaded("onnxruntime", tiny_model, precision="int8")
+    backend = loaded("onnxruntime", tiny_model, precision="int8", graph="export")  # dynamic int8 (the decoder's: 8-bit MatMulNBits)
     ops = Counter(n.op_type for n in onnx.load(backend.info()["model_path"]).graph.node)
     n_layer = tiny_model.config.n_layer
     weight_matmuls = 4 * n_layer + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block, lm_head
@@ -202,7 +202,7 @@ def test_onnxruntime_int8_graph_is_quantized(tiny_model, parity, parity_copy):
     assert ops["MatMul"] == 2 * n_layer, ops  # only q.k and p.v stay float: they have no weights
     fp32 = loaded("onnxruntime", tiny_model)
     assert backend.weight_bytes() < 0.5 * fp32.weight_bytes()
-    parity.check(loaded("onnxruntime", parity_copy, precision="int8"))  # quantised but still the same model
+    parity.check(loaded("onnxruntime", parity_copy, precision="int8", graph="export"))  # quantised but still the same model
 
 
 def test_openvino_int8_ir_has_compressed_weights(tiny_model, parity, parity_copy):

@@ -40,7 +40,10 @@ def test_graph_runtime_cache_has_n_kv_head_heads(name, model, fresh_cache):
     probe = registry.probe_isolated(name)
     if not probe.available:
         pytest.skip(f"{name} unavailable: {probe.reason}")
-    with registry.create(name) as backend, EagerBackend() as eager:
+    # The export's cache, one array per layer and kind sized to its tokens (graph=decoder's
+    # preallocated buffers: tests/test_ort_decoder.py).
+    options = {"graph": "export"} if name == "onnxruntime" else {}
+    with registry.create(name, **options) as backend, EagerBackend() as eager:
         backend.load(model)
         eager.load(model)
         logits, cache = backend.prefill(_ids())

@@ -33,7 +33,7 @@ def prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 def test_fusions_make_skip_layernorm_and_fast_gelu(tiny_model):
     n_layer = tiny_model.config.n_layer
-    plain, fused = loaded(tiny_model), loaded(tiny_model, fusions=True)
+    plain, fused = loaded(tiny_model, graph="export"), loaded(tiny_model, fusions=True)
     before, after = ops(plain), ops(fused)
     # Each block's two residual Adds meet the next LayerNorm (ln_2, the next block's ln_1 or ln_f).
     assert after["SkipLayerNormalization"] == 2 * n_layer, after
@@ -133,7 +133,7 @@ def test_a_quantised_checkpoint_keeps_the_fused_graph_and_records_it(tiny_model,
     assert ops(backend)["SkipLayerNormalization"] == 2 * tiny_model.config.n_layer
     with pytest.raises(QuantizedCheckpointError, match="holds fusions=False, but fusions=True was asked for"):
         plain = tmp_path / "int8-plain"
-        quantize_checkpoint(tmp_path / "fp32", "int8", plain, backend="onnxruntime")
+        quantize_checkpoint(tmp_path / "fp32", "int8", plain, backend="onnxruntime", options={"graph": "export"})
         registry.create("onnxruntime", precision="int8", fusions=True).load(open_model(plain, "onnxruntime", "int8"))
 
 
