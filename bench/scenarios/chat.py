@@ -33,8 +33,7 @@ from fastapi import Request, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from bench.chats import ChatStore, to_markdown
-from bench.scenarios.serve import (Generation, Refused, StreamOptions, _error, _sse, _validation_message,
-                                   check_sampling)
+from bench.scenarios.serve import Generation, Refused, StreamOptions, _error, _sse, check_sampling
 
 # The plain template when a checkpoint declares none: "user: Hello\nassistant:".
 DEFAULT_TEMPLATE = ("{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
@@ -170,6 +169,17 @@ class PageMessage(BaseModel):
     conversation: StrictStr | None = None
     content: StrictStr = ""
     options: PageOptions = Field(default_factory=PageOptions)
+
+
+def page_problem(e: ValidationError) -> str:
+    """One line for a page message that does not validate, naming the field by its full path."""
+    first = e.errors()[0]
+    if first.get("type") == "json_invalid":
+        return "the page's message is not valid JSON"
+    where = ".".join(str(x) for x in first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        return f"unrecognized field {where}"
+    return f"{where}: {first.get('msg')} (got {first.get('input')!r})" if where else str(first.get("msg"))
 
 
 async def follow(gen: Generation):
@@ -385,7 +395,7 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
                 try:
                     msg = PageMessage.model_validate_json(raw)
                 except ValidationError as e:
-                    await ws.send_json(dict(type="error", message=_validation_message(e)[0]))
+                    await ws.send_json(dict(type="error", message=page_problem(e)))
                     continue
                 if msg.type == "stop":
                     if running:
