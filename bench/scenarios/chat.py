@@ -357,12 +357,11 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
             gen = start(prompt_of(history + [dict(role="user", content=content)]), msg.options, what="conversation")
             cid = msg.conversation or chats.create(model_name, content)
             chats.add(cid, "user", content)
-            await ws.send_json(dict(type="start", conversation=cid, prompt_tokens=len(gen.prompt)))
-            state = dict(text="", first=None, last=None, n=0, finish="cancelled")
+            s = dict(text="", first=None, last=None, n=0, finish="cancelled")
 
             async def run():
-                s = state
-                try:
+                try:  # from here on, whatever happens cancels the generation when it ends
+                    await ws.send_json(dict(type="start", conversation=cid, prompt_tokens=len(gen.prompt)))
                     async for kind, piece, extra in follow(gen):
                         if kind == "error":
                             s["finish"] = extra
@@ -379,6 +378,8 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
                             s["finish"] = extra
                             await ws.send_json(dict(type="done", text=piece, stats=figures(
                                 t0, s["first"], s["last"], s["n"], extra, len(gen.prompt))))
+                except (WebSocketDisconnect, OSError, RuntimeError):
+                    pass  # the page went away mid-reply (starlette and uvicorn say so in these three ways)
                 finally:  # done, stopped, or the socket closed: free the slot, keep what was generated
                     gen.seq.cancel()
                     if s["n"]:
