@@ -57,56 +57,71 @@ class ChatStore:
     (every operation is one short statement or transaction)."""
 
     def __init__(self, path: str | Path = DEFAULT_CHATS):
+        """Open the file if it exists (a foreign or newer file is refused now); a missing one is created
+        by the first conversation, so a server nobody chats with leaves no file behind."""
         self.path = Path(path)
         if self.path.is_dir():
             raise ChatStoreError(f"{self.path} is a directory, not a conversations file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        self.db: sqlite3.Connection | None = None
+        if str(path) == ":memory:" or self.path.exists():
+            self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if self.db is not None:
+            return self.db
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, check_same_thread=False)
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as e:
             raise ChatStoreError(f"cannot open the conversations file {self.path}: {e}") from None
         foreign = tables - {"conversations", "messages", "sqlite_sequence"}
         if foreign or version > SCHEMA_VERSION:
-            self.db.close()
+            db.close()
             raise ChatStoreError(f"{self.path} is not a bench conversations file (tables {', '.join(sorted(tables))}, "
                                  f"schema version {version})")
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode = WAL")
-        with self.db:
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode = WAL")
+        with db:
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.db = db
+        return db
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
     def create(self, model: str, first_message: str) -> str:
         """A new conversation titled by the start of its first message; its id."""
         cid = uuid.uuid4().hex[:12]
         title = " ".join(first_message.split())[:TITLE_CHARS] or "(empty)"
         now = _now()
-        with self.lock, self.db:
-            self.db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)", (cid, title, model, now, now))
+        with self.lock:
+            db = self._open()
+            with db:
+                db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)", (cid, title, model, now, now))
         return cid
 
     def add(self, cid: str, role: str, content: str, stats: dict | None = None) -> int:
         now = _now()
-        with self.lock, self.db:
-            row = self.db.execute("INSERT INTO messages (conversation_id, role, content, created_at, stats) "
-                                  "VALUES (?, ?, ?, ?, ?)",
-                                  (cid, role, content, now, json.dumps(stats) if stats is not None else None))
-            self.db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
-        return row.lastrowid
-
-    def exists(self, cid: str) -> bool:
         with self.lock:
-            return self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is not None
+            db = self._open()
+            with db:
+                row = db.execute("INSERT INTO messages (conversation_id, role, content, created_at, stats) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 (cid, role, content, now, json.dumps(stats) if stats is not None else None))
+                db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+        return row.lastrowid
 
     def list(self) -> list[dict]:
         """Every conversation, the latest first, with its message count."""
         with self.lock:
+            if self.db is None:
+                return []
             rows = self.db.execute(
                 "SELECT c.*, (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS n_messages "
                 "FROM conversations c ORDER BY c.updated_at DESC, c.rowid DESC").fetchall()
@@ -115,6 +130,8 @@ class ChatStore:
     def get(self, cid: str) -> dict | None:
         """One conversation and its messages in order (each message's stats a dict or None), or None."""
         with self.lock:
+            if self.db is None:
+                return None
             head = self.db.execute("SELECT * FROM conversations WHERE id = ?", (cid,)).fetchone()
             if head is None:
                 return None

@@ -89,7 +89,7 @@ def test_the_official_openai_client_chats_streaming_and_not(server):
 def test_concurrent_chats_get_exactly_the_tokens_of_a_single_one(tiny_model, tmp_path):
     """Conversations of different lengths arrive staggered and join a running batch; at temperature 0
     each gets, token for token, what it gets alone."""
-    app, _ = chat_app(tiny_model, tmp_path, delay=0.005, max_batch=4)
+    app, engine = chat_app(tiny_model, tmp_path, delay=0.005, max_batch=4)
     convs = [[{"role": "user", "content": "x" * n}] for n in (1, 9, 4, 17, 2)]
     convs[2] = [{"role": "system", "content": "sys"}] + convs[2] + [{"role": "assistant", "content": "ok"},
                                                                     {"role": "user", "content": "more"}]
@@ -107,6 +107,7 @@ def test_concurrent_chats_get_exactly_the_tokens_of_a_single_one(tiny_model, tmp
 
         batched = asyncio.run(together())
     assert all(len(t) == 16 for t in alone)
+    assert engine.peak_running > 1  # they did share a batch
     assert batched == alone
 
 
@@ -183,6 +184,27 @@ def test_the_checkpoint_chat_template_is_used_and_sandboxed(tmp_path):
         ChatTemplate("{{ raise_exception('only users') }}").render([])
     with pytest.raises(ChatTemplateError, match="does not compile"):
         ChatTemplate("{% for %}")
+
+
+def test_the_conversations_file_is_made_by_the_first_conversation_and_a_foreign_one_refused(tmp_path):
+    import sqlite3
+
+    from bench.chats import ChatStoreError
+
+    path = tmp_path / "runs" / "chats.sqlite"
+    store = ChatStore(path)
+    assert store.list() == [] and store.get("x") is None and not path.exists()  # a server nobody chats with
+    cid = store.create("tiny", "  Hello\n  there  " + "x" * 100)
+    store.add(cid, "user", "Hello")
+    store.close()
+    again = ChatStore(path)
+    (only,) = again.list()
+    assert only["title"] == ("Hello there " + "x" * 100)[:60] and only["n_messages"] == 1
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE stuff (x)")
+    with pytest.raises(ChatStoreError, match="not a bench conversations file"):
+        ChatStore(foreign)
 
 
 # --- the page's WebSocket ------------------------------------------------------------------------------
@@ -273,9 +295,10 @@ def test_the_chat_page_streams_reopens_exports_and_shows_hostile_text_as_text(ti
         page.fill("#temperature", "0")
         page.fill("#input", HOSTILE)
         page.press("#input", "Enter")
-        # tokens arrive one by one before the reply is done
-        page.wait_for_function("(document.querySelector('.message.assistant') || {getAttribute: () => 0})"
-                               ".getAttribute('data-tokens') >= 3", timeout=15_000)
+        # tokens arrive one by one: some are shown while the reply is not done yet
+        page.wait_for_function("(() => { const r = document.querySelector('.message.assistant');"
+                               " return r && Number(r.getAttribute('data-tokens')) >= 3 && !r.hasAttribute('data-done')"
+                               " && r.querySelector('.text').textContent.length > 0; })()", timeout=15_000)
         page.wait_for_selector(".message.assistant[data-done='1']", timeout=15_000)
         figures = page.text_content(".message.assistant .figures")
         assert "TTFT" in figures and "tokens/s" in figures and "40 tokens" in figures

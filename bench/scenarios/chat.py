@@ -32,7 +32,7 @@ from typing import Literal
 from fastapi import Request, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from bench.chats import ChatStore, to_markdown
+from bench.chats import ChatStore, ChatStoreError, to_markdown
 from bench.scenarios.serve import Generation, Refused, StreamOptions, _error, _sse, check_sampling
 
 # The plain template when a checkpoint declares none: "user: Hello\nassistant:".
@@ -409,6 +409,8 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
                     await begin(msg)
                 except Refused as e:
                     await ws.send_json(dict(type="error", message=e.message))
+                except ChatStoreError as e:  # the conversations file cannot be written: say so, keep serving
+                    await ws.send_json(dict(type="error", message=str(e)))
         except WebSocketDisconnect:
             pass
         finally:  # the page went away: its reply stops, and the part generated is kept
