@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from bench.chats import ChatStore
+from bench.scenarios.chat_store import ChatStore
 from bench.scenarios.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
 from bench.scenarios.serve import serving_in_thread
 from tests.test_serve import TIMEOUT, make_app
@@ -189,7 +189,7 @@ def test_the_checkpoint_chat_template_is_used_and_sandboxed(tmp_path):
 def test_the_conversations_file_is_made_by_the_first_conversation_and_a_foreign_one_refused(tmp_path):
     import sqlite3
 
-    from bench.chats import ChatStoreError
+    from bench.scenarios.chat_store import ChatStoreError
 
     path = tmp_path / "runs" / "chats.sqlite"
     store = ChatStore(path)

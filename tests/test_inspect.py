@@ -11,7 +11,7 @@ import torch
 import pytest
 
 from bench.cli import main
-from bench.inspection import architecture, inspect_model, pca_2d
+from model.inspection import architecture, inspect_model, pca_2d
 from model.gpt import GPT, build_model, get_config, repeat_kv, rotary_tables
 from model.tokenizer import ByteTokenizer
 

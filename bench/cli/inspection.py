@@ -27,7 +27,7 @@ def add_inspect(sub, default_store: str) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from bench.inspection import inspect_model
+    from model.inspection import inspect_model
     from bench.models import is_quantized_checkpoint
     from model.checkpoint import load_checkpoint
     from model.gpt import build_model, get_config

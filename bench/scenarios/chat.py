@@ -11,11 +11,11 @@ writes them: the checkpoint's ``tokenizer_config.json`` ``chat_template`` where 
 ``DEFAULT_TEMPLATE``: one ``role: content`` line per message and then ``assistant:``, which
 a byte-tokenised preset and a BPE checkpoint read alike.
 
-The page (``GET /chat``, its script ``reports/static/chat.js``) talks over a WebSocket
+The page (``GET /chat``, its script ``bench/scenarios/static/chat.js``) talks over a WebSocket
 (``/chat/ws``): it sends a message with its generation options, and the server answers with
 the reply's text piece by piece as tokens are generated, then the reply's TTFT (from the
 message's arrival to the first token, queue included) and tokens/s (decode: tokens after the
-first over the time after the first). Conversations are kept in SQLite (``bench.chats``) and
+first over the time after the first). Conversations are kept in SQLite (``bench.scenarios.chat_store``) and
 served back as JSON for the page's list, and exported as Markdown or JSON. A socket that closes
 mid-reply cancels its generation (the slot is freed) and keeps the part already generated.
 """
@@ -32,13 +32,14 @@ from typing import Literal
 from fastapi import Request, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from bench.chats import ChatStore, ChatStoreError, to_markdown
-from bench.scenarios.serve import Generation, Refused, StreamOptions, _error, _sse, check_sampling
+from bench.scenarios.chat_store import ChatStore, ChatStoreError, to_markdown
+from bench.scenarios.openai_api import Generation, Refused, StreamOptions, error_response, sse_event, check_sampling
 
 # The plain template when a checkpoint declares none: "user: Hello\nassistant:".
 DEFAULT_TEMPLATE = ("{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
                     "{% if add_generation_prompt %}assistant:{% endif %}")
 MAX_MESSAGE_CHARS = 100_000  # a page message longer than this is refused before it is tokenised
+STATIC = Path(__file__).with_name("static")  # the page's script (package data)
 PAGE_DEFAULTS = dict(temperature=0.8, top_p=0.95, max_tokens=64)
 
 
@@ -222,18 +223,18 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         if body.model is not None and body.model not in (model_name, short_name):
-            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+            return error_response(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                           param="model")
         if not body.messages:
-            return _error(400, "messages is empty: give at least one message", param="messages")
+            return error_response(400, "messages is empty: give at least one message", param="messages")
         if body.max_completion_tokens is not None:
             if body.max_tokens not in (None, body.max_completion_tokens):
-                return _error(400, "give max_tokens or max_completion_tokens, not two different values",
+                return error_response(400, "give max_tokens or max_completion_tokens, not two different values",
                               param="max_completion_tokens")
             body.max_tokens = body.max_completion_tokens
         problem = check_sampling(body)
         if problem:
-            return _error(400, problem[0], param=problem[1])
+            return error_response(400, problem[0], param=problem[1])
         try:
             gen = start(prompt_of([dict(role=m.role, content=m.text()) for m in body.messages]), body,
                         what="conversation")
@@ -253,17 +254,17 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
         if body.stream:
             async def sse():
                 try:
-                    yield _sse(chunk({"role": "assistant", "content": ""}, [], None))
+                    yield sse_event(chunk({"role": "assistant", "content": ""}, [], None))
                     async for kind, piece, extra in follow(gen):
                         if kind == "token":
-                            yield _sse(chunk({"content": piece}, [extra], None))
+                            yield sse_event(chunk({"content": piece}, [extra], None))
                         elif kind == "done":
-                            yield _sse(chunk({"content": piece} if piece else {}, [], extra))
+                            yield sse_event(chunk({"content": piece} if piece else {}, [], extra))
                             if body.stream_options and body.stream_options.include_usage:
-                                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                yield sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
                                             "model": model_name, "choices": [], "usage": usage()})
                         else:
-                            yield _sse({"error": {"message": piece, "type": extra, "param": None, "code": None}})
+                            yield sse_event({"error": {"message": piece, "type": extra, "param": None, "code": None}})
                     yield "data: [DONE]\n\n"
                 finally:  # done, or the client went away: either way the slot is free
                     gen.seq.cancel()
@@ -286,7 +287,7 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
                                      "token_ids": list(gen.seq.tokens)}],
                         "usage": usage()}
             if ev[0] == "error":
-                return _error({"timeout": 504, "shutdown": 503}.get(ev[1], 500), ev[2], kind=ev[1])
+                return error_response({"timeout": 504, "shutdown": 503}.get(ev[1], 500), ev[2], kind=ev[1])
 
     # -- the page --------------------------------------------------------------------------------------
 
@@ -296,8 +297,7 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
 
     @app.get("/chat/chat.js")
     async def chat_script():
-        import reports  # the page's script ships with the report's (package data)
-        return FileResponse(Path(reports.__file__).parent / "static" / "chat.js", media_type="text/javascript")
+        return FileResponse(STATIC / "chat.js", media_type="text/javascript")
 
     @app.get("/chat/api/conversations")
     async def conversations():
@@ -306,7 +306,7 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
     def conversation_or_404(cid: str):
         found = chats.get(cid)
         if found is None:
-            return None, _error(404, f"no conversation {cid!r}", kind="not_found", param="conversation")
+            return None, error_response(404, f"no conversation {cid!r}", kind="not_found", param="conversation")
         return found, None
 
     @app.get("/chat/api/conversations/{cid}")
@@ -320,7 +320,7 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
         if missing:
             return missing
         if format not in ("md", "json"):
-            return _error(400, f"format={format!r}: export as md or json", param="format")
+            return error_response(400, f"format={format!r}: export as md or json", param="format")
         body = to_markdown(found) if format == "md" else json.dumps(found, indent=1, ensure_ascii=False)
         media = "text/markdown" if format == "md" else "application/json"
         return Response(body, media_type=f"{media}; charset=utf-8",

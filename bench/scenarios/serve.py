@@ -30,60 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from bench.scenarios.engine import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT_S, Engine, Metrics, QueueFull,
                                     Sequence, ServeError, ShuttingDown)
-
-# -- text ------------------------------------------------------------------------------------------
-
-
-class TextStream:
-    """The text of a growing list of tokens, released only where it can no longer change: not a
-    partial UTF-8 character (it decodes as U+FFFD), not the start of a stop string."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.sent = 0  # characters released
-
-    def stop_at(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
-
-    def delta(self, tokens: list[int], final: bool) -> str:
-        text = self.tokenizer.decode(tokens)
-        cut = self.stop_at(text)
-        if cut is not None:
-            text = text[:cut]
-        elif not final:
-            text = text.rstrip("\ufffd")
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        out = text[self.sent:] if len(text) > self.sent else ""
-        self.sent = max(self.sent, len(text))
-        return out
-
+from bench.scenarios.openai_api import (Generation, Refused, StreamOptions, TextStream, error_response, sse_event,
+                                        validation_message, check_sampling)
 
 # -- the HTTP API ----------------------------------------------------------------------------------
 
 
 from fastapi import Request  # noqa: E402  (module level: FastAPI reads the handlers' annotations from here)
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr  # noqa: E402
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: StrictBool = False
 
 
 class CompletionRequest(BaseModel):
@@ -113,90 +78,11 @@ class CompletionRequest(BaseModel):
     user: StrictStr | None = None
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=status, content={"error": {
-        "message": " ".join(str(message).split()), "type": kind, "param": param, "code": None}})
-
-
-def _validation_message(exc) -> tuple[str, str | None]:
-    """One line for pydantic's first complaint, naming the field."""
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    # A union names each alternative it tried (prompt.str, prompt.list[int]); the field is the first.
-    param = loc[0] if loc else None
-    if e.get("type") == "extra_forbidden":
-        return f"unrecognized request argument supplied: {param}", param
-    if e.get("type") == "missing":
-        return f"missing required argument: {param}", param
-    if param == "prompt":
-        return f"prompt must be a string or a list of token ids (got {e.get('input')!r})", param
-    if e.get("type") == "model_attributes_type":
-        return "the body must be a JSON object", None
-    return f"{param}: {e.get('msg')} (got {e.get('input')!r})" if param else str(e.get("msg")), param
-
-
-def check_sampling(body) -> tuple[str, str] | None:
-    """(message, param) for a setting in OpenAI's schema this server does not implement or that is out of
-    range, or None. Completions and chat requests share these fields."""
-    if body.max_tokens is not None and body.max_tokens <= 0:
-        return f"max_tokens={body.max_tokens} must be at least 1", "max_tokens"
-    if not math.isfinite(body.temperature) or body.temperature < 0:
-        return f"temperature={body.temperature} must be >= 0 (0 is greedy)", "temperature"
-    if not 0 < body.top_p <= 1:
-        return f"top_p={body.top_p} must be in (0, 1]", "top_p"
-    if body.top_k is not None and body.top_k != -1 and body.top_k < 1:
-        return f"top_k={body.top_k} must be >= 1 (or -1 for no limit)", "top_k"
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        return "stop takes up to 4 non-empty strings", "stop"
-    given = lambda name, default=None: getattr(body, name, default)  # noqa: E731  (chat lacks some)
-    unsupported = [(body.n != 1, "n", "only n=1 is served"), (given("echo"), "echo", "echo is not supported"),
-                   (given("logprobs") not in (None, False), "logprobs", "logprobs are not supported"),
-                   (given("top_logprobs") is not None, "top_logprobs", "logprobs are not supported"),
-                   (given("best_of") not in (None, 1), "best_of", "only best_of=1 is served"),
-                   (given("suffix") is not None, "suffix", "suffix is not supported"),
-                   (body.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported"),
-                   (body.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported")]
-    for bad, param, message in unsupported:
-        if bad:
-            return message, param
-    return None
-
-
-class Refused(Exception):
-    """A request the server will not run: its HTTP status and one line, in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self):
-        return _error(self.status, self.message, kind=self.kind, param=self.param)
-
-
-@dataclass
-class Generation:
-    """One submitted generation: the engine's sequence, the queue its events arrive on (on the
-    event loop), the text released so far, and the prompt's token ids."""
-
-    seq: Sequence
-    events: asyncio.Queue
-    text: TextStream
-    prompt: list[int]
-
-
 def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeout_s: float = DEFAULT_TIMEOUT_S,
                vocab_size: int | None = None, eos_token_id: int | None = None, chat_template=None, chats=None):
     """The FastAPI app over a (not yet started) engine; its lifespan starts the engine and drains it.
     Chat (``bench.scenarios.chat``) renders messages with ``chat_template`` (default: its plain one) and
-    keeps the page's conversations in ``chats`` (a ``bench.chats.ChatStore``; default: in memory)."""
+    keeps the page's conversations in ``chats`` (a ``bench.scenarios.chat_store.ChatStore``; default: in memory)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response, StreamingResponse
@@ -216,12 +102,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
-        message, param = _validation_message(exc)
-        return _error(400, message, param=param)
+        message, param = validation_message(exc)
+        return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        return _error(exc.status_code, exc.detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
+        return error_response(exc.status_code, exc.detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
 
     @app.get("/health")
     async def health():
@@ -281,11 +167,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model not in (model_name, model_name.rstrip("/").rsplit("/", 1)[-1]):
-            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+            return error_response(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                           param="model")
         problem = check_sampling(body)
         if problem:
-            return _error(400, problem[0], param=problem[1])
+            return error_response(400, problem[0], param=problem[1])
         prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         try:
             gen = start(prompt, body, what="prompt")
@@ -311,15 +197,15 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
                         ev = await events.get()
                         if ev[0] == "token":
                             got.append(ev[1])
-                            yield _sse(chunk(text.delta(got, final=False), [ev[1]], None))
+                            yield sse_event(chunk(text.delta(got, final=False), [ev[1]], None))
                         elif ev[0] == "done":
-                            yield _sse(chunk(text.delta(got, final=True), [], ev[1]))
+                            yield sse_event(chunk(text.delta(got, final=True), [], ev[1]))
                             if body.stream_options and body.stream_options.include_usage:
-                                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                yield sse_event({"id": rid, "object": "text_completion", "created": created,
                                             "model": model_name, "choices": [], "usage": usage()})
                             break
                         else:
-                            yield _sse({"error": {"message": ev[2], "type": ev[1], "param": None, "code": None}})
+                            yield sse_event({"error": {"message": ev[2], "type": ev[1], "param": None, "code": None}})
                             break
                     yield "data: [DONE]\n\n"
                 finally:  # the client went away, or we are done: either way the slot is free
@@ -341,16 +227,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
                 return out
             if ev[0] == "error":
                 status = {"timeout": 504, "shutdown": 503}.get(ev[1], 500)
-                return _error(status, ev[2], kind=ev[1])
+                return error_response(status, ev[2], kind=ev[1])
 
     from bench.scenarios.chat import add_chat
     add_chat(app, start=start, tokenizer=tokenizer, model_name=model_name, block_size=engine.block_size,
              template=chat_template, chats=chats)
     return app
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -366,7 +248,7 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
 
     from backends import registry
     from backends.base import BackendUnavailable
-    from bench.chats import DEFAULT_CHATS, ChatStore
+    from bench.scenarios.chat_store import DEFAULT_CHATS, ChatStore
     from bench.models import describe, open_model
     from bench.scenarios.chat import ChatTemplate, ChatTemplateError
     from model.tokenizer import load_tokenizer
