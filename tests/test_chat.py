@@ -283,7 +283,7 @@ def test_a_page_that_closes_mid_reply_frees_the_slot_and_keeps_the_part_generate
 def test_the_chat_page_streams_reopens_exports_and_shows_hostile_text_as_text(tiny_model, tmp_path, browser):
     from tests.test_dashboard import ROOT
 
-    app, _ = chat_app(tiny_model, tmp_path, delay=0.01)
+    app, _ = chat_app(tiny_model, tmp_path, delay=0.03)  # 40 tokens: over a second to watch them arrive
     with serving_in_thread(app) as (_, url):
         page = browser.new_page(viewport=dict(width=1200, height=800), accept_downloads=True)
         errors = []

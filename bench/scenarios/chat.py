@@ -355,8 +355,12 @@ def add_chat(app, *, start, tokenizer, model_name: str, block_size: int, templat
             if problem:
                 raise Refused(400, problem[0])
             gen = start(prompt_of(history + [dict(role="user", content=content)]), msg.options, what="conversation")
-            cid = msg.conversation or chats.create(model_name, content)
-            chats.add(cid, "user", content)
+            try:
+                cid = msg.conversation or chats.create(model_name, content)
+                chats.add(cid, "user", content)
+            except ChatStoreError:
+                gen.seq.cancel()  # nobody will follow it
+                raise
             s = dict(text="", first=None, last=None, n=0, finish="cancelled")
 
             async def run():
