@@ -23,7 +23,8 @@ OpenAI's shape, streaming by server-sent events; each choice also carries its ``
 Bad requests get a 4xx with a one-line reason in OpenAI's error shape. ``GET /health`` says
 what is served; ``GET /metrics`` is Prometheus text (queue depth, running sequences, tokens
 generated, TTFT/TPOT/latency histograms). Shutting down stops accepting and drains: running
-and queued requests finish before the engine stops.
+and queued requests finish before the engine stops. ``/v1/chat/completions`` and the ``/chat``
+page (``bench.scenarios.chat``) generate through the same ``start`` as completions.
 """
 
 from __future__ import annotations
