@@ -306,7 +306,10 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, past: LayerCache | None, attn_mask, is_causal: bool, rotary=None):
+    def forward(self, x, past: LayerCache | None, attn_mask, is_causal: bool, rotary=None, need_weights: bool = False):
+        """(output, present), and with ``need_weights`` the attention weights (B, n_head, T, T_past + T) as a
+        third item: softmax(q k^T / sqrt(head_dim)) under the same mask, computed beside the fused kernel
+        (which does not return them), whose output stays the layer's."""
         B, T, C = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split(self.splits, dim=2)
@@ -326,7 +329,23 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
         )  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        if need_weights:
+            return self.resid_dropout(self.c_proj(y)), present, attention_weights(q, k, attn_mask, is_causal)
         return self.resid_dropout(self.c_proj(y)), present
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask, is_causal: bool) -> torch.Tensor:
+    """The softmax ``scaled_dot_product_attention`` applies, explicitly: (B, H, T, S) in fp32. ``attn_mask``
+    is boolean (true: may attend) or None; ``is_causal`` is SDPA's top-left causal mask."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        T, S = scores.shape[-2:]
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -364,11 +383,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, past: LayerCache | None, attn_mask, is_causal: bool, rotary=None):
-        a, present = self.attn(self.ln_1(x), past, attn_mask, is_causal, rotary)  # pre-norm residual
+    def forward(self, x, past: LayerCache | None, attn_mask, is_causal: bool, rotary=None, need_weights: bool = False):
+        a, present, *weights = self.attn(self.ln_1(x), past, attn_mask, is_causal, rotary, need_weights)  # pre-norm
         x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return (x, present, *weights)
 
 
 class GPT(nn.Module):
@@ -415,7 +434,8 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         last_only: bool = False,
         targets: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, KVCache, dict]:
         """Logits for ``idx`` given the cache of the tokens before it.
 
         idx:  (B, T) token ids.
@@ -426,6 +446,11 @@ class GPT(nn.Module):
             only needs the next token), which skips most of the LM head's work.
         targets: (B, T) next tokens, for training: then the first value returned is the mean
             cross-entropy (fp32) instead of the logits (see ``_loss``).
+        return_attention: also return, third, a dict for looking inside (``bench inspect``):
+            ``attentions``, per layer the weights (B, n_head, T, T_past + T) in fp32, the softmax
+            the layer applied (see ``attention_weights``), and ``hidden``, the residual stream
+            (B, T, C) entering each block and leaving the last (n_layer + 1 tensors). An explicit
+            option of this call only: nothing stays hooked in, and the logits do not change.
         Returns logits (B, T or 1, vocab_size) and the present cache, one pair per layer,
         each (B, n_kv_head, T_past + T, head_dim).
         """
@@ -447,19 +472,29 @@ class GPT(nn.Module):
 
         attn_mask, is_causal = self._attention_mask(T, past_len, mask, idx.device, self.config.sliding_window)
         presents = []
+        inside: dict | None = dict(attentions=[], hidden=[]) if return_attention else None
         for i, block in enumerate(self.transformer.h):
             layer_past = None if past is None else past[i]
-            if self.grad_checkpointing and self.training:
+            if inside is not None:
+                inside["hidden"].append(x)
+                x, present, weights = block(x, layer_past, attn_mask, is_causal, rotary, need_weights=True)
+                inside["attentions"].append(weights)
+            elif self.grad_checkpointing and self.training:
                 x, present = torch.utils.checkpoint.checkpoint(
                     block, x, layer_past, attn_mask, is_causal, rotary, use_reentrant=False)
             else:
                 x, present = block(x, layer_past, attn_mask, is_causal, rotary)
             presents.append(present)
+        if inside is not None:
+            inside["hidden"].append(x)
+            inside = {k: tuple(v) for k, v in inside.items()}
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         if targets is not None:
             return self._loss(self.transformer.ln_f(x), targets), tuple(presents)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T or 1, vocab_size)
+        if inside is not None:
+            return logits, tuple(presents), inside
         return logits, tuple(presents)
 
     # Positions per piece of the checkpointed loss: a (B, LOSS_CHUNK, vocab) slice of logits at a time.

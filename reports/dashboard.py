@@ -201,6 +201,15 @@ def compare_form_html(runs: list[dict]) -> str:
             '<button type="submit">compare</button></form>')
 
 
+def inspection_page(t: dict) -> Path | None:
+    """The training run's ``bench inspect`` page (its default place: CHECKPOINT/inspect/index.html), if written."""
+    out_dir = t.get("out_dir")
+    if not out_dir or "://" in str(out_dir):
+        return None
+    page = Path(out_dir) / "inspect" / "index.html"
+    return page if page.is_file() else None
+
+
 def training_html(t: dict) -> tuple[str, str]:
     """(summary, charts) of a training run: where it stands, and its curves over the steps."""
     steps = t.get("steps") or []
@@ -209,10 +218,15 @@ def training_html(t: dict) -> tuple[str, str]:
     step_s = [s["step_s"] for s in steps[-20:] if isinstance(s.get("step_s"), (int, float))]
     eta = (total - last.get("step", 0)) * statistics.median(step_s) if (
         t.get("status") == "running" and step_s and isinstance(total, int)) else None
+    inspection = inspection_page(t)
+    look = (f' · <a id="train-inspect" href="/train/{escape(str(t.get("run_id")), quote=True)}/inspect">'
+            'inspection</a>' if inspection else
+            f' · inspect it: <code>bench inspect --checkpoint {escape(str(t.get("out_dir")))}</code>'
+            if t.get("status") == "finished" else "")
     summary = (f'<p>status: <strong>{escape(str(t.get("status")))}</strong> · step '
                f'<span id="train-step">{last.get("step", 0)}</span> of {escape(str(total))} · loss '
                f'{num(last.get("loss"))} · {num(last.get("tokens_per_s"))} tokens/s · ETA {duration(eta)}'
-               f' · checkpoint {escape(str(t.get("out_dir")))}</p>')
+               f' · checkpoint {escape(str(t.get("out_dir")))}{look}</p>')
     curves = []
     for key, title, y_label, colour in (("loss", "Loss", "loss (nats per token)", "#4e79a7"),
                                         ("lr", "Learning rate", "learning rate", "#59a14f"),
@@ -333,6 +347,17 @@ def create_app(open_store: Callable, compare: Callable | None = None, poll_s: fl
     @app.get("/train/{run_id}", response_class=HTMLResponse)
     async def train_page(run_id: str):
         return await view_page(f"Training run {run_id}", f"train:{run_id}")
+
+    @app.get("/train/{run_id}/inspect", response_class=HTMLResponse)
+    async def train_inspection(run_id: str):
+        try:
+            found = await run_in_threadpool(read, lambda s: inspection_page(s.get_training_run(run_id)))
+        except LookupError as e:
+            return not_found(e)
+        if found is None:
+            return not_found(LookupError(f"training run {run_id} has no inspection yet: run "
+                                         "bench inspect --checkpoint on its checkpoint"))
+        return HTMLResponse(found.read_text(encoding="utf-8"))  # self-contained: its figures are inside
 
     @app.get("/compare", response_class=HTMLResponse)
     async def compare_page(base: str, new: str):

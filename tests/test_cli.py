@@ -192,7 +192,7 @@ def test_threads_all_means_one_per_physical_core(monkeypatch):
 
 
 # Every command and flag of `bench --help` before bench/ was laid out by concept (commit 5087930);
-# none may disappear. New flags since: run --confirm.
+# none may disappear. New flags since: run --confirm, serve --chats; new commands since: COMMANDS_SINCE, after them.
 FLAGS_BEFORE = {
     'info': ['--json', '--no-roofline', '--remeasure', '--threads'],
     'run': ['--address', '--backend', '--batch', '--budget', '--checkpoint', '--config', '--executor', '--gen-len', '--grad-checkpointing', '--json', '--launches', '--max-batch', '--model', '--name', '--no-parity', '--num-requests', '--on', '--option', '--plant-slowdown', '--precision', '--prompt-len', '--rate', '--resume', '--scenario', '--seq-len', '--slo', '--store', '--target-ci', '--threads', '--timeout', '--train-steps', '--warmup-steps'],
@@ -209,6 +209,7 @@ FLAGS_BEFORE = {
     'compare': ['--fail-above', '--format', '--noise-floor', '--store'],
     'dashboard': ['--host', '--poll', '--port', '--store'],
 }
+COMMANDS_SINCE = ['inspect']
 
 
 def test_every_command_and_flag_of_the_earlier_cli_is_still_there():
@@ -217,7 +218,7 @@ def test_every_command_and_flag_of_the_earlier_cli_is_still_there():
     from bench.cli import make_parser
 
     sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == list(FLAGS_BEFORE)  # the same commands, in the same order
+    assert list(sub.choices) == list(FLAGS_BEFORE) + COMMANDS_SINCE  # the same commands, in the same order
     for name, flags in FLAGS_BEFORE.items():
         now = {o for a in sub.choices[name]._actions for o in a.option_strings}
         assert set(flags) <= now, (name, sorted(set(flags) - now))

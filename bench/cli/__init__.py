@@ -12,6 +12,7 @@ Every handler parses its arguments, makes one call into the harness and renders 
 | train      | train                                     |
 | quality    | quality, quantize                         |
 | serve      | serve, load, dashboard                    |
+| inspection | inspect                                   |
 
 Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
 exit code 2, never a traceback. A backend that cannot do what was asked is one line and
@@ -28,7 +29,7 @@ import os
 import sys
 import traceback
 
-from bench.cli import generate, info, quality, results, run, serve, train
+from bench.cli import generate, info, inspection, quality, results, run, serve, train
 from bench.cli.common import EXIT_FAILURE, EXIT_USAGE, OneLineParser, UsageError, err, say
 from model.errors import InputError
 
@@ -39,7 +40,7 @@ COMMANDS = (
     ("convert", generate.add_convert), ("runs", results.add_runs), ("export", results.add_export),
     ("report", results.add_report), ("train", train.add_parser), ("quality", quality.add_quality),
     ("serve", serve.add_serve), ("load", serve.add_load), ("quantize", quality.add_quantize),
-    ("compare", results.add_compare), ("dashboard", serve.add_dashboard),
+    ("compare", results.add_compare), ("dashboard", serve.add_dashboard), ("inspect", inspection.add_inspect),
 )
 
 

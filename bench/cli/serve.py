@@ -8,8 +8,8 @@ from bench.cli.common import EXIT_FAILURE, UsageError, err, out_console, positiv
 
 
 def add_serve(sub, default_store: str) -> None:
-    srv = sub.add_parser("serve", help="serve one backend over HTTP: OpenAI-compatible completions, "
-                                       "continuous batching, /health and /metrics")
+    srv = sub.add_parser("serve", help="serve one backend over HTTP: OpenAI-compatible completions and chat, "
+                                       "a chat page, continuous batching, /health and /metrics")
     srv.add_argument("--backend", required=True)
     srv.add_argument("--precision", default=None)
     srv.add_argument("--model", help="a preset (random weights)")
@@ -24,6 +24,9 @@ def add_serve(sub, default_store: str) -> None:
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds a shutdown waits for running requests to finish (default 30)")
     srv.add_argument("--threads", type=positive_int, default=None)
+    srv.add_argument("--chats", default=None,
+                     help="SQLite file of the chat page's conversations (default: chats.sqlite beside the default "
+                          "store, runs/chats.sqlite)")
     srv.set_defaults(fn=cmd_serve)
 
 
@@ -66,7 +69,7 @@ def cmd_serve(args) -> int:
 
     serve(args.backend, host=args.host, port=args.port, precision=args.precision, model=args.model,
           checkpoint=args.checkpoint, threads=args.threads, max_batch=args.max_batch, queue_size=args.queue_size,
-          timeout_s=args.timeout, drain_s=args.drain_timeout, announce=lambda line: err.print(line, markup=False))
+          timeout_s=args.timeout, drain_s=args.drain_timeout, chats_path=args.chats, announce=lambda line: err.print(line, markup=False))
     return stopped()
 
 

@@ -23,14 +23,14 @@ OpenAI's shape, streaming by server-sent events; each choice also carries its ``
 Bad requests get a 4xx with a one-line reason in OpenAI's error shape. ``GET /health`` says
 what is served; ``GET /metrics`` is Prometheus text (queue depth, running sequences, tokens
 generated, TTFT/TPOT/latency histograms). Shutting down stops accepting and drains: running
-and queued requests finish before the engine stops.
+and queued requests finish before the engine stops. ``/v1/chat/completions`` and the ``/chat``
+page (``bench.scenarios.chat``) generate through the same ``start`` as completions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import socket
 import threading
@@ -42,47 +42,14 @@ import torch
 
 from bench.scenarios.engine import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT_S, Engine, Metrics, QueueFull,
                                     Sequence, ServeError, ShuttingDown)
-
-# -- text ------------------------------------------------------------------------------------------
-
-
-class TextStream:
-    """The text of a growing list of tokens, released only where it can no longer change: not a
-    partial UTF-8 character (it decodes as U+FFFD), not the start of a stop string."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.sent = 0  # characters released
-
-    def stop_at(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
-
-    def delta(self, tokens: list[int], final: bool) -> str:
-        text = self.tokenizer.decode(tokens)
-        cut = self.stop_at(text)
-        if cut is not None:
-            text = text[:cut]
-        elif not final:
-            text = text.rstrip("\ufffd")
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        out = text[self.sent:] if len(text) > self.sent else ""
-        self.sent = max(self.sent, len(text))
-        return out
-
+from bench.scenarios.openai_api import (Generation, Refused, StreamOptions, TextStream, error_response, sse_event,
+                                        validation_message, check_sampling)
 
 # -- the HTTP API ----------------------------------------------------------------------------------
 
 
 from fastapi import Request  # noqa: E402  (module level: FastAPI reads the handlers' annotations from here)
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr  # noqa: E402
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: StrictBool = False
 
 
 class CompletionRequest(BaseModel):
@@ -112,38 +79,11 @@ class CompletionRequest(BaseModel):
     user: StrictStr | None = None
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=status, content={"error": {
-        "message": " ".join(str(message).split()), "type": kind, "param": param, "code": None}})
-
-
-def _validation_message(exc) -> tuple[str, str | None]:
-    """One line for pydantic's first complaint, naming the field."""
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    # A union names each alternative it tried (prompt.str, prompt.list[int]); the field is the first.
-    param = loc[0] if loc else None
-    if e.get("type") == "extra_forbidden":
-        return f"unrecognized request argument supplied: {param}", param
-    if e.get("type") == "missing":
-        return f"missing required argument: {param}", param
-    if param == "prompt":
-        return f"prompt must be a string or a list of token ids (got {e.get('input')!r})", param
-    if e.get("type") == "model_attributes_type":
-        return "the body must be a JSON object", None
-    return f"{param}: {e.get('msg')} (got {e.get('input')!r})" if param else str(e.get("msg")), param
-
-
 def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeout_s: float = DEFAULT_TIMEOUT_S,
-               vocab_size: int | None = None, eos_token_id: int | None = None):
-    """The FastAPI app over a (not yet started) engine; its lifespan starts the engine and drains it."""
+               vocab_size: int | None = None, eos_token_id: int | None = None, chat_template=None, chats=None):
+    """The FastAPI app over a (not yet started) engine; its lifespan starts the engine and drains it.
+    Chat (``bench.scenarios.chat``) renders messages with ``chat_template`` (default: its plain one) and
+    keeps the page's conversations in ``chats`` (a ``bench.scenarios.chat_store.ChatStore``; default: in memory)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response, StreamingResponse
@@ -163,12 +103,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
-        message, param = _validation_message(exc)
-        return _error(400, message, param=param)
+        message, param = validation_message(exc)
+        return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        return _error(exc.status_code, exc.detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
+        return error_response(exc.status_code, exc.detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
 
     @app.get("/health")
     async def health():
@@ -185,29 +125,21 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "bench"}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        if body.model is not None and body.model not in (model_name, model_name.rstrip("/").rsplit("/", 1)[-1]):
-            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                          param="model")
-        problem = _check(body)
-        if problem:
-            return _error(400, problem[0], param=problem[1])
-        if isinstance(body.prompt, str):
-            prompt = tokenizer.encode(body.prompt)
-        else:
-            prompt = list(body.prompt)
+    def start(prompt: list[int], body, *, what: str) -> Generation:
+        """Check a tokenised prompt against the model and submit its generation to the engine.
+        ``body`` holds the sampling settings (a completions or chat request); ``what`` names the
+        prompt in error messages ("prompt", or "conversation" for a chat). Raises ``Refused``."""
         if not prompt:
-            return _error(400, "prompt is empty: give at least one token", param="prompt")
+            raise Refused(400, f"the {what} is empty: give at least one token", param=what)
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
-            return _error(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
-                          param="prompt")
-        if body.max_tokens is None:  # OpenAI's null: as much as the context holds
-            body.max_tokens = max(1, engine.block_size - len(prompt))
-        if len(prompt) + body.max_tokens > engine.block_size:
-            return _error(400, f"this model's maximum context length is {engine.block_size} tokens; the prompt "
-                               f"has {len(prompt)} and max_tokens is {body.max_tokens}", param="max_tokens")
+            raise Refused(400, f"{what} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})", param=what)
+        max_tokens = body.max_tokens
+        if max_tokens is None:  # OpenAI's null: as much as the context holds
+            max_tokens = max(1, engine.block_size - len(prompt))
+        if len(prompt) + max_tokens > engine.block_size:
+            raise Refused(400, f"this model's maximum context length is {engine.block_size} tokens; the {what} "
+                               f"has {len(prompt)} and max_tokens is {max_tokens}", param="max_tokens" if what == "prompt" else what)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         text = TextStream(tokenizer, stops)
         events: asyncio.Queue = asyncio.Queue()
@@ -217,7 +149,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
             stop_ids.add(eos_token_id)
         greedy = body.temperature == 0  # temperature 0 is greedy, as OpenAI and vLLM read it
         seq = Sequence(
-            prompt=prompt, max_tokens=body.max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            prompt=prompt, max_tokens=max_tokens, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             greedy=greedy, temperature=float(body.temperature), top_p=float(body.top_p),
             top_k=None if body.top_k in (None, -1) else body.top_k, seed=body.seed,
             stop_token_ids=frozenset(stop_ids),
@@ -226,9 +158,27 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
         try:
             engine.submit(seq)
         except ShuttingDown as e:
-            return _error(503, str(e), kind="service_unavailable")
+            raise Refused(503, str(e), kind="service_unavailable") from None
         except QueueFull as e:
-            return _error(429, f"{e}; try again later", kind="rate_limit_exceeded")
+            raise Refused(429, f"{e}; try again later", kind="rate_limit_exceeded") from None
+        return Generation(seq, events, text, prompt)
+
+    app.state.start = start  # the chat endpoints (bench.scenarios.chat) generate through it too
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model not in (model_name, model_name.rstrip("/").rsplit("/", 1)[-1]):
+            return error_response(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                          param="model")
+        problem = check_sampling(body)
+        if problem:
+            return error_response(400, problem[0], param=problem[1])
+        prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        try:
+            gen = start(prompt, body, what="prompt")
+        except Refused as e:
+            return e.response()
+        seq, events, text = gen.seq, gen.events, gen.text
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(delta: str, tokens: list[int], finish: str | None) -> dict:
@@ -248,15 +198,15 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
                         ev = await events.get()
                         if ev[0] == "token":
                             got.append(ev[1])
-                            yield _sse(chunk(text.delta(got, final=False), [ev[1]], None))
+                            yield sse_event(chunk(text.delta(got, final=False), [ev[1]], None))
                         elif ev[0] == "done":
-                            yield _sse(chunk(text.delta(got, final=True), [], ev[1]))
+                            yield sse_event(chunk(text.delta(got, final=True), [], ev[1]))
                             if body.stream_options and body.stream_options.include_usage:
-                                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                yield sse_event({"id": rid, "object": "text_completion", "created": created,
                                             "model": model_name, "choices": [], "usage": usage()})
                             break
                         else:
-                            yield _sse({"error": {"message": ev[2], "type": ev[1], "param": None, "code": None}})
+                            yield sse_event({"error": {"message": ev[2], "type": ev[1], "param": None, "code": None}})
                             break
                     yield "data: [DONE]\n\n"
                 finally:  # the client went away, or we are done: either way the slot is free
@@ -278,37 +228,12 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, info: dict, timeou
                 return out
             if ev[0] == "error":
                 status = {"timeout": 504, "shutdown": 503}.get(ev[1], 500)
-                return _error(status, ev[2], kind=ev[1])
+                return error_response(status, ev[2], kind=ev[1])
 
-    def _check(body) -> tuple[str, str] | None:
-        """Settings in OpenAI's schema this server does not implement, or out of range."""
-        if body.max_tokens is not None and body.max_tokens <= 0:
-            return f"max_tokens={body.max_tokens} must be at least 1", "max_tokens"
-        if not math.isfinite(body.temperature) or body.temperature < 0:
-            return f"temperature={body.temperature} must be >= 0 (0 is greedy)", "temperature"
-        if not 0 < body.top_p <= 1:
-            return f"top_p={body.top_p} must be in (0, 1]", "top_p"
-        if body.top_k is not None and body.top_k != -1 and body.top_k < 1:
-            return f"top_k={body.top_k} must be >= 1 (or -1 for no limit)", "top_k"
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            return "stop takes up to 4 non-empty strings", "stop"
-        unsupported = [(body.n != 1, "n", "only n=1 is served"), (body.echo, "echo", "echo is not supported"),
-                       (body.logprobs is not None, "logprobs", "logprobs are not supported"),
-                       (body.best_of not in (None, 1), "best_of", "only best_of=1 is served"),
-                       (body.suffix is not None, "suffix", "suffix is not supported"),
-                       (body.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported"),
-                       (body.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported")]
-        for bad, param, message in unsupported:
-            if bad:
-                return message, param
-        return None
-
+    from bench.scenarios.chat import add_chat
+    add_chat(app, start=start, tokenizer=tokenizer, model_name=model_name, block_size=engine.block_size,
+             template=chat_template, chats=chats)
     return app
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -316,13 +241,17 @@ def _sse(payload: dict) -> str:
 
 def build(backend_name: str, *, precision: str | None = None, model: str | None = None,
           checkpoint: str | None = None, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-          queue_size: int = DEFAULT_QUEUE_SIZE, timeout_s: float = DEFAULT_TIMEOUT_S, weights_seed: int = 0):
-    """The app for a backend and a preset or checkpoint, the model loaded (``bench serve``'s work)."""
+          queue_size: int = DEFAULT_QUEUE_SIZE, timeout_s: float = DEFAULT_TIMEOUT_S, weights_seed: int = 0,
+          chats_path: str | None = None):
+    """The app for a backend and a preset or checkpoint, the model loaded (``bench serve``'s work).
+    ``chats_path``: the chat page's conversations file (default ``runs/chats.sqlite``)."""
     from pathlib import Path
 
     from backends import registry
     from backends.base import BackendUnavailable
+    from bench.scenarios.chat_store import DEFAULT_CHATS, ChatStore
     from bench.models import describe, open_model
+    from bench.scenarios.chat import ChatTemplate, ChatTemplateError
     from model.tokenizer import load_tokenizer
 
     if (model is None) == (checkpoint is None):
@@ -353,6 +282,11 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
     generate(backend, [[0] * 8, [0] * 4], 4)
     generate(backend, [[0] * 8], 4)
     tokenizer = load_tokenizer(checkpoint, gpt.config.vocab_size)
+    try:
+        template = ChatTemplate.for_checkpoint(checkpoint, tokenizer)
+    except ChatTemplateError as e:
+        raise ServeError(str(e)) from None
+    chats = ChatStore(chats_path or DEFAULT_CHATS)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     engine = Engine(backend, block_size=gpt.config.block_size, max_batch=max_batch, queue_size=queue_size,
                     pad_token_id=pad, metrics=Metrics())
@@ -360,7 +294,8 @@ def build(backend_name: str, *, precision: str | None = None, model: str | None 
                 checkpoint=checkpoint is not None, n_params=gpt.config.n_params, model_shape=describe(gpt.config),
                 tokenizer=type(tokenizer).__name__)
     return create_app(engine, tokenizer, model_name=name, info=info, timeout_s=timeout_s,
-                      vocab_size=gpt.config.vocab_size, eos_token_id=tokenizer.eos_token_id)
+                      vocab_size=gpt.config.vocab_size, eos_token_id=tokenizer.eos_token_id,
+                      chat_template=template, chats=chats)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -405,6 +340,8 @@ def serve(backend: str, *, host: str = "127.0.0.1", port: int = 8000, drain_s: f
     """``bench serve``: build, listen, serve until interrupted, then drain."""
     app = build(backend, **kwargs)
     sock = bind(host, port)
-    announce(f"serving on http://{host}:{sock.getsockname()[1]} (POST /v1/completions, GET /health, GET /metrics)")
+    base = f"http://{host}:{sock.getsockname()[1]}"
+    announce(f"serving on {base} (POST /v1/completions, /v1/chat/completions; GET /health, /metrics; "
+             f"the chat page: {base}/chat)")
     uvicorn_server(app, drain_s=drain_s, log_level="info").run(sockets=[sock])
 
