@@ -67,6 +67,18 @@ def blob_cache(device: str, config: dict) -> Path:
 
 
 @dataclass
+class OVStateCache:
+    """The KV cache of a stateful request: it lives in the request's state variables; this records its
+    length and batch, the rows the next step keeps (``beam``, after ``reorder_cache``), and ``state``,
+    which every cache of the request shares: a step moves it on, so an older cache is refused."""
+
+    length: int
+    batch: int
+    state: dict
+    beam: np.ndarray | None = None
+
+
+@dataclass
 class OVCache:
     """One numpy array per past key and value, in ``export.input_names`` order, and their length."""
 
@@ -87,7 +99,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, precision=None, threads=None, device=None, int8_mode: str = "asym", int4_mode: str = "asym",
                  group_size: int | None = None, ratio: float = 1.0, all_layers: bool = False,
-                 dynamic_quantization_group_size: int | None = None, **options):
+                 dynamic_quantization_group_size: int | None = None, stateful: bool = True, **options):
         super().__init__(precision, threads, device, **options)
         if options:
             raise ValueError(f"unknown openvino options: {', '.join(sorted(options))}")
@@ -105,6 +117,9 @@ class OpenVINOBackend(Backend):
             raise ValueError(f"dynamic_quantization_group_size={dynamic_quantization_group_size!r} must be an "
                              f"integer >= 0 (0: f32 activations)")
         self.dynamic_quantization_group_size = dynamic_quantization_group_size
+        if not isinstance(stateful, bool):
+            raise ValueError(f"stateful={stateful!r} must be true or false")
+        self.stateful = stateful
         self.int8_mode = int8_mode
         self.int4_mode, self.group_size, self.ratio, self.all_layers = int4_mode, group_size, float(ratio), bool(all_layers)
         self.ov_device = self.device.upper()  # "cpu" -> "CPU", "gpu.1" -> "GPU.1"
@@ -164,9 +179,17 @@ class OpenVINOBackend(Backend):
             # explicitly either way: int8 by default means int8 weights with f32 activations (0),
             # int4 int8 activations in groups of INT4_ACTIVATION_GROUP (see the docstring).
             config[hints.dynamic_quantization_group_size] = self.dynamic_quantization_group_size
+        if self.stateful:
+            # The cache in the request's state, and the attention fused with it (see make_stateful):
+            # its precision is asked for explicitly, since the CPU plugin otherwise keeps a stateful
+            # model's cache in u8, which would change the answers unasked.
+            config[hints.kv_cache_precision] = getattr(ov.Type, requested)
         config[props.cache_dir] = str(blob_cache(self.ov_device, config))
         try:
-            compiled = core.compile_model(core.read_model(path), self.ov_device, config)
+            ov_model = core.read_model(path)
+            if self.stateful:
+                make_stateful(ov_model, self.config.n_layer)
+            compiled = core.compile_model(ov_model, self.ov_device, config)
         except RuntimeError as e:
             written = f" (written by {self._meta['written_by']}, this is {ov.get_version()})" \
                 if "written_by" in self._meta else ""
@@ -183,6 +206,9 @@ class OpenVINOBackend(Backend):
             "performance_hint": str(compiled.get_property(hints.performance_mode)),
             "execution_devices": list(compiled.get_property(props.execution_devices)),
         }
+        if self.stateful:
+            self.compiled_properties["kv_cache_precision"] = compiled.get_property(hints.kv_cache_precision).get_type_name()
+            self.compiled_properties["fused_attention_with_cache"] = fused_attention_with_cache(compiled)
         if self.ov_device == "CPU":
             self.compiled_properties["inference_num_threads"] = compiled.get_property(props.inference_num_threads)
             self.compiled_properties["dynamic_quantization_group_size"] = compiled.get_property(
@@ -334,6 +360,8 @@ class OpenVINOBackend(Backend):
         import openvino as ov
         if self.request is None:
             raise BackendError(f"backend {self.name!r}: call load() before prefill/decode")
+        if self.stateful:
+            return self._stateful_step(ids, pos, mask, cache)
         cfg = self.config
         B, T = ids.shape
         pos, mask = export.graph_positions_and_mask(ids, pos, mask, cache)
@@ -353,14 +381,36 @@ class OpenVINOBackend(Backend):
         self.request.infer()
         return torch.from_numpy(logits[:, -1, :]), OVCache(present, total, B)
 
-    def cache_length(self, cache: OVCache) -> int:
+    def _stateful_step(self, ids, pos, mask, cache: OVStateCache | None):
+        """One request of the stateful model: the cache is its state, appended to by the request itself."""
+        if cache is None:
+            self.request.reset_state()  # the state's initialiser: (batch, n_kv_head, 0, head_dim)
+            self._state = {"length": 0}
+        elif cache.state is not self._state or cache.state["length"] != cache.length:
+            raise BackendError("openvino stateful: this cache was already decoded from (its state lives in the "
+                               "request and has moved on); continue from the cache the last step returned")
+        pos, mask = export.graph_positions_and_mask(ids, pos, mask, cache)
+        B = ids.shape[0]
+        beam = np.arange(B, dtype=np.int32) if cache is None or cache.beam is None else cache.beam
+        self.request.infer({"input_ids": _int64(ids), "position_ids": _int64(pos), "attention_mask": _int64(mask),
+                            "beam_idx": beam})
+        logits = torch.from_numpy(self.request.get_output_tensor(0).data[:, -1, :].copy())
+        self._state["length"] = mask.shape[1]
+        return logits, OVStateCache(mask.shape[1], B, self._state)
+
+    def cache_length(self, cache) -> int:
         return cache.length
 
-    def cache_bytes(self, cache: OVCache) -> int:
+    def cache_bytes(self, cache) -> int:
+        if isinstance(cache, OVStateCache):  # the state's elements at the precision the plugin keeps them in
+            item = 2 if self.compiled_properties.get("kv_cache_precision") in ("bf16", "f16") else 4
+            return self.config.kv_cache_elements(cache.batch, cache.length) * item
         return sum(a.nbytes for a in cache.arrays)
 
-    def reorder_cache(self, cache: OVCache, index: torch.Tensor) -> OVCache:
+    def reorder_cache(self, cache, index: torch.Tensor):
         idx = index.cpu().numpy()
+        if isinstance(cache, OVStateCache):  # the next step's beam_idx gathers the state's rows
+            return OVStateCache(cache.length, len(idx), cache.state, idx.astype(np.int32))
         return OVCache([np.ascontiguousarray(a[idx]) for a in cache.arrays], cache.length, len(idx))
 
     def weight_bytes(self) -> int | None:
@@ -371,6 +421,7 @@ class OpenVINOBackend(Backend):
         info = super().info()
         info.update(self._meta, openvino=ov.get_version())
         info.update(getattr(self, "compiled_properties", {}))
+        info.update(stateful=self.stateful)
         if self.precision == "int8":
             info.update(int8_mode=self.int8_mode, activations=self._activations())
         if self.precision == "int4":
@@ -390,6 +441,53 @@ class OpenVINOBackend(Backend):
 
     def close(self) -> None:
         self.request = None
+
+
+def make_stateful(ov_model, n_layer: int) -> None:
+    """Turn the cache-in, cache-out IR into a stateful one, in place, as the CPU plugin fuses it.
+
+    Each ``past_*`` input becomes a state variable (``apply_make_stateful_transformation``) read
+    through a ``Gather`` by a new ``beam_idx`` input (the rows each sequence continues from: 0..B-1,
+    or a beam search's choice), and written back from its ``present_*`` output. That is the pattern
+    the CPU plugin's StatefulSDPAFusion looks for (ReadValue, Gather, Concat, ScaledDotProductAttention,
+    Assign): it then runs attention and the cache append as one node on the state's own memory,
+    instead of the Concat into a new array that the stateless graph makes every step. Each state starts
+    as (batch of input_ids, n_kv_head, 0, head_dim) zeros, so a new prompt resets it.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    beam = ops.parameter([-1], ov.Type.i32, name="beam_idx")
+    beam.output(0).get_tensor().set_names({"beam_idx"})
+    pairs = {f"past_{kind}_{i}": f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")}
+    for name in pairs:
+        past = ov_model.input(name).get_node()
+        readers = [t for t in past.output(0).get_target_inputs()
+                   if t.get_node().get_type_name() != "ShapeOf"]  # its length is the same either way
+        rows = ops.gather(past, beam, ops.constant(np.int64(0)))
+        for target in readers:
+            target.replace_source_output(rows.output(0))
+    ov_model.add_parameters([beam])
+    apply_make_stateful_transformation(ov_model, pairs)
+    batch = ops.unsqueeze(ops.gather(ops.shape_of(ov_model.input("input_ids")), ops.constant(np.int64(0)),
+                                     ops.constant(np.int64(0))), ops.constant(np.int64(0)))
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            rest = [ops.constant(np.array([d.get_length() if d.is_static else 0], np.int64))
+                    for d in list(op.get_output_partial_shape(0))[1:]]
+            op.set_arguments([ops.broadcast(ops.constant(np.float32(0)), ops.concat([batch, *rest], 0))])
+    ov_model.validate_nodes_and_infer_types()
+
+
+def fused_attention_with_cache(compiled) -> int:
+    """Attention nodes of the compiled model that read a state variable directly (the CPU plugin's
+    stateful fusion): one per layer when it fired, 0 when attention runs on a copied cache."""
+    def kind(node) -> str:
+        return node.get_rt_info()["layerType"].astype(str)
+    return sum(kind(op) == "ScaledDotProductAttention"
+               and any(kind(i.get_source_output().get_node()) == "MemoryInput" for i in op.inputs())
+               for op in compiled.get_runtime_model().get_ops())
 
 
 def ir_weight_groups(ov_model) -> dict[str, int]:

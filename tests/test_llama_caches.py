@@ -41,8 +41,8 @@ def test_graph_runtime_cache_has_n_kv_head_heads(name, model, fresh_cache):
     if not probe.available:
         pytest.skip(f"{name} unavailable: {probe.reason}")
     # The export's cache, one array per layer and kind sized to its tokens (graph=decoder's
-    # preallocated buffers: tests/test_ort_decoder.py).
-    options = {"graph": "export"} if name == "onnxruntime" else {}
+    # preallocated buffers: tests/test_ort_decoder.py; openvino's state: test_openvino_stateful.py).
+    options = {"graph": "export"} if name == "onnxruntime" else {"stateful": False}
     with registry.create(name, **options) as backend, EagerBackend() as eager:
         backend.load(model)
         eager.load(model)
