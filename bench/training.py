@@ -55,6 +55,7 @@ class FineTuneStart:
         if not isinstance(tokenizer, HFTokenizer):
             raise InputError(f"{source}: holds no tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                              f"fine-tuning needs the checkpoint's own")
+        source = str(source) if str(source).startswith("s3://") else str(Path(source).resolve())
         return cls(str(source), lora, base_precision, seed, model_fingerprint(model), tokenizer, model.config)
 
     @property

@@ -1,0 +1,104 @@
+"""Data-parallel training (``bench train --workers N``): N gloo workers on this machine take one
+worker's steps, a worker that dies stops the run in one line, and the run resumes with any count."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.distributed import WorkerFailed
+from model.gpt import GPT, get_config
+from model.train import TrainConfig, train
+
+TINY = get_config("tiny")
+RUN = TrainConfig(steps=20, batch_size=4, context=16, warmup_steps=2, eval_every=10, eval_batches=2,
+                  checkpoint_every=5, keep_last=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def streams():
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(0, TINY.vocab_size, (29,), generator=g)
+    return pattern.repeat(150), pattern.repeat(25)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "one"
+    summary = train(TINY, RUN, *streams(), out)
+    return out, summary
+
+
+def test_two_workers_take_one_workers_steps(one_worker, tmp_path):
+    out1, one = one_worker
+    two = train(TINY, RUN, *streams(), tmp_path / "two", workers=2)
+    assert two.status == "complete" and two.step == 20
+    expected, got = losses(out1), losses(tmp_path / "two")
+    assert len(got) == 20 and got[-1] < got[0]  # it trained
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert two.val_loss == pytest.approx(one.val_loss, rel=1e-5)
+    from model.checkpoint import load_checkpoint
+    a, b = load_checkpoint(out1).state_dict(), load_checkpoint(tmp_path / "two").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["workers"] == 2
+
+
+def test_the_global_batch_must_divide_among_the_workers(tmp_path):
+    from model.train import TrainConfigError
+    with pytest.raises(TrainConfigError, match="batch_size=4 is the global batch"):
+        train(TINY, RUN, *streams(), tmp_path / "three", workers=3)
+    assert not (tmp_path / "three").exists()
+
+
+class DiesAtStep:
+    """A model maker (it pickles into the workers) whose worker ``rank`` kills itself with SIGKILL
+    in the forward pass of step ``step``: a worker lost to the OOM killer or a failed node."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def __call__(self):
+        import torch.distributed as dist
+
+        model = GPT(TINY).init_weights(RUN.seed)
+        if dist.is_initialized() and dist.get_rank() == self.rank:
+            calls = [0]
+
+            def hook(module, args):
+                calls[0] += 1
+                if calls[0] == self.step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            model.register_forward_pre_hook(hook)
+        return model
+
+
+def test_a_killed_worker_stops_the_run_in_one_line_and_resume_loses_nothing(one_worker, tmp_path):
+    out1, _ = one_worker
+    out = tmp_path / "killed"
+    with pytest.raises(WorkerFailed) as failed:
+        train(TINY, RUN, *streams(), out, workers=2, init=DiesAtStep(rank=1, step=13))
+    line = str(failed.value)
+    assert len(line.splitlines()) == 1
+    assert "worker 1 of 2" in line and "SIGKILL" in line and "step-000010" in line and "--resume" in line
+    # Resumed with one worker (any count resumes): the last complete checkpoint, then on to the end,
+    # the same losses as one worker that never stopped.
+    summary = train(TINY, RUN, *streams(), out, resume=True)
+    assert summary.status == "complete" and summary.step == 20
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(out1)), rtol=1e-5, atol=1e-5)
