@@ -117,6 +117,8 @@ def train_preset(model_config, train_config, out_dir: str | Path, store, fingerp
             on_step(progress)
 
     try:
+        if workers > 1 and launch is None:
+            from model.distributed import launch_local as launch
         summary = train_on_corpus(model_config, train_config, corpus, out_dir, resume=resume, on_step=logged,
                                   on_checkpoint=on_checkpoint, start=start, workers=workers, launch=launch)
     except KeyboardInterrupt:

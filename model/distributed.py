@@ -153,8 +153,6 @@ def supervise(job, events, emit, states) -> dict:
 
 
 def _failure_line(job, world: int, died, errors) -> str:
-    from model.train import _latest_checkpoint
-
     signalled = [s for s in died if s[2] < 0]
     if signalled:
         rank, pid, code = signalled[0]
@@ -165,7 +163,14 @@ def _failure_line(job, world: int, died, errors) -> str:
     else:
         rank, pid, code = died[0]
         what = f"worker {rank} of {world} (pid {pid}) exited with code {code}"
-    latest = _latest_checkpoint(Path(job.out_dir))
+    return stopped_line(job.out_dir, what)
+
+
+def stopped_line(out_dir, what: str) -> str:
+    """``what`` happened to a worker, then where ``--resume`` picks the run up: one line."""
+    from model.train import _latest_checkpoint
+
+    latest = _latest_checkpoint(Path(out_dir))
     where = (f"the last complete checkpoint is {latest.name}: bench train --resume continues from it"
              if latest is not None else "no checkpoint was completed: the run starts again from the beginning")
     return f"{what}; the run stopped, {where}"

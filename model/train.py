@@ -265,8 +265,9 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         several workers it is called in each, so it must pickle (a module-level class or function).
     workers: data-parallel processes (``model.distributed``): ``batch_size`` is the global batch,
         split evenly among them, so the losses are one worker's within floating-point tolerance.
-    launch: how the workers start (default ``model.distributed.launch_local``: processes on this
-        machine, gloo on 127.0.0.1); ``bench train --executor ray`` passes Ray's.
+    launch: how the workers start, needed with ``workers`` > 1: ``model.distributed.launch_local``
+        (processes on this machine, gloo on 127.0.0.1; that module builds on this one, so it is
+        passed in, not imported here), or ``bench train --executor ray``'s.
     """
     out_dir = Path(out_dir)
     train_ids, val_ids = _check_streams(train_ids, val_ids, model_config, config)
@@ -274,6 +275,8 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         raise ValueError(f"stop_at={stop_at} must be in [1, steps={config.steps}]")
     if not isinstance(workers, int) or workers < 1:
         raise TrainConfigError(f"workers={workers!r} must be a positive integer")
+    if workers > 1 and launch is None:
+        raise ValueError("workers > 1 needs a launch (model.distributed.launch_local, or Ray's)")
     if config.batch_size % workers:
         raise TrainConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly "
                                f"among workers={workers}")
@@ -306,8 +309,6 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
     if workers == 1:
         result = run_loop(job, emit=Emitter(on_step, on_checkpoint))
     else:
-        if launch is None:
-            from model.distributed import launch_local as launch
         result = launch(job, workers, Emitter(on_step, on_checkpoint))
     status, step, best = result["status"], result["step"], result["best"]
     wall = time.perf_counter() - start

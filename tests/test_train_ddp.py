@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.distributed import WorkerFailed
+from model.distributed import WorkerFailed, launch_local
 from model.gpt import GPT, get_config
 from model.train import TrainConfig, train
 
@@ -47,7 +47,7 @@ def one_worker(tmp_path_factory):
 
 def test_two_workers_take_one_workers_steps(one_worker, tmp_path):
     out1, one = one_worker
-    two = train(TINY, RUN, *streams(), tmp_path / "two", workers=2)
+    two = train(TINY, RUN, *streams(), tmp_path / "two", workers=2, launch=launch_local)
     assert two.status == "complete" and two.step == 20
     expected, got = losses(out1), losses(tmp_path / "two")
     assert len(got) == 20 and got[-1] < got[0]  # it trained
@@ -63,8 +63,23 @@ def test_two_workers_take_one_workers_steps(one_worker, tmp_path):
 def test_the_global_batch_must_divide_among_the_workers(tmp_path):
     from model.train import TrainConfigError
     with pytest.raises(TrainConfigError, match="batch_size=4 is the global batch"):
-        train(TINY, RUN, *streams(), tmp_path / "three", workers=3)
+        train(TINY, RUN, *streams(), tmp_path / "three", workers=3, launch=launch_local)
     assert not (tmp_path / "three").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "3"], "--batch-size 4 is the global batch and must divide evenly among --workers 3"),
+    (["--workers", "2", "--on", "accelerator=cpu"], "--address and --on place Ray workers: give --executor ray"),
+    (["--workers", "2", "--executor", "ray", "--on", "eager:accelerator=cpu"], "no backends to scope a label to"),
+])
+def test_bad_worker_options_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
+    from bench.cli import main
+
+    rc = main(["train", "--model", "tiny", "--batch-size", "4", "--out", str(tmp_path / "out"),
+               "--store", str(tmp_path / "bench.sqlite"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
 
 
 class DiesAtStep:
@@ -93,7 +108,7 @@ def test_a_killed_worker_stops_the_run_in_one_line_and_resume_loses_nothing(one_
     out1, _ = one_worker
     out = tmp_path / "killed"
     with pytest.raises(WorkerFailed) as failed:
-        train(TINY, RUN, *streams(), out, workers=2, init=DiesAtStep(rank=1, step=13))
+        train(TINY, RUN, *streams(), out, workers=2, launch=launch_local, init=DiesAtStep(rank=1, step=13))
     line = str(failed.value)
     assert len(line.splitlines()) == 1
     assert "worker 1 of 2" in line and "SIGKILL" in line and "step-000010" in line and "--resume" in line
@@ -102,3 +117,34 @@ def test_a_killed_worker_stops_the_run_in_one_line_and_resume_loses_nothing(one_
     summary = train(TINY, RUN, *streams(), out, resume=True)
     assert summary.status == "complete" and summary.step == 20
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(out1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.serial  # a Ray cluster and Ray Train's actors: heavy on two cores, so run alone
+def test_the_ray_path_trains_on_a_local_cluster_with_one_workers_losses(one_worker, tmp_path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train.torch", reason="--executor ray needs ray[train]")
+    from ray.cluster_utils import Cluster
+
+    from bench.executors.ray_train import ray_launcher
+
+    root = str(Path(__file__).resolve().parents[1])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, saved]))  # the workers run this checkout
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, labels={"accelerator": "cpu"}, include_dashboard=False, object_store_memory=80 * 2**20))
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        steps = []
+        summary = train(TINY, RUN, *streams(), tmp_path / "ray", workers=2, on_step=lambda p: steps.append(p.step),
+                        launch=ray_launcher(on=["accelerator=cpu"]))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    assert summary.status == "complete" and steps == list(range(1, 21))  # rank 0's progress came back
+    out1, _ = one_worker
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ray")), torch.tensor(losses(out1)),
+                               rtol=1e-5, atol=1e-5)

@@ -29,7 +29,10 @@ def add_parser(sub, default_store: str) -> None:
                        help="data-parallel processes (DDP); --batch-size stays the global batch")
     train.add_argument("--executor", choices=("local", "ray"), default="local",
                        help="where the workers run: processes here, or Ray actors (--address)")
-    train.add_argument("--address", help="the Ray cluster's address (--executor ray; default: start one here)")
+    train.add_argument("--address", help="the Ray cluster's address (--executor ray; default RAY_ADDRESS, else "
+                                          "a Ray started here for the run)")
+    train.add_argument("--on", action="append", metavar="KEY=VALUE",
+                       help="--executor ray: a label every worker's node must carry (repeatable)")
     train.add_argument("--config", help="a TOML or JSON file of train settings (and model = \"...\"); options override it")
     train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused), "
                                                    "or s3://bucket/prefix: each checkpoint uploaded as it is written")
@@ -101,6 +104,11 @@ def cmd_train(args) -> int:
             values[name] = given
     model_config = start.config if start is not None else get_config(model, **overrides)
     train_config = TrainConfig.from_dict(values)
+    if train_config.batch_size % args.workers:
+        raise UsageError(f"bench train: --batch-size {train_config.batch_size} is the global batch and must divide "
+                         f"evenly among --workers {args.workers}")
+    if args.executor != "ray" and (args.address or args.on):
+        raise UsageError("bench train: --address and --on place Ray workers: give --executor ray")
     launch = _ray_launch(args) if args.executor == "ray" else None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +164,7 @@ def _ray_launch(args):
     """``--executor ray``: the workers as Ray actors (``bench.executors.ray_train``)."""
     from bench.executors.ray_train import ray_launcher
 
-    return ray_launcher(args.address)
+    return ray_launcher(args.address, args.on)
 
 
 class _TrainProgress:
