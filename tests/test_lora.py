@@ -200,3 +200,29 @@ def test_bench_train_from_a_checkpoint_with_lora(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "needs --lora-rank" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_training_cell_with_lora_rank_trains_only_the_adapters(tmp_path, capsys):
+    from backends.base import Probe
+    from bench.planner import Sweep, SweepError, plan
+    from bench.store import Store
+    from bench.sweep import run_sweep
+
+    sweep = Sweep(scenario="train", models=["tiny"], backends=["eager"], precisions=["fp32"], batches=[2], threads=[1],
+                  seq_lens=[16], grad_checkpointing=[False], launches=1, train_steps=2, warmup_steps=1,
+                  timeout_s=300.0, options={"lora_rank": [4]})
+    fp = {"cpu": {"brand": "Test CPU", "isa": {"avx2": True}}, "versions": {"torch": "2.8.0"}, "python": "3.11"}
+    with Store(tmp_path / "bench.sqlite") as store:
+        run_id = run_sweep(sweep, store, {"eager": Probe(True)}, fp,
+                           sentinel=lambda threads: {"decode_ms": 1.0, "gemv_gb_s": 10.0})
+        [cell] = store.get_run(run_id)["cells"]
+    assert cell["status"] == "ok", cell.get("reason")
+    config = get_config("tiny")
+    adapters = 2 * 4 * sum(fc.in_features + fc.out_features for fc in build_model(config).transformer.h[0].modules()
+                           if isinstance(fc, torch.nn.Linear))  # A (r, in) + B (out, r) per Linear, 2 layers
+    assert cell["lora_rank"] == 4 and cell["trainable_params"] == adapters < config.n_params / 10
+    assert cell["grads_mb"] == pytest.approx(adapters * 4 / 2**20) and cell["optimizer_mb"] < cell["weights_mb"] / 5
+    assert all(x == x for x in cell["losses"])  # finite
+    with pytest.raises(SweepError, match="an option of training cells"):
+        plan(Sweep(models=["tiny"], backends=["eager"], options={"lora_rank": [4]}), {"eager": Probe(True)},
+             available_bytes=2**36)
