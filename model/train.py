@@ -1,4 +1,8 @@
-"""Training the model from scratch, either family: AdamW, a cosine schedule, checkpoints that resume exactly.
+"""Training the model, either family: AdamW, a cosine schedule, checkpoints that resume exactly.
+
+From scratch, or (``init``) from a checkpoint, in full or with LoRA adapters on a frozen base
+(``model.lora``; only the adapters are then saved); in one process or in several data-parallel
+workers (``run_loop`` in each, launched by ``model.distributed`` or Ray Train).
 
 The loop is nanoGPT's (https://github.com/karpathy/nanoGPT/blob/master/train.py): random
 windows of the token stream, AdamW with weight decay on the matrices only, a linear warmup

@@ -14,7 +14,8 @@ TRAIN_OPTIONS = ("steps", "batch_size", "context", "grad_accum", "lr", "min_lr",
 
 
 def add_parser(sub, default_store: str) -> None:
-    train = sub.add_parser("train", help="train a preset on a local corpus (the standard library by default)")
+    train = sub.add_parser("train", help="train a preset, or fine-tune a checkpoint (in full, LoRA, QLoRA), on a local "
+                                         "corpus (the standard library by default), in one process or several")
     train.add_argument("--model", help="preset to train (tiny, small, llama-small, gpt2, ...)")
     train.add_argument("--from", dest="from_checkpoint", metavar="CKPT",
                        help="fine-tune a checkpoint (a trained run, a local Hugging Face directory or s3://...) "
