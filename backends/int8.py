@@ -420,3 +420,86 @@ class Int8Backend(TorchBackend):
             activations="fp32, quantised per call",
             weight_bytes=quantized_weight_bytes(model),
         )
+
+
+# -- QLoRA: a frozen quantised base that gradients flow through -----------------------------------
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantised from its codes in the forward pass and again in the backward
+    pass, so no fp32 copy of W is kept between them (autograd would otherwise save the
+    dequantised weight of every layer for the backward pass: the whole fp32 base again). The
+    weight is frozen: only the input gets a gradient, grad_x = grad_y W."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantized(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ ctx.layer.dequantized(grad_y.dtype), None
+
+
+class FrozenQuantLinear(nn.Module):
+    """A frozen Linear held as int8 or int4 codes, computed by dequantising them (QLoRA's base).
+
+    The codes are those of the quantised checkpoint's layout (``quantized_state``): int8 per output
+    channel, symmetric (``w = q * scale``); int4 group-wise asymmetric from ``quantize_int4``
+    (``w = (q - 8) * scale + zero``, the group chosen per matrix by ``int4_group``). Unlike
+    ``Int4Linear`` and the dynamic int8 Linear, whose kernels have no backward pass, this one
+    dequantises the weight for each matmul (``_DequantizedMatmul``), so a LoRA adapter on top
+    receives gradients through the quantised base. It trades speed for memory: the base stays
+    1 byte (int8) or about half a byte (int4) a weight; the dequantised matrix lives one matmul.
+    """
+
+    def __init__(self, linear: nn.Linear, precision: str):
+        super().__init__()
+        if precision not in ("int8", "int4"):
+            raise InputError(f"base precision {precision!r} is not int8 or int4")
+        self.precision = precision
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        if precision == "int8":
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
+            self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale)
+            self.group_size = None
+        else:
+            group, padded = int4_group(self.in_features, None, backend="int8", matrix="a LoRA base")
+            packed, scales, zeros = quantize_int4(w, group, padded)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales", scales)
+            self.register_buffer("zeros", zeros)
+            self.group_size = group
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight (out, in) in ``dtype``, from the codes."""
+        if self.precision == "int8":
+            return (self.qweight.float() * self.scales[:, None]).to(dtype)
+        N = self.out_features
+        codes = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(N, -1).float()  # (N, Kp)
+        groups = codes.reshape(N, -1, self.group_size)
+        w = (groups - 8) * self.scales[..., None] + self.zeros[..., None]
+        return w.reshape(N, -1)[:, :self.in_features].to(dtype)
+
+    def forward(self, x):
+        y = _DequantizedMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def quantized_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+def quantize_frozen_base(model: nn.Module, precision: str, names: list[str]) -> nn.Module:
+    """Replace each named ``nn.Linear`` of ``model`` by a ``FrozenQuantLinear`` in place (QLoRA's base).
+    The embeddings, norms and LM head stay fp32, as in QLoRA."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(owner) if owner else model
+        linear = getattr(parent, leaf)
+        if not isinstance(linear, nn.Linear):
+            raise BackendError(f"backend 'int8': {name} is {type(linear).__name__}, not a Linear to quantise")
+        setattr(parent, leaf, FrozenQuantLinear(linear, precision))
+    return model

@@ -35,7 +35,7 @@ from model.gpt import GPT, GPTConfig
 
 # Our nn.Linear weights that GPT-2 keeps as Conv1D, (in, out).
 _CONV1D = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-TARGETS = ("hf",)
+TARGETS = ("hf", "ours")  # a Hugging Face directory, or our own checkpoint format (model.checkpoint)
 SAFETENSORS_FILE = "model.safetensors"
 
 
@@ -231,14 +231,23 @@ def _fast_tokenizer(tokenizer):
 
 
 def convert(out: str | Path, *, to: str = "hf", preset: str | None = None, seed: int = 0,
-            checkpoint: str | Path | None = None, force: bool = False) -> Path:
-    """``bench convert``: a preset with its seeded weights, or a checkpoint directory, written to ``out``."""
+            checkpoint: str | Path | None = None, force: bool = False, merge_lora: str | Path | None = None) -> Path:
+    """``bench convert``: a preset with its seeded weights, or a checkpoint directory, written to ``out``.
+
+    ``merge_lora``: a LoRA adapter directory (``model.lora``), loaded onto the checkpoint (by
+    default the base the adapter names) and merged into its weights before writing; an adapter
+    trained on another base is refused."""
     from model.checkpoint import load_checkpoint
+    from model.lora import load_adapter, merge_lora as merged, read_adapter_config
     from model.gpt import build_model, get_config
     from model.tokenizer import load_tokenizer
 
     if to not in TARGETS:
         raise ConvertError(f"unknown conversion target {to!r}; valid targets: {', '.join(TARGETS)}")
+    if merge_lora is not None and preset is None and checkpoint is None:
+        checkpoint = read_adapter_config(merge_lora)[1].get("source")  # the base the adapter was trained on
+        if checkpoint is None:
+            raise ConvertError(f"{merge_lora}: names no base checkpoint; give it with --checkpoint")
     if (preset is None) == (checkpoint is None):
         raise ConvertError("give exactly one of a preset (--model) or a checkpoint directory (--checkpoint)")
     out = Path(out)
@@ -256,7 +265,17 @@ def convert(out: str | Path, *, to: str = "hf", preset: str | None = None, seed:
     else:
         model = build_model(get_config(preset), seed=seed)
         tokenizer = None
-    hf_config(model.config, tokenizer)  # refuses what no class computes before anything is removed
+    if merge_lora is not None:
+        model = merged(load_adapter(model, merge_lora))
+    if to == "hf":
+        hf_config(model.config, tokenizer)  # refuses what no class computes before anything is removed
     if out.is_dir() and force:
         shutil.rmtree(out)
+    if to == "ours":
+        from model.checkpoint import save_checkpoint
+
+        save_checkpoint(model, out)
+        if tokenizer is not None:
+            tokenizer.save(out)
+        return out
     return save_hf(model, out, tokenizer)

@@ -1,4 +1,8 @@
-"""Training the model from scratch, either family: AdamW, a cosine schedule, checkpoints that resume exactly.
+"""Training the model, either family: AdamW, a cosine schedule, checkpoints that resume exactly.
+
+From scratch, or (``init``) from a checkpoint, in full or with LoRA adapters on a frozen base
+(``model.lora``; only the adapters are then saved); in one process or in several data-parallel
+workers (``run_loop`` in each, launched by ``model.distributed`` or Ray Train).
 
 The loop is nanoGPT's (https://github.com/karpathy/nanoGPT/blob/master/train.py): random
 windows of the token stream, AdamW with weight decay on the matrices only, a linear warmup
@@ -170,19 +174,27 @@ class TrainSummary:
 
 # -- the run's identity ------------------------------------------------------------------
 
-def run_key(model_config: GPTConfig, config: TrainConfig, corpus_digest: str, tokenizer: dict | None = None) -> str:
+def run_key(model_config: GPTConfig, config: TrainConfig, corpus_digest: str, tokenizer: dict | None = None,
+            start: dict | None = None) -> str:
     """A digest of everything that decides the trained weights: the corpus, both configs
-    (the seed included) and the tokenizer's recipe. ``make bench`` skips training when a
-    finished run in its output directory has the same key."""
-    blob = json.dumps(dict(format_version=RUN_FORMAT_VERSION, model=model_config.to_dict(), train=config.to_dict(),
-                           corpus=corpus_digest, tokenizer=tokenizer), sort_keys=True)
+    (the seed included) and the tokenizer's recipe; for fine-tuning, what it starts from
+    (``start``: the base's digest, the LoRA config, the base's precision). ``make bench``
+    skips training when a finished run in its output directory has the same key."""
+    fields = dict(format_version=RUN_FORMAT_VERSION, model=model_config.to_dict(), train=config.to_dict(),
+                  corpus=corpus_digest, tokenizer=tokenizer)
+    if start is not None:
+        fields["start"] = start
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def corpus_run_key(model_config: GPTConfig, config: TrainConfig, corpus) -> str:
+def corpus_run_key(model_config: GPTConfig, config: TrainConfig, corpus, start: dict | None = None) -> str:
     """The key ``train_on_corpus`` gives this run, known before training: ``make bench``
-    passes it to ``finished_run`` to skip a run that is already done."""
+    passes it to ``finished_run`` to skip a run that is already done. Fine-tuning keeps the
+    start's tokenizer, so ``start`` stands for it."""
     from model.tokenizer import SPECIAL_TOKENS
+    if start is not None:
+        return run_key(model_config, config, corpus.digest, None, start)
     return run_key(model_config, config, corpus.digest, _tokenizer_recipe(SPECIAL_TOKENS))
 
 
@@ -239,7 +251,9 @@ def check_out_dir(out_dir: str | Path, model_config: GPTConfig, config: TrainCon
 def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
           out_dir: str | Path, *, resume: bool = False, on_step: Callable[[Progress], None] | None = None,
           tokenizer=None, manifest: dict | None = None, run_info: dict | None = None,
-          stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainSummary:
+          stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+          init: Callable[[], torch.nn.Module] | None = None, workers: int = 1,
+          launch: Callable | None = None) -> TrainSummary:
     """Train a fresh model (or resume the latest checkpoint in ``out_dir``) and save it there.
 
     train_ids, val_ids: 1-D int64 token streams; each needs at least ``context + 1`` tokens.
@@ -250,36 +264,38 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         call with ``resume=True`` continues exactly where it left off.
     on_checkpoint: called with each checkpoint directory (``step-*``, ``best``) once it is
         complete and in place (``bench train --out s3://`` uploads it then).
+    init: makes the starting model instead of a fresh one (fine-tuning: a loaded checkpoint,
+        perhaps with LoRA adapters, ``model.lora``; then only the adapters are saved). With
+        several workers it is called in each, so it must pickle (a module-level class or function).
+    workers: data-parallel processes (``model.distributed``): ``batch_size`` is the global batch,
+        split evenly among them, so the losses are one worker's within floating-point tolerance.
+    launch: how the workers start, needed with ``workers`` > 1: ``model.distributed.launch_local``
+        (processes on this machine, gloo on 127.0.0.1; that module builds on this one, so it is
+        passed in, not imported here), or ``bench train --executor ray``'s.
     """
     out_dir = Path(out_dir)
     train_ids, val_ids = _check_streams(train_ids, val_ids, model_config, config)
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at={stop_at} must be in [1, steps={config.steps}]")
+    if not isinstance(workers, int) or workers < 1:
+        raise TrainConfigError(f"workers={workers!r} must be a positive integer")
+    if workers > 1 and launch is None:
+        raise ValueError("workers > 1 needs a launch (model.distributed.launch_local, or Ray's)")
+    if config.batch_size % workers:
+        raise TrainConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly "
+                               f"among workers={workers}")
     run = check_out_dir(out_dir, model_config, config, resume)
     run_info = dict(run_info or {})
     if run is not None and run_info.get("key") not in (None, run.get("key")):
         raise OutputDirError(f"{out_dir}: holds a run with key {run.get('key')} but this one is "
                              f"{run_info['key']} (a different corpus?); nothing was written")
 
-    torch.manual_seed(config.seed)  # dropout; restored from the checkpoint when resuming
-    model = GPT(model_config).init_weights(config.seed)
-    model.train()
-    model.grad_checkpointing = config.grad_checkpointing
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
-    data_gen = torch.Generator().manual_seed(config.seed)
-    val_batches = _val_offsets(len(val_ids), config)
-    best = dict(loss=math.inf, step=None, since=0)
-    history: list[dict] = []
-
-    step = 0
     latest = _latest_checkpoint(out_dir) if resume else None
-    if latest is not None:
-        step, best = _restore(latest, model, optimizer, scheduler, data_gen)
-        history = [r for r in _read_metrics(out_dir) if r["step"] <= step]
+    step = _checkpoint_step(latest) if latest is not None else 0
+    history = [r for r in _read_metrics(out_dir) if r["step"] <= step] if latest is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
     run_meta = dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_info,
-                    model_config=model_config.to_dict(), train_config=config.to_dict())
+                    model_config=model_config.to_dict(), train_config=config.to_dict(), workers=workers)
     _write_json(out_dir / RUN_FILE, dict(run_meta, status="running", step=step))
     _write_metrics(out_dir, history)
     if tokenizer is not None:
@@ -288,16 +304,102 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         _write_json(out_dir / MANIFEST_FILE, manifest)
 
     # A run that stopped early stays stopped: resuming it trains no further.
-    status = "stopped_early" if run is not None and run.get("status") == "stopped_early" else "complete"
+    job = Job(model_config, config, train_ids, val_ids, str(out_dir), None if latest is None else str(latest),
+              stopped=run is not None and run.get("status") == "stopped_early", stop_at=stop_at,
+              tokenizer=tokenizer, init=init,
+              last_loss=history[-1]["loss"] if history else None,
+              last_val=next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None))
+    start = time.perf_counter()
+    if workers == 1:
+        result = run_loop(job, emit=Emitter(on_step, on_checkpoint))
+    else:
+        result = launch(job, workers, Emitter(on_step, on_checkpoint))
+    status, step, best = result["status"], result["step"], result["best"]
+    wall = time.perf_counter() - start
+    summary = TrainSummary(
+        str(out_dir), status, step, config.steps, result["last_loss"], result["last_val"],
+        None if best["step"] is None else best["loss"], best["step"], step * config.tokens_per_step, wall,
+        (step - result["start_step"]) * config.tokens_per_step / wall if wall > 0 else 0.0, run_info.get("key"))
+    _write_json(out_dir / RUN_FILE, dict(run_meta, status=status, step=step, summary=summary.to_dict()))
+    return summary
+
+
+@dataclass
+class Job:
+    """What one training process needs to run the loop: sent whole to each data-parallel worker."""
+
+    model_config: GPTConfig
+    config: TrainConfig
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    out_dir: str
+    latest: str | None  # the checkpoint to resume from
+    stopped: bool = False  # the run stopped early before: train no further
+    stop_at: int | None = None
+    tokenizer: object = None
+    init: Callable[[], torch.nn.Module] | None = None
+    last_loss: float | None = None
+    last_val: float | None = None
+
+
+class Emitter:
+    """Where the loop reports steps and finished checkpoints: the caller's callbacks, or (in a
+    data-parallel worker) a queue the launching process reads them from."""
+
+    def __init__(self, on_step=None, on_checkpoint=None):
+        self.on_step, self.on_checkpoint = on_step, on_checkpoint
+
+    def step(self, progress: Progress) -> None:
+        if self.on_step is not None:
+            self.on_step(progress)
+
+    def checkpoint(self, path: Path) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+
+
+def run_loop(job: Job, emit: Emitter | None = None, rank: int = 0, world: int = 1) -> dict:
+    """The training loop of one process: build (or restore) the model, step, evaluate, checkpoint.
+
+    With ``world`` > 1 it runs in every worker of a process group that is already initialised:
+    the model is wrapped in ``DistributedDataParallel``; each worker draws the same global batch
+    from the shared seed and takes its ``rank``-th share, DDP averages the gradients, so every
+    worker takes the same step. Rank 0 alone evaluates, writes metrics and checkpoints, and
+    reports through ``emit``; its early-stopping decision is broadcast to the others.
+    """
+    config, out_dir = job.config, Path(job.out_dir)
+    lead = rank == 0
+    emit = emit or Emitter()
+    torch.manual_seed(config.seed)  # dropout; restored from the checkpoint when resuming
+    model = job.init() if job.init is not None else GPT(job.model_config).init_weights(config.seed)
+    model.train()
+    model.grad_checkpointing = config.grad_checkpointing
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+    data_gen = torch.Generator().manual_seed(config.seed)
+    val_batches = _val_offsets(len(job.val_ids), config)
+    best = dict(loss=math.inf, step=None, since=0)
+    step = 0
+    if job.latest is not None:
+        step, best = _restore(Path(job.latest), model, optimizer, scheduler, data_gen)
+    stepped = model
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables, a quantised base's codes) are the same everywhere: not sent every step.
+        stepped = DistributedDataParallel(model, broadcast_buffers=False)
+
+    status = "stopped_early" if job.stopped else "complete"
     start, start_step = time.perf_counter(), step
-    last_loss = history[-1]["loss"] if history else None
-    last_val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
-    with open(out_dir / METRICS_FILE, "a") as metrics:
+    last_loss, last_val = job.last_loss, job.last_val
+    metrics = open(out_dir / METRICS_FILE, "a") if lead else None
+    try:
         while step < config.steps and status == "complete":
             step += 1
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            loss, grad_norm = _step(model, optimizer, train_ids, config, data_gen)
+            loss, grad_norm = _step(stepped, optimizer, job.train_ids, config, data_gen, rank, world)
             scheduler.step()
             step_s = time.perf_counter() - t0
             record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * config.tokens_per_step,
@@ -305,60 +407,65 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
             last_loss = loss
 
             if step % config.eval_every == 0 or step == config.steps:
-                last_val = record["val_loss"] = _evaluate(model, val_ids, val_batches, config)
-                if last_val < best["loss"]:
-                    best = dict(loss=last_val, step=step, since=0)
-                    _save_weights(out_dir / "best", model, tokenizer)
-                    if on_checkpoint is not None:
-                        on_checkpoint(out_dir / "best")
-                else:
-                    best["since"] += 1
-                    if config.patience and best["since"] >= config.patience:
-                        status = "stopped_early"
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if step == stop_at and step < config.steps and status == "complete":
+                if lead:
+                    last_val = record["val_loss"] = _evaluate(model, job.val_ids, val_batches, config)
+                    if last_val < best["loss"]:
+                        best = dict(loss=last_val, step=step, since=0)
+                        _save_weights(out_dir / "best", model, job.tokenizer)
+                        emit.checkpoint(out_dir / "best")
+                    else:
+                        best["since"] += 1
+                        if config.patience and best["since"] >= config.patience:
+                            status = "stopped_early"
+                if world > 1:
+                    stop = torch.tensor([status == "stopped_early"], dtype=torch.int32)
+                    dist.broadcast(stop, 0)
+                    status = "stopped_early" if stop.item() else status
+            if lead:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if step == job.stop_at and step < config.steps and status == "complete":
                 status = "paused"
-            if step % config.checkpoint_every == 0 or step == config.steps or status != "complete":
-                _save_checkpoint(out_dir, step, model, optimizer, scheduler, data_gen, best, tokenizer, config)
-                if on_checkpoint is not None:
-                    on_checkpoint(out_dir / f"step-{step:06d}")
-            if on_step is not None:
+            if lead and (step % config.checkpoint_every == 0 or step == config.steps or status != "complete"):
+                _save_checkpoint(out_dir, step, model, optimizer, scheduler, data_gen, best, job.tokenizer, config)
+                emit.checkpoint(out_dir / f"step-{step:06d}")
+            if lead:
                 elapsed = time.perf_counter() - start
-                on_step(Progress(step, config.steps, loss, lr, grad_norm, record["tokens_per_s"], elapsed,
-                                 elapsed / (step - start_step) * (config.steps - step), record.get("val_loss"),
-                                 None if best["step"] is None else best["loss"]))
+                emit.step(Progress(step, config.steps, loss, lr, grad_norm, record["tokens_per_s"], elapsed,
+                                   elapsed / (step - start_step) * (config.steps - step), record.get("val_loss"),
+                                   None if best["step"] is None else best["loss"]))
             if status != "complete":
                 break
-
-    if status != "paused":
-        _save_weights(out_dir, model, tokenizer, replace=False)  # the final weights at the top
-    wall = time.perf_counter() - start
-    summary = TrainSummary(
-        str(out_dir), status, step, config.steps, last_loss, last_val,
-        None if best["step"] is None else best["loss"], best["step"], step * config.tokens_per_step, wall,
-        (step - start_step) * config.tokens_per_step / wall if wall > 0 else 0.0, run_info.get("key"))
-    _write_json(out_dir / RUN_FILE, dict(run_meta, status=status, step=step, summary=summary.to_dict()))
-    return summary
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if lead and status != "paused":
+        _save_weights(out_dir, model, job.tokenizer, replace=False)  # the final weights at the top
+    return dict(status=status, step=step, start_step=start_step, last_loss=last_loss, last_val=last_val, best=best)
 
 
 def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_dir: str | Path, *,
                     resume: bool = False, on_step: Callable[[Progress], None] | None = None,
-                    stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainSummary:
+                    stop_at: int | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+                    start=None, workers: int = 1, launch: Callable | None = None) -> TrainSummary:
     """Train a byte-level BPE on the corpus's train split, then the model; save both in ``out_dir``.
 
     ``corpus`` is a ``model.corpus.Corpus``. Every check (output directory, corpus size)
     runs before anything is written. Resuming reuses the run's own tokenizer.
+    ``start``: fine-tune instead (``bench.training.FineTuneStart``: its ``tokenizer``, its
+    ``info`` for the key, and called to make the model); ``workers``, ``launch``: as ``train``'s.
     """
     from model.tokenizer import SPECIAL_TOKENS, HFTokenizer, encode_documents, train_bpe
 
     out_dir = Path(out_dir)
     run = check_out_dir(out_dir, model_config, config, resume)
-    key = corpus_run_key(model_config, config, corpus)
+    key = corpus_run_key(model_config, config, corpus, None if start is None else start.info)
     if run is not None and run.get("corpus_digest") != corpus.digest:
         raise OutputDirError(f"{out_dir}: was trained on another corpus (digest {run.get('corpus_digest')}, "
                              f"this one {corpus.digest}); resuming needs the same corpus")
-    if resume and (out_dir / "tokenizer.json").is_file():
+    if start is not None:
+        tokenizer = start.tokenizer
+    elif resume and (out_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as HFRaw
         raw = HFRaw.from_file(str(out_dir / "tokenizer.json"))
         tokenizer = HFTokenizer(raw, raw.token_to_id(SPECIAL_TOKENS[2]))
@@ -374,9 +481,11 @@ def train_on_corpus(model_config: GPTConfig, config: TrainConfig, corpus, out_di
         streams[split] = ids
     info = dict(key=key, corpus_digest=corpus.digest, corpus_source=corpus.source, corpus_root=corpus.root,
                 corpus_max_bytes=corpus.max_bytes, tokens=dict(train=len(streams["train"]), val=len(streams["val"])))
+    if start is not None:
+        info["start"] = start.info
     return train(model_config, config, streams["train"], streams["val"], out_dir, resume=resume,
                  on_step=on_step, tokenizer=tokenizer, manifest=corpus.manifest(), run_info=info, stop_at=stop_at,
-                 on_checkpoint=on_checkpoint)
+                 on_checkpoint=on_checkpoint, init=start, workers=workers, launch=launch)
 
 
 # -- pieces of the loop ------------------------------------------------------------------
@@ -388,11 +497,13 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.AdamW:
     ``Linear`` is decayed (q/k/v, the output projection, the MLP's, an untied LM head);
     biases, the norms' gains (LayerNorm's or RMSNorm's) and the embeddings (the tied LM head
     among them) are not, as in minGPT and the first nanoGPT: decay pulls them towards zero
-    for no gain.
+    for no gain. Frozen parameters (a LoRA base) are left out; LoRA's A and B are matrices, decayed.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # each tied tensor once, in a fixed order
+        if not p.requires_grad:  # a frozen base (LoRA): only the adapters train
+            continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
@@ -426,13 +537,27 @@ def _loss(model: GPT, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> 
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # the loss in fp32 either way
 
 
-def _step(model: GPT, optimizer, ids: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> tuple[float, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; (mean loss, gradient norm before clipping)."""
+def _step(model, optimizer, ids: torch.Tensor, config: TrainConfig, gen: torch.Generator,
+          rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; (mean loss, gradient norm before clipping).
+
+    Every worker draws the same global batch from ``gen`` and takes the ``rank``-th of ``world``
+    equal shares: the gradients DDP averages are then the whole batch's, and the loss averaged
+    over the workers is the whole batch's mean loss."""
+    share = config.batch_size // world
     batches = []
     for _ in range(config.grad_accum):
         offsets = torch.randint(0, len(ids) - config.context, (config.batch_size,), generator=gen)
-        batches.append(_batch(ids, offsets, config.context))
-    return train_step(model, optimizer, batches, autocast=lambda: _autocast(config), grad_clip=config.grad_clip)
+        batches.append(_batch(ids, offsets[rank * share:(rank + 1) * share], config.context))
+    loss, grad_norm = train_step(model, optimizer, batches, autocast=lambda: _autocast(config),
+                                 grad_clip=config.grad_clip)
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(total)
+        loss = float(total) / world
+    return loss, grad_norm
 
 
 def train_step(model, optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
@@ -506,17 +631,27 @@ def _check_streams(train_ids, val_ids, model_config: GPTConfig, config: TrainCon
 
 # -- checkpoints -------------------------------------------------------------------------
 
+def _write_weights(model: GPT, directory: Path) -> None:
+    """The model's weights into ``directory``: a whole checkpoint, or with LoRA the adapters alone."""
+    from model.lora import has_lora, save_adapter
+
+    if has_lora(model):
+        save_adapter(model, directory)
+    else:
+        save_checkpoint(model, directory)
+
+
 def _save_weights(directory: Path, model: GPT, tokenizer, replace: bool = True) -> None:
     """Weights (and the tokenizer) into ``directory``: a fresh one renamed into place, or,
     with ``replace=False``, the files written into an existing directory (the run's top)."""
     if not replace:
-        save_checkpoint(model, directory)
+        _write_weights(model, directory)
         if tokenizer is not None:
             tokenizer.save(directory)
         return
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp)
+    _write_weights(model, tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
     _swap_into_place(tmp, directory)
@@ -527,7 +662,7 @@ def _save_checkpoint(out_dir: Path, step: int, model: GPT, optimizer, scheduler,
     final = out_dir / f"step-{step:06d}"
     tmp = out_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp)
+    _write_weights(model, tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
     torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -540,8 +675,13 @@ def _save_checkpoint(out_dir: Path, step: int, model: GPT, optimizer, scheduler,
 
 
 def _restore(directory: Path, model: GPT, optimizer, scheduler, data_gen: torch.Generator) -> tuple[int, dict]:
+    from model.lora import has_lora, load_adapter_weights
+
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(load_checkpoint(directory).state_dict())
+    if has_lora(model):
+        load_adapter_weights(model, directory)
+    else:
+        model.load_state_dict(load_checkpoint(directory).state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     data_gen.set_state(state["data_rng"])
@@ -552,6 +692,10 @@ def _restore(directory: Path, model: GPT, optimizer, scheduler, data_gen: torch.
 def _latest_checkpoint(out_dir: Path) -> Path | None:
     dirs = [d for d in _step_dirs(out_dir) if (d / STATE_FILE).is_file()]
     return dirs[-1] if dirs else None
+
+
+def _checkpoint_step(directory: Path) -> int:
+    return int(directory.name.removeprefix("step-"))
 
 
 def _step_dirs(out_dir: Path) -> list[Path]:

@@ -15,8 +15,9 @@ Every handler parses its arguments, makes one call into the harness and renders 
 | inspection | inspect                                   |
 
 Bad input (a ``UsageError`` here, an ``InputError`` from below) is one line on stderr and
-exit code 2, never a traceback. A backend that cannot do what was asked is one line and
-exit code 1. Anything else is a bug: its traceback and exit code 1.
+exit code 2, never a traceback. A backend that cannot do what was asked, or a data-parallel
+training worker that died, is one line and exit code 1. Anything else is a bug: its
+traceback and exit code 1.
 
 The CLI is the top of the house: it may import anything in ``bench``, ``backends``, ``model``
 and ``reports``; nothing imports it.
@@ -61,7 +62,7 @@ def _fetch_remote(args) -> None:
     from bench.models import localize
     from model.storage import is_remote
 
-    for name in ["checkpoint"] + (["model"] if args.command == "run" else []):
+    for name in ["checkpoint", "from_checkpoint"] + (["model"] if args.command == "run" else []):
         value = getattr(args, name, None)
         local = localize(value)
         if local != value:
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as e:
         from backends.base import BackendError
+        from model.distributed import WorkerFailed
 
-        if isinstance(e, BackendError):
+        if isinstance(e, (BackendError, WorkerFailed)):  # a backend that cannot; a training worker that died
             err.print(f"error: {e}", markup=False)
             return EXIT_FAILURE
         traceback.print_exc()

@@ -1,5 +1,5 @@
 """``bench generate`` (text from one backend) and ``bench convert`` (our model as a Hugging Face directory:
-GPT-2, or the Llama-family class that computes it)."""
+GPT-2, or the Llama-family class that computes it; or a LoRA adapter merged into its base)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def add_generate(sub, default_store: str) -> None:
 def add_convert(sub, default_store: str) -> None:
     convert = sub.add_parser("convert", help="write a preset or checkpoint as a local Hugging Face directory "
                                              "(GPT-2, Llama, Mistral or Qwen2)")
-    convert.add_argument("--to", default="hf", help="the format to write (hf: a Hugging Face directory that "
-                                                    "AutoModelForCausalLM loads)")
+    convert.add_argument("--to", choices=("hf", "ours"), help="the format to write (hf: a Hugging Face directory that "
+                         "AutoModelForCausalLM loads, the default; ours: our checkpoint, the default with --merge-lora)")
     convert.add_argument("--out", required=True, help="output directory (must be empty unless --force)")
     convert.add_argument("--model", help="a preset (random weights from --seed)")
     convert.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     convert.add_argument("--checkpoint",
                          help="a checkpoint directory or s3://bucket/prefix (its tokenizer is written too)")
+    convert.add_argument("--merge-lora", metavar="ADAPTER",
+                         help="merge a LoRA adapter (bench train --lora-rank's output) into the checkpoint it was "
+                              "trained on (default: the one it names; another base is refused)")
     convert.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     convert.set_defaults(fn=cmd_convert)
 
@@ -122,6 +125,7 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from model.hf import convert
 
-    print(convert(args.out, to=args.to, preset=args.model, seed=args.seed, checkpoint=args.checkpoint,
-                  force=args.force))
+    to = args.to or ("ours" if args.merge_lora else "hf")
+    print(convert(args.out, to=to, preset=args.model, seed=args.seed, checkpoint=args.checkpoint,
+                  force=args.force, merge_lora=args.merge_lora))
     return 0

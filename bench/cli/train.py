@@ -14,8 +14,26 @@ TRAIN_OPTIONS = ("steps", "batch_size", "context", "grad_accum", "lr", "min_lr",
 
 
 def add_parser(sub, default_store: str) -> None:
-    train = sub.add_parser("train", help="train a preset on a local corpus (the standard library by default)")
+    train = sub.add_parser("train", help="train a preset, or fine-tune a checkpoint (in full, LoRA, QLoRA), on a local "
+                                         "corpus (the standard library by default), in one process or several")
     train.add_argument("--model", help="preset to train (tiny, small, llama-small, gpt2, ...)")
+    train.add_argument("--from", dest="from_checkpoint", metavar="CKPT",
+                       help="fine-tune a checkpoint (a trained run, a local Hugging Face directory or s3://...) "
+                            "with its tokenizer, instead of a fresh --model")
+    train.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank only (needs --from)")
+    train.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    train.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    train.add_argument("--lora-targets", help="comma list of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (default all)")
+    train.add_argument("--base-precision", choices=("fp32", "int8", "int4"),
+                       help="hold the frozen LoRA base quantised (QLoRA-style; default fp32)")
+    train.add_argument("--workers", type=positive_int, default=1,
+                       help="data-parallel processes (DDP); --batch-size stays the global batch")
+    train.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="where the workers run: processes here, or Ray actors (--address)")
+    train.add_argument("--address", help="the Ray cluster's address (--executor ray; default RAY_ADDRESS, else "
+                                          "a Ray started here for the run)")
+    train.add_argument("--on", action="append", metavar="KEY=VALUE",
+                       help="--executor ray: a label every worker's node must carry (repeatable)")
     train.add_argument("--config", help="a TOML or JSON file of train settings (and model = \"...\"); options override it")
     train.add_argument("--out", required=True, help="checkpoint directory (a finished run with the same key is reused), "
                                                    "or s3://bucket/prefix: each checkpoint uploaded as it is written")
@@ -74,16 +92,25 @@ def cmd_train(args) -> int:
     overrides = values.pop("model_overrides", {})
     if args.model is not None:
         model = args.model
-    if model is None:
-        raise UsageError("bench train: give --model PRESET (or model = \"...\" in --config)")
+    start = _start(args, values.get("seed", 0) if args.seed is None else args.seed)
+    if start is not None and (model is not None or overrides):
+        raise UsageError("bench train: --from fine-tunes that checkpoint's model; give --model only for a fresh one")
+    if model is None and start is None:
+        raise UsageError("bench train: give --model PRESET (or model = \"...\" in --config), or --from CKPT")
     corpus = values.pop("corpus", None) if args.corpus is None else args.corpus
     max_bytes = values.pop("max_bytes", None) if args.max_bytes is None else args.max_bytes
     for name in TRAIN_OPTIONS:
         given = getattr(args, name, None)
         if given is not None and given is not False:
             values[name] = given
-    model_config = get_config(model, **overrides)
+    model_config = start.config if start is not None else get_config(model, **overrides)
     train_config = TrainConfig.from_dict(values)
+    if train_config.batch_size % args.workers:
+        raise UsageError(f"bench train: --batch-size {train_config.batch_size} is the global batch and must divide "
+                         f"evenly among --workers {args.workers}")
+    if args.executor != "ray" and (args.address or args.on):
+        raise UsageError("bench train: --address and --on place Ray workers: give --executor ray")
+    launch = _ray_launch(args) if args.executor == "ray" else None
     if args.threads:
         torch.set_num_threads(args.threads)
     store = Store(args.store)
@@ -95,7 +122,7 @@ def cmd_train(args) -> int:
     with _TrainProgress(train_config.steps, live=err.is_terminal and not args.json, quiet=args.json) as show:
         summary = train_preset(model_config, train_config, out_dir, store, fingerprint(), corpus_path=corpus,
                                max_bytes=max_bytes, resume=args.resume, name=args.name, on_step=show,
-                               on_checkpoint=uploader)
+                               on_checkpoint=uploader, start=start, workers=args.workers, launch=launch)
     if uploader is not None:
         summary.update(uploaded=uploader.finish(), remote=args.out)
     if args.json:
@@ -108,6 +135,37 @@ def cmd_train(args) -> int:
               f"{fmt(summary.get('best_val_loss'), 4)} (step {summary.get('best_step')}), "
               f"{fmt(summary.get('tokens_per_s'), 0)} tok/s; training run {summary['run_id']}")
     return 0
+
+
+def _start(args, seed: int):
+    """The fine-tuning start of ``--from`` (None without it); LoRA options without ``--from`` are refused."""
+    from bench.training import FineTuneStart
+    from model.lora import TARGETS, LoRAConfig
+
+    lora_given = [f"--{n.replace('_', '-')}" for n in ("lora_alpha", "lora_dropout", "lora_targets")
+                  if getattr(args, n) is not None]
+    if args.from_checkpoint is None:
+        extra = lora_given + (["--lora-rank"] if args.lora_rank else []) + \
+            (["--base-precision"] if args.base_precision else [])
+        if extra:
+            raise UsageError(f"bench train: {', '.join(extra)} fine-tune a checkpoint: give --from CKPT")
+        return None
+    if lora_given and not args.lora_rank:
+        raise UsageError(f"bench train: {', '.join(lora_given)} need --lora-rank")
+    lora = None
+    if args.lora_rank:
+        targets = TARGETS if args.lora_targets is None else tuple(t.strip() for t in args.lora_targets.split(",")
+                                                                  if t.strip())
+        lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank if args.lora_alpha is None
+                          else args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets)
+    return FineTuneStart.open(args.from_checkpoint, lora, args.base_precision or "fp32", seed)
+
+
+def _ray_launch(args):
+    """``--executor ray``: the workers as Ray actors (``bench.executors.ray_train``)."""
+    from bench.executors.ray_train import ray_launcher
+
+    return ray_launcher(args.address, args.on)
 
 
 class _TrainProgress:

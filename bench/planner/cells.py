@@ -270,12 +270,18 @@ def takes_option(cls, key: str, precision: str) -> bool:
 BASE_PARAMETERS = ("self", "precision", "threads", "device", "training")
 
 
-def backend_option_variants(cls, precision: str, options: dict[str, list]) -> list[dict]:
+# The training cells' own options (``bench run --scenario train --option lora_rank=0,8``), taken by
+# every backend that trains: the rank of LoRA adapters on a frozen base (0: every weight trains).
+TRAIN_OPTIONS = ("lora_rank",)
+
+
+def backend_option_variants(cls, precision: str, options: dict[str, list], scenario: str = "inference") -> list[dict]:
     """The option sets a backend's cells at ``precision`` run with: every combination of the swept
-    options it takes there; one empty set (its defaults, the cell as without options) if none."""
+    options it takes there (and in a training sweep, the training options); one empty set (its
+    defaults, the cell as without options) if none."""
     from itertools import product
 
-    keys = [k for k in options if takes_option(cls, k, precision)]
+    keys = [k for k in options if takes_option(cls, k, precision) or (scenario == "train" and k in TRAIN_OPTIONS)]
     return [dict(zip(keys, values)) for values in product(*(options[k] for k in keys))]
 
 
@@ -291,6 +297,13 @@ def check_option_values(cls, precision: str, options: dict) -> None:
 def check_options(sweep: Sweep, classes: dict) -> None:
     """An option that no backend of the sweep takes, at any of its precisions, is a typo: one error."""
     for key in sweep.options:
+        if key in TRAIN_OPTIONS:
+            if sweep.scenario != "train":
+                raise SweepError(f"--option {key}: an option of training cells; give --scenario train")
+            bad = [v for v in sweep.options[key] if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+            if bad:
+                raise SweepError(f"--option {key}={bad[0]!r}: must be a non-negative integer (0: no adapters)")
+            continue
         if not any(takes_option(cls, key, p) for cls in classes.values()
                    for p in (sweep.precisions or cls.precisions)):
             raise SweepError(f"--option {key}: no backend of this sweep ({', '.join(classes)}) takes it")
@@ -340,7 +353,8 @@ def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> 
             cls = registry.get_backend_class(backend)
             for batch in sweep.batches:
                 for threads, variant, options in product(sweep.threads, scenario_variants(sweep),
-                                                         backend_option_variants(cls, precision, sweep.options)):
+                                                         backend_option_variants(cls, precision, sweep.options,
+                                                                                 sweep.scenario)):
                     spec = CellSpec(**variant, scenario=sweep.scenario, model=model, backend=backend, precision=precision,
                                     device=cls.default_device(), batch=batch, threads=threads,
                                     prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, seed=sweep.seed,
@@ -352,8 +366,9 @@ def _plan_part(sweep: Sweep, probes: dict, available: int, isa: dict | None) -> 
                     if not reason:
                         refusal = cls.model_refusal(config)
                         reason = f"backend {backend!r} cannot run {model}: {refusal}" if refusal else ""
-                    if not reason and options:
-                        check_option_values(cls, precision, options)
+                    backend_options = {k: v for k, v in options.items() if k not in TRAIN_OPTIONS}
+                    if not reason and backend_options:
+                        check_option_values(cls, precision, backend_options)
                     if not reason:
                         parts = train_peak_parts(config, precision, batch, spec.seq_len,
                                                  spec.grad_checkpointing) if train else \

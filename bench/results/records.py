@@ -31,7 +31,8 @@ MAX_FIELDS = ("peak_rss_mb", "load_peak_rss_mb", "model_mb", "device_peak_mb")
 # A training cell's launches (``bench.scenarios.train``): each trains from the same seed on the same
 # tokens, so the losses are facts of the cell (the first launch's); memory, the largest of any launch.
 TRAIN_SAMPLE_KINDS = ("step_ms",)
-TRAIN_COLD_FIELDS = ("n_params", "precision", "device", "build_s", "load_s", "weights_mb", "grads_mb",
+TRAIN_COLD_FIELDS = ("n_params", "trainable_params", "lora_rank", "precision", "device", "build_s", "load_s",
+                     "weights_mb", "grads_mb",
                      "optimizer_mb", "loss_before", "loss_after", "losses", "data", "lr", "lr_warmup_steps", "optimizer",
                      "activation_method", "backend_info")
 TRAIN_MAX_FIELDS = ("peak_rss_mb", "state_mb", "activation_mb", "step_transient_mb", "blocks_activation_mb", "device_peak_mb",

@@ -96,6 +96,8 @@ CELL_FIELDS = {
     "device_activation_mb": "train: a step's device peak above the bytes allocated at its start, MiB",
     "grads_mb": "train: bytes of the gradients, MiB",
     "optimizer_mb": "train: bytes of the optimizer's state (AdamW's two moments), MiB",
+    "trainable_params": "train: parameters the optimizer updates (all of them, or with lora_rank the adapters' only)",
+    "lora_rank": "train: the rank of the LoRA adapters on a frozen base (--option lora_rank); 0: every weight trains",
 }
 
 

@@ -98,10 +98,18 @@ def measure_train(spec: CellSpec) -> dict:
     config = model.config
     if spec.seq_len > config.block_size:
         raise ValueError(f"seq_len={spec.seq_len} exceeds the model's block_size={config.block_size}")
+    options = dict(spec.options)
+    lora_rank = options.pop("lora_rank", 0)  # a training option (bench.planner.cells.TRAIN_OPTIONS), not the backend's
+    if lora_rank:
+        from model.lora import LoRAConfig, apply_lora
+
+        # every weight frozen, adapters on the four block Linears; no adapter is saved, so no base digest
+        apply_lora(model, LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), base_digest="", seed=spec.seed)
     backend = registry.create(spec.backend, precision=spec.precision, threads=spec.threads,
-                              device=spec.device, training=True, **spec.options)
+                              device=spec.device, training=True, **options)
     hyper = TrainConfig(batch_size=spec.batch, context=spec.seq_len, seed=spec.seed)
     out: dict = dict(n_params=config.n_params, precision=backend.precision, device=backend.device,
+                     trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad), lora_rank=lora_rank,
                      build_s=build_s, data="synthetic", lr=hyper.lr, optimizer="AdamW",
                      lr_warmup_steps=hyper.warmup_steps)
     with backend:
