@@ -109,7 +109,7 @@ def test_bench_convert_writes_a_loadable_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--to", "gguf", "--model", "tiny"], "unknown conversion target 'gguf'; valid targets: hf"),
+    (["--to", "gguf", "--model", "tiny"], "argument --to: invalid choice: 'gguf' (choose from 'hf', 'ours')"),
     (["--model", "tiny", "--checkpoint", "x"], "exactly one of a preset"),
     ([], "exactly one of a preset"),
     (["--model", "gpt5"], "unknown model preset 'gpt5'"),
