@@ -61,11 +61,25 @@ def _peer_candidate(c: dict) -> bool:
     return is_ok(c) and _finite(c.get("decode_tok_s")) and not (isinstance(p, dict) and not p.get("passed"))
 
 
+def point(c: dict) -> tuple:
+    """Where two cells compare: model, precision, batch, threads, and the prompt and generation
+    lengths (decode after 512 cached tokens is not decode after 32)."""
+    return c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"), c.get("prompt_len"), c.get("gen_len")
+
+
+def shape_note(cells: list[dict], c: dict) -> str:
+    """" · prompt P + G" after a model's name where the run measured more than one shape; else nothing."""
+    if len({(x.get("prompt_len"), x.get("gen_len")) for x in cells}) < 2:
+        return ""
+    return f" · prompt {c.get('prompt_len')} + {c.get('gen_len')}"
+
+
 def peer_ratios(cells: list[dict]) -> list[dict]:
-    """For each ok cell of our backends: the fastest peer cell at the same model, precision, batch and
-    threads (``None`` when there is none) and our decode rate over the peer's; and the same for the
-    peer on our backend's own runtime (``backend_info.peer_of``: optimum-onnxruntime for onnxruntime)."""
-    key = lambda c: (c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"))  # noqa: E731
+    """For each ok cell of our backends: the fastest peer cell at the same ``point`` (model, precision,
+    batch, threads, lengths; ``None`` when there is none) and our decode rate over the peer's; and the
+    same for the peer on our backend's own runtime (``backend_info.peer_of``: optimum-onnxruntime for
+    onnxruntime)."""
+    key = point
     best: dict[tuple, dict] = {}
     for c in sorted(cells, key=sort_key):
         if is_peer(c) and _peer_candidate(c) and (key(c) not in best
@@ -84,10 +98,10 @@ def peer_ratios(cells: list[dict]) -> list[dict]:
 
 
 def fastest_rows(cells: list[dict]) -> list[dict]:
-    """Per model, precision, batch and threads where a peer ran: the fastest peer and our fastest
-    backend among cells whose parity, where checked, passed and whose quality did not fail, and
-    ours over the peer (None where one side has no such cell)."""
-    key = lambda c: (c.get("model"), c.get("precision"), c.get("batch"), c.get("threads"))  # noqa: E731
+    """Per ``point`` (model, precision, batch, threads, lengths) where a peer ran: the fastest peer and
+    our fastest backend among cells whose parity, where checked, passed and whose quality did not
+    fail, and ours over the peer (None where one side has no such cell)."""
+    key = point
     best: dict[bool, dict[tuple, dict]] = {True: {}, False: {}}
     for c in sorted(cells, key=sort_key):
         if not _peer_candidate(c) or quality_verdict(c) == "fail":
@@ -99,19 +113,20 @@ def fastest_rows(cells: list[dict]) -> list[dict]:
     precisions = ("fp32", "bf16", "fp16", "int8", "int4")
     keys = sorted({key(c) for c in cells if is_peer(c)},
                   key=lambda k: (order.get(k[0], len(order)), precisions.index(k[1]) if k[1] in precisions else 9,
-                                 _none_last(k[2]), _none_last(k[3])))
+                                 _none_last(k[2]), _none_last(k[3]), _none_last(k[4]), _none_last(k[5])))
     return [dict(key=k, peer=best[True].get(k), ours=best[False].get(k),
                  ratio=_rate_ratio(best[False][k], best[True].get(k)) if k in best[False] else None) for k in keys]
 
 
 def fastest_table(machine: Machine) -> Table | None:
     """The fastest peer per model, precision, batch and threads, and our best backend over it."""
-    rows_ = fastest_rows(list(machine.cells))
+    cells = list(machine.cells)
+    rows_ = fastest_rows(cells)
     if not rows_:
         return None
     out = []
     for r in rows_:
-        model, precision, batch, threads = r["key"]
+        model, precision, batch, threads = r["key"][:4]
         peer, ours = r["peer"], r["ours"]
         side = [
             *((text(label(peer)), Cell((decode_text(peer),), peer["decode_tok_s"])) if peer else
@@ -120,8 +135,8 @@ def fastest_table(machine: Machine) -> Table | None:
               (Cell(("none of ours passed",), None, tone="muted"), text(DASH))),
         ]
         ratio = r["ratio"]
-        out.append((text(model_name(model)), text(str(precision)), number(batch, str(batch)),
-                    text(threads_label(threads)), *side,
+        out.append((text(model_name(model) + shape_note(cells, peer or ours)), text(str(precision)),
+                    number(batch, str(batch)), text(threads_label(threads)), *side,
                     number(ratio, f"×{ratio:.2f}" if ratio is not None else DASH,
                            tone="" if ratio is None else "good" if ratio >= 1 else "bad")))
     return Table("fastest-peer", ("model", "precision", "batch", "threads", "fastest peer", "its decode tok/s",
@@ -150,8 +165,9 @@ def peers_table(machine: Machine) -> Table | None:
     out = []
     for r in peer_ratios(cells):
         c = r["cell"]
-        row = [text(model_name(c.get("model"))), text(label(c)), number(c.get("batch"), str(c.get("batch"))),
-               text(threads_label(c.get("threads"))), Cell((decode_text(c),), c["decode_tok_s"], strong=True)]
+        row = [text(model_name(c.get("model")) + shape_note(cells, c)), text(label(c)),
+               number(c.get("batch"), str(c.get("batch"))), text(threads_label(c.get("threads"))),
+               Cell((decode_text(c),), c["decode_tok_s"], strong=True)]
         row += _ratio_cells(r["peer"], r["ratio"]) + _ratio_cells(r["twin"], r["twin_ratio"])
         out.append(tuple(row))
     return Table("peers", ("model", "backend · precision", "batch", "threads", "decode tok/s", "best peer",

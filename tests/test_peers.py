@@ -311,14 +311,33 @@ def test_the_fastest_peer_and_our_fastest_at_each_point():
     the fastest peer, the fastest of ours, and ours over it."""
     from reports.tables import fastest_rows
     run = with_peers()
-    rows = {r["key"]: r for r in fastest_rows(run["cells"])}
+    rows = {r["key"][:4]: r for r in fastest_rows(run["cells"])}
     at = ("tiny", "fp32", 1, 1)
     ours = [c for c in run["cells"] if not c.get("peer") and c["status"] == "ok"
             and (c["model"], c["precision"], c["batch"], c["threads"]) == at]
+    assert len({r["key"][4:] for r in fastest_rows(run["cells"])}) == 1  # one prompt shape in this run
     assert rows[at]["peer"]["backend"] == "optimum-onnxruntime"
     assert rows[at]["ours"] is max(ours, key=lambda c: c["decode_tok_s"])
     assert rows[at]["ratio"] == pytest.approx(rows[at]["ours"]["decode_tok_s"] / rows[at]["peer"]["decode_tok_s"])
     assert ("tiny", "fp32", 2, 1) not in rows  # no peer ran at batch 2: no row
+
+
+def test_cells_of_another_prompt_length_are_another_point():
+    """Decode after 512 cached tokens is not compared with decode after 32: a run with both shapes
+    gets a row per shape, each naming its lengths."""
+    from reports.markdown import render_markdown
+    from reports.tables import fastest_rows
+    run = with_peers()
+    longer = [dict(c, prompt_len=512, decode_tok_s=c["decode_tok_s"] / 2) for c in run["cells"]
+              if c["status"] == "ok" and c["batch"] == 1]
+    cells = run["cells"] + longer
+    rows = fastest_rows(cells)
+    shapes = {r["key"][4] for r in rows}
+    assert shapes == {run["cells"][0]["prompt_len"], 512}
+    for r in rows:
+        for side in (r["peer"], r["ours"]):
+            assert side is None or side["prompt_len"] == r["key"][4]
+    assert "· prompt 512 +" in render_markdown([dict(run, cells=cells)])
 
 
 def test_report_without_peers_has_no_peer_section():
