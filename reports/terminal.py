@@ -107,7 +107,8 @@ def summary_table(cells: list[dict]) -> Table:
             p = "reference"
         elif parity:
             mark = "[green]✓[/]" if parity["passed"] else "[red]✗[/]"
-            p = f"{mark} {parity['token_agreement']:.0%} Δ{parity['max_abs_logit_diff']:.1e}"
+            diff = parity.get("max_abs_logit_diff")  # None: an engine without logits, judged on its tokens
+            p = f"{mark} {parity['token_agreement']:.0%} " + (f"Δ{diff:.1e}" if diff is not None else "tokens")
         status = c["status"] if c["status"] == "ok" else f"[yellow]{c['status']}[/]"
         tpot_txt = f"{fmt(tpot.get('median'), 2)}/{fmt(tpot.get('p90'), 2)}" if tpot else "-"
         frac = c.get("roofline_fraction")

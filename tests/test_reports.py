@@ -574,3 +574,16 @@ def test_quality_section_and_best_configuration_skip_quality_failures(run_a):
     assert "Decode speed against quality" in [s["label"] for s in page.svgs]
     failures = md_tables(md)["Cells that did not pass #2"]  # after the parity failures, before the rest
     assert failures[0][4] == "PPL ratio" and failures[1][:3] == ["small", "int8 · int8", "4"]
+
+
+def test_terminal_summary_shows_a_parity_judged_on_tokens(run_a):
+    """An engine without logits has no logit difference (None): bench run's closing table says
+    "tokens" there instead of failing after the whole sweep ran (it did, once)."""
+    from rich.console import Console
+
+    from reports.terminal import summary_table
+    cells = copy.deepcopy([c for c in run_a["cells"] if c.get("status") == "ok"][:2])
+    cells[0]["parity"] = dict(passed=True, token_agreement=1.0, max_abs_logit_diff=None, basis="generated tokens")
+    console = Console(width=250, record=True)
+    console.print(summary_table(cells))
+    assert "100% tokens" in console.export_text()
