@@ -346,8 +346,6 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask, is_causal: bo
     return scores.softmax(dim=-1)
 
 
-
-
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, n_kv_head, S, D) -> (B, n_kv_head * n_rep, S, D), each head repeated n_rep times in place."""
     B, KV, S, D = x.shape
