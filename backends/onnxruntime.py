@@ -124,10 +124,13 @@ class ONNXRuntimeBackend(Backend):
         export_only = [k for k, asked in (("fusions", fusions), ("int8_scheme", int8_scheme != "per_tensor"),
                                           ("weight_type", weight_type != "qint8"),
                                           ("reduce_range", reduce_range is not None)) if asked]
-        if graph is None:
-            graph = "export" if export_only else "decoder"
+        if graph is None:  # the decoder graph on the CPU; its cache buffers are host memory, so not on CUDA yet
+            graph = "export" if export_only or self.device != "cpu" else "decoder"
         if graph not in GRAPHS:
             raise ValueError(f"graph={graph!r} is not one of {', '.join(GRAPHS)}")
+        if graph == "decoder" and self.device != "cpu":
+            raise ValueError(f"graph=decoder runs on the CPU only (its KV buffers are host memory, bound in place); "
+                             f"device {self.device!r} runs graph=export")
         if graph == "decoder" and export_only:
             raise ValueError(f"{', '.join(export_only)} apply to graph=export (its ORT fusions and dynamic int8); "
                              f"graph=decoder is written fused and its int8 is 8-bit MatMulNBits")

@@ -126,3 +126,6 @@ def test_what_the_decoder_graph_cannot_take_is_refused_in_one_line(tiny_model):
         registry.create("onnxruntime", graph="nope")
     with pytest.raises(ValueError, match="fusions"):
         registry.create("onnxruntime", graph="decoder", fusions=True)
+    with pytest.raises(ValueError, match="CPU only"):
+        registry.create("onnxruntime", graph="decoder", device="cuda")
+    assert registry.create("onnxruntime", device="cuda").graph_kind == "export"  # CUDA's default stays the export
