@@ -229,3 +229,18 @@ def llama_parity(llama_parity_model, parity_prompt) -> Parity:
     with EagerBackend() as reference:
         reference.load(copy.deepcopy(llama_parity_model))
         yield Parity(reference, parity_prompt, bounds=LLAMA_LOGIT_BOUNDS)
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium (Debian's, driven by Playwright) for the page tests: the dashboard, the chat
+    page and the inspect page; skipped, with how to install it, where either is missing."""
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: run `make chromium` (apt-get install chromium) for the browser tests")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install .[test]")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

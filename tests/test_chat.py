@@ -338,14 +338,3 @@ def test_the_chat_page_reconnects_after_the_server_restarts(tiny_model, tmp_path
         assert page.text_content("#error") == ""
 
 
-@pytest.fixture
-def browser():
-    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
-
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed: run `make chromium` (apt-get install chromium) for the browser tests")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install .[test]")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()

@@ -365,17 +365,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-@pytest.fixture
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed: run `make chromium` (apt-get install chromium) for the browser tests")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install .[test]")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def open_page(browser, url: str):
     """A page that collects every script error and console error for the test to check."""
     page = browser.new_page(viewport=dict(width=1400, height=1800))

@@ -161,14 +161,3 @@ def test_the_dashboard_links_a_trained_runs_inspection(tmp_path):
         assert client.get(f"/train/{run_id}/inspect").text.endswith("<title>inspection</title>")
 
 
-@pytest.fixture
-def browser():
-    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
-
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed: run `make chromium` (apt-get install chromium) for the browser tests")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install .[test]")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
