@@ -129,17 +129,11 @@ def supervise(job, events, emit, states) -> dict:
     result, errors, failed_at = None, [], None
     while True:
         try:
-            kind, payload = events.get(timeout=0.2)
+            event = events.get(timeout=0.2)
         except queue_module.Empty:
-            kind, payload = None, None
-        if kind == "step":
-            emit.step(payload)
-        elif kind == "checkpoint":
-            emit.checkpoint(Path(payload))
-        elif kind == "done":
-            result = payload
-        elif kind == "error":
-            errors.append(payload)
+            event = None
+        if event is not None:
+            result = relay(event, emit, errors, result)
         current = states()
         died = [s for s in current if s[2] not in (None, 0)]
         if (errors or died) and failed_at is None:
@@ -150,6 +144,19 @@ def supervise(job, events, emit, states) -> dict:
             return result
         if failed_at is None and all(code == 0 for _, _, code in current) and events.empty() and result is None:
             raise WorkerFailed(f"the {len(current)} workers ended without rank 0's result")
+
+
+def relay(event: tuple, emit, errors: list, result):
+    """One (kind, payload) report of rank 0 or a worker's error: a step or a checkpoint goes to
+    ``emit``, an error onto ``errors``; returns the run's result ("done"'s payload) or ``result``."""
+    kind, payload = event
+    if kind == "step":
+        emit.step(payload)
+    elif kind == "checkpoint":
+        emit.checkpoint(Path(payload))
+    elif kind == "error":
+        errors.append(payload)
+    return payload if kind == "done" else result
 
 
 def _failure_line(job, world: int, died, errors) -> str:

@@ -26,10 +26,9 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from pathlib import Path
 
 from bench.executors.ray import SelectorError, _check_reachable, import_ray, parse_selectors
-from model.distributed import QueueEmitter, WorkerFailed, stopped_line
+from model.distributed import QueueEmitter, WorkerFailed, relay, stopped_line
 
 
 def ray_launcher(address: str | None = None, on: list[str] | None = None, cpus_per_worker: int = 1):
@@ -103,17 +102,10 @@ def launch_ray(job, workers: int, emit, address: str | None = None, labels: dict
         result, errors = None, []
         while thread.is_alive() or not events.empty():
             try:
-                kind, payload = events.get(timeout=0.2)
+                event = events.get(timeout=0.2)
             except Exception:  # ray.util.queue.Empty
                 continue
-            if kind == "step":
-                emit.step(payload)
-            elif kind == "checkpoint":
-                emit.checkpoint(Path(payload))
-            elif kind == "done":
-                result = payload
-            elif kind == "error":
-                errors.append(payload)
+            result = relay(event, emit, errors, result)
         thread.join()
         if errors or "error" in outcome or result is None:
             raise WorkerFailed(_failure_line(job, workers, errors, outcome.get("error")))
