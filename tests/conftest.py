@@ -244,3 +244,14 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for a test (``pytest.mark.usefixtures("one_thread")``): a tiny model gains
+    nothing from two, and on a shared machine a second OpenMP thread that waits for a busy core makes
+    every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ RUN = TrainConfig(steps=6, batch_size=4, context=16, warmup_steps=1, lr=1e-2, ev
                   checkpoint_every=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for these tests
 
 
 @pytest.fixture(scope="module")

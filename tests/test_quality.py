@@ -14,14 +14,7 @@ from bench.scenarios.quality import compare, perplexity, unigram_perplexity, ver
 from model.gpt import build_model, get_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: a tiny model gains nothing from two, and a shared machine's busy core
-    would stall a second OpenMP thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for these tests
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ SMALL_RUN = dict(batch_size=4, context=16, warmup_steps=2, eval_every=25, eval_b
                  checkpoint_every=25, keep_last=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: a tiny model gains nothing from two, and on a shared machine a second
-    OpenMP thread that waits for a busy core makes every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for these tests
 
 
 def streams(seed=0, n_train=4000, n_val=600):

@@ -20,12 +20,7 @@ RUN = TrainConfig(steps=20, batch_size=4, context=16, warmup_steps=2, eval_every
                   checkpoint_every=5, keep_last=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread for these tests
 
 
 def streams():
