@@ -175,9 +175,9 @@ def _failure_line(job, world: int, died, errors) -> str:
 
 def stopped_line(out_dir, what: str) -> str:
     """``what`` happened to a worker, then where ``--resume`` picks the run up: one line."""
-    from model.train import _latest_checkpoint
+    from model.train_files import latest_checkpoint
 
-    latest = _latest_checkpoint(Path(out_dir))
+    latest = latest_checkpoint(Path(out_dir))
     where = (f"the last complete checkpoint is {latest.name}: bench train --resume continues from it"
              if latest is not None else "no checkpoint was completed: the run starts again from the beginning")
     return f"{what}; the run stopped, {where}"

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +43,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from model.checkpoint import CheckpointError, read_config
 from model.errors import InputError
 from model.gpt import GPT, GPTConfig
+from model.train_files import (METRICS_FILE, RUN_FILE, RUN_FORMAT, STATE_FILE, OutputDirError,  # noqa: F401
+                               checkpoint_step, latest_checkpoint, read_metrics, read_run, restore, save_step,
+                               save_weights, step_dirs, write_json, write_metrics)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "corpus_manifest.json"
-RUN_FORMAT = "llm-backend-bench/train-run"
 RUN_FORMAT_VERSION = 1  # part of every cache key: bump when the loop's results change
 PRECISIONS = ("fp32", "bf16")
-
-
-class OutputDirError(InputError):
-    """The output directory cannot take this run; nothing in it was changed."""
 
 
 class TrainingDataError(InputError):
@@ -200,7 +194,7 @@ def corpus_run_key(model_config: GPTConfig, config: TrainConfig, corpus, start: 
 
 def finished_run(out_dir: str | Path, key: str) -> dict | None:
     """The ``run.json`` of a finished run in ``out_dir`` with this key, else None."""
-    run = _read_run(Path(out_dir))
+    run = read_run(Path(out_dir))
     if run and run.get("key") == key and run.get("status") in ("complete", "stopped_early"):
         return run
     return None
@@ -217,7 +211,7 @@ def check_out_dir(out_dir: str | Path, model_config: GPTConfig, config: TrainCon
         return None
     if not out_dir.is_dir():
         raise OutputDirError(f"{out_dir}: exists and is not a directory")
-    run = _read_run(out_dir)
+    run = read_run(out_dir)
     held = None
     if run is not None:
         held = run.get("model_config")
@@ -290,18 +284,18 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         raise OutputDirError(f"{out_dir}: holds a run with key {run.get('key')} but this one is "
                              f"{run_info['key']} (a different corpus?); nothing was written")
 
-    latest = _latest_checkpoint(out_dir) if resume else None
-    step = _checkpoint_step(latest) if latest is not None else 0
-    history = [r for r in _read_metrics(out_dir) if r["step"] <= step] if latest is not None else []
+    latest = latest_checkpoint(out_dir) if resume else None
+    step = checkpoint_step(latest) if latest is not None else 0
+    history = [r for r in read_metrics(out_dir) if r["step"] <= step] if latest is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
     run_meta = dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_info,
                     model_config=model_config.to_dict(), train_config=config.to_dict(), workers=workers)
-    _write_json(out_dir / RUN_FILE, dict(run_meta, status="running", step=step))
-    _write_metrics(out_dir, history)
+    write_json(out_dir / RUN_FILE, dict(run_meta, status="running", step=step))
+    write_metrics(out_dir, history)
     if tokenizer is not None:
         tokenizer.save(out_dir)
     if manifest is not None:
-        _write_json(out_dir / MANIFEST_FILE, manifest)
+        write_json(out_dir / MANIFEST_FILE, manifest)
 
     # A run that stopped early stays stopped: resuming it trains no further.
     job = Job(model_config, config, train_ids, val_ids, str(out_dir), None if latest is None else str(latest),
@@ -320,7 +314,7 @@ def train(model_config: GPTConfig, config: TrainConfig, train_ids: torch.Tensor,
         str(out_dir), status, step, config.steps, result["last_loss"], result["last_val"],
         None if best["step"] is None else best["loss"], best["step"], step * config.tokens_per_step, wall,
         (step - result["start_step"]) * config.tokens_per_step / wall if wall > 0 else 0.0, run_info.get("key"))
-    _write_json(out_dir / RUN_FILE, dict(run_meta, status=status, step=step, summary=summary.to_dict()))
+    write_json(out_dir / RUN_FILE, dict(run_meta, status=status, step=step, summary=summary.to_dict()))
     return summary
 
 
@@ -381,7 +375,7 @@ def run_loop(job: Job, emit: Emitter | None = None, rank: int = 0, world: int = 
     best = dict(loss=math.inf, step=None, since=0)
     step = 0
     if job.latest is not None:
-        step, best = _restore(Path(job.latest), model, optimizer, scheduler, data_gen)
+        step, best = restore(Path(job.latest), model, optimizer, scheduler, data_gen)
     stepped = model
     if world > 1:
         import torch.distributed as dist
@@ -411,7 +405,7 @@ def run_loop(job: Job, emit: Emitter | None = None, rank: int = 0, world: int = 
                     last_val = record["val_loss"] = _evaluate(model, job.val_ids, val_batches, config)
                     if last_val < best["loss"]:
                         best = dict(loss=last_val, step=step, since=0)
-                        _save_weights(out_dir / "best", model, job.tokenizer)
+                        save_weights(out_dir / "best", model, job.tokenizer)
                         emit.checkpoint(out_dir / "best")
                     else:
                         best["since"] += 1
@@ -427,7 +421,7 @@ def run_loop(job: Job, emit: Emitter | None = None, rank: int = 0, world: int = 
             if step == job.stop_at and step < config.steps and status == "complete":
                 status = "paused"
             if lead and (step % config.checkpoint_every == 0 or step == config.steps or status != "complete"):
-                _save_checkpoint(out_dir, step, model, optimizer, scheduler, data_gen, best, job.tokenizer, config)
+                save_step(out_dir, step, model, optimizer, scheduler, data_gen, best, job.tokenizer, config.keep_last)
                 emit.checkpoint(out_dir / f"step-{step:06d}")
             if lead:
                 elapsed = time.perf_counter() - start
@@ -440,7 +434,7 @@ def run_loop(job: Job, emit: Emitter | None = None, rank: int = 0, world: int = 
         if metrics is not None:
             metrics.close()
     if lead and status != "paused":
-        _save_weights(out_dir, model, job.tokenizer, replace=False)  # the final weights at the top
+        save_weights(out_dir, model, job.tokenizer, replace=False)  # the final weights at the top
     return dict(status=status, step=step, start_step=start_step, last_loss=last_loss, last_val=last_val, best=best)
 
 
@@ -627,127 +621,6 @@ def _check_streams(train_ids, val_ids, model_config: GPTConfig, config: TrainCon
             raise TrainingDataError(f"the {name} stream has ids outside [0, vocab_size={model_config.vocab_size})")
         streams.append(ids)
     return streams
-
-
-# -- checkpoints -------------------------------------------------------------------------
-
-def _write_weights(model: GPT, directory: Path) -> None:
-    """The model's weights into ``directory``: a whole checkpoint, or with LoRA the adapters alone."""
-    from model.lora import has_lora, save_adapter
-
-    if has_lora(model):
-        save_adapter(model, directory)
-    else:
-        save_checkpoint(model, directory)
-
-
-def _save_weights(directory: Path, model: GPT, tokenizer, replace: bool = True) -> None:
-    """Weights (and the tokenizer) into ``directory``: a fresh one renamed into place, or,
-    with ``replace=False``, the files written into an existing directory (the run's top)."""
-    if not replace:
-        _write_weights(model, directory)
-        if tokenizer is not None:
-            tokenizer.save(directory)
-        return
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_weights(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    _swap_into_place(tmp, directory)
-
-
-def _save_checkpoint(out_dir: Path, step: int, model: GPT, optimizer, scheduler, data_gen: torch.Generator,
-                     best: dict, tokenizer, config: TrainConfig) -> None:
-    final = out_dir / f"step-{step:06d}"
-    tmp = out_dir / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_weights(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(),
-                    best_loss=best["loss"], best_step=best["step"], since_best=best["since"]),
-               tmp / STATE_FILE)
-    _swap_into_place(tmp, final)
-    for old in _step_dirs(out_dir)[:-config.keep_last]:
-        shutil.rmtree(old)
-
-
-def _restore(directory: Path, model: GPT, optimizer, scheduler, data_gen: torch.Generator) -> tuple[int, dict]:
-    from model.lora import has_lora, load_adapter_weights
-
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    if has_lora(model):
-        load_adapter_weights(model, directory)
-    else:
-        model.load_state_dict(load_checkpoint(directory).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    data_gen.set_state(state["data_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], dict(loss=state["best_loss"], step=state["best_step"], since=state["since_best"])
-
-
-def _latest_checkpoint(out_dir: Path) -> Path | None:
-    dirs = [d for d in _step_dirs(out_dir) if (d / STATE_FILE).is_file()]
-    return dirs[-1] if dirs else None
-
-
-def _checkpoint_step(directory: Path) -> int:
-    return int(directory.name.removeprefix("step-"))
-
-
-def _step_dirs(out_dir: Path) -> list[Path]:
-    return sorted(d for d in out_dir.glob("step-*") if d.is_dir())  # zero-padded: sorted by step
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():  # a replay after a resume, or a new best
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
-# -- small files -------------------------------------------------------------------------
-
-def _read_run(out_dir: Path) -> dict | None:
-    path = out_dir / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        run = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OutputDirError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
-        raise OutputDirError(f"{path}: not a training run of ours (no \"format\": {RUN_FORMAT!r})")
-    return run
-
-
-def _read_metrics(out_dir: Path) -> list[dict]:
-    path = out_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    """The run's per-step records (``metrics.jsonl``), for the store and the loss curve."""
-    return _read_metrics(Path(out_dir))
-
-
-def _write_metrics(out_dir: Path, records: list[dict]) -> None:
-    (out_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _tokenizer_recipe(special_tokens) -> dict:
